@@ -1,0 +1,108 @@
+"""The optimizer contract: ask/tell minimisation over a box.
+
+The base class keeps the bookkeeping (counts, best so far); a subclass implements `_ask` and
+`_tell`. `ask` never blocks waiting for tells (an asynchronous scheduler may ask ahead of a
+generation), and `tell` accepts points that were never asked, so a journal can be replayed.
+An optimizer is picklable: its pickle is the checkpoint the journal stores.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+
+
+class Optimizer(ABC):
+    """Minimises a loss over [lower, upper] ⊂ R^dim. Same seed and same tells ⇒ same asks."""
+
+    name: str = ""
+
+    def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float,
+                 seed: int, popsize: int | None = None, **options: Any) -> None:
+        self.lower = np.asarray(lower, dtype=float)
+        self.upper = np.asarray(upper, dtype=float)
+        self.x0 = np.asarray(x0, dtype=float)
+        if not (self.lower.shape == self.upper.shape == self.x0.shape) or self.lower.ndim != 1:
+            raise ConfigError("optimizer bounds and x0 must be 1-D vectors of the same size")
+        if np.any(self.lower >= self.upper):
+            raise ConfigError("optimizer bounds are empty: every lower bound must be below its upper bound")
+        if np.any(self.x0 < self.lower) or np.any(self.x0 > self.upper):
+            raise ConfigError("the initial point lies outside the bounds; move x0 inside or widen the bounds")
+        if not sigma0 > 0:
+            raise ConfigError(f"sigma0 must be positive, got {sigma0}")
+        self.sigma0 = float(sigma0)
+        self.seed = int(seed)
+        self.popsize = int(popsize) if popsize else self.default_popsize(self.x0.size)
+        if self.popsize < 2:
+            raise ConfigError(f"population size must be at least 2, got {self.popsize}")
+        self.n_asked = 0
+        self.n_told = 0
+        self.best_z: np.ndarray | None = None
+        self.best_loss = math.inf
+
+    @property
+    def dim(self) -> int:
+        return int(self.x0.size)
+
+    @staticmethod
+    def default_popsize(dim: int) -> int:
+        """CMA-ES's default λ = 4 + ⌊3 ln d⌋."""
+        return 4 + int(3 * math.log(max(dim, 1)))
+
+    def ask(self) -> np.ndarray:
+        z = np.clip(np.asarray(self._ask(), dtype=float).reshape(-1), self.lower, self.upper)
+        self.n_asked += 1
+        return z
+
+    def tell(self, z: np.ndarray, loss: float) -> None:
+        """Report `loss` at `z`. Failed candidates are told a finite penalty by the caller."""
+        z = np.asarray(z, dtype=float).reshape(-1)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise ValueError(f"tell() needs a finite loss, got {loss}; tell failures as a penalty")
+        self._tell(z, loss)
+        self.n_told += 1
+        if loss < self.best_loss:
+            self.best_loss, self.best_z = loss, z.copy()
+
+    def recommend(self) -> np.ndarray:
+        """The point the optimizer believes best (by default the best told)."""
+        return self.x0.copy() if self.best_z is None else self.best_z.copy()
+
+    @abstractmethod
+    def _ask(self) -> np.ndarray: ...
+
+    @abstractmethod
+    def _tell(self, z: np.ndarray, loss: float) -> None: ...
+
+    def checkpoint(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def restore(blob: bytes) -> "Optimizer":
+        opt = pickle.loads(blob)
+        if not isinstance(opt, Optimizer):
+            raise TypeError("checkpoint does not hold an evomerge optimizer")
+        return opt
+
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {}
+
+
+def register_optimizer(name: str) -> Callable[[Callable[..., Optimizer]], Callable[..., Optimizer]]:
+    """Decorator: make an optimizer available under `name` (case-insensitive, what users type)."""
+
+    def deco(factory: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
+        key = name.lower()
+        if key in OPTIMIZERS:
+            raise ConfigError(f"optimizer name {name!r} is registered twice")
+        OPTIMIZERS[key] = factory
+        return factory
+
+    return deco

@@ -1,0 +1,166 @@
+"""`MergeRecipe`: the plain value that says how to merge, the one thing every stage agrees on.
+
+A search space decodes a vector into a recipe, a backend applies it, the journal stores it as
+JSON, and the provider receives it in a request body. It never holds tensors.
+
+Methods (what `weights` and `densities` mean for each):
+- ``evo``: Evo-Merging on LoRA factors: A = Σ β_i·S_{α_i}(A_i), B = Σ β_i·B_i (quadratic in β).
+  ``weights`` = β (signed), ``densities`` = α (keep ratio of A; B is never pruned). For a full
+  checkpoint expert, α prunes its task vector and β scales it.
+- ``evo_tv``: the task-vector variant: ΔW = Σ β_i·B_i·S_{α_i}(A_i), linear in β.
+- ``linear``: θ = Σ w_i·θ_i / Σ w_i (mergekit's linear with normalisation).
+- ``task_arithmetic``: θ = θ_0 + scale·Σ w_i·τ_i.
+- ``ties``: trim τ_i to its top ``densities[i]`` by magnitude, elect the sign by the weighted sum,
+  average the agreeing entries (disjoint mean), times ``scale``.
+- ``dare``: drop entries of τ_i with probability 1 − density (seeded), rescale by 1/density,
+  then task arithmetic.
+- ``uniform``: θ_0 + mean_i τ_i (weights are all 1/N).
+
+``blocks`` override weights and densities for the tensors of one block (see `evomerge.blocks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from evomerge.errors import RecipeError
+
+METHODS = ("evo", "evo_tv", "linear", "task_arithmetic", "ties", "dare", "uniform")
+"""Merge methods a recipe may name; the keys users type in YAML."""
+
+
+def _floats(values: Sequence[float], what: str) -> tuple[float, ...]:
+    out = tuple(float(v) for v in values)
+    for i, v in enumerate(out):
+        if not math.isfinite(v):
+            raise RecipeError(f"{what}[{i}] is {v}; every coefficient must be a finite number")
+    return out
+
+
+def _densities(values: Sequence[float] | None, n: int, what: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    out = _floats(values, what)
+    if len(out) != n:
+        raise RecipeError(f"{what} has {len(out)} values for {n} experts; give one per expert")
+    for i, v in enumerate(out):
+        if not 0.0 <= v <= 1.0:
+            raise RecipeError(f"{what}[{i}] is {v}; keep ratios and densities lie in [0, 1]")
+    return out
+
+
+@dataclass(frozen=True)
+class BlockOverride:
+    """Weights (and densities) used instead of the recipe's own for the tensors of one block."""
+
+    name: str
+    weights: tuple[float, ...]
+    densities: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weights": list(self.weights),
+                "densities": None if self.densities is None else list(self.densities)}
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """How to merge named experts: a method, one weight per expert, optional densities."""
+
+    method: str
+    experts: tuple[str, ...]
+    weights: tuple[float, ...]
+    densities: tuple[float, ...] | None = None
+    scale: float = 1.0
+    blocks: tuple[BlockOverride, ...] = ()
+    seed: int | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RecipeError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+        experts = tuple(str(e) for e in self.experts)
+        if not experts:
+            raise RecipeError("a recipe needs at least one expert")
+        if len(set(experts)) != len(experts):
+            raise RecipeError("a recipe names an expert twice; list each expert once")
+        weights = _floats(self.weights, "weights")
+        if len(weights) != len(experts):
+            raise RecipeError(f"weights has {len(weights)} values for {len(experts)} experts; give one per expert")
+        scale = _floats([self.scale], "scale")[0]
+        blocks = tuple(
+            b if isinstance(b, BlockOverride) else BlockOverride(**b) for b in self.blocks
+        )
+        checked = []
+        for b in blocks:
+            bw = _floats(b.weights, f"blocks[{b.name}].weights")
+            if len(bw) != len(experts):
+                raise RecipeError(f"block {b.name!r} has {len(bw)} weights for {len(experts)} experts")
+            checked.append(BlockOverride(b.name, bw, _densities(b.densities, len(experts), f"blocks[{b.name}].densities")))
+        object.__setattr__(self, "experts", experts)
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "densities", _densities(self.densities, len(experts), "densities"))
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "blocks", tuple(checked))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; `from_dict` inverts it exactly."""
+        out: dict[str, Any] = {"method": self.method, "experts": list(self.experts),
+                               "weights": list(self.weights)}
+        if self.densities is not None:
+            out["densities"] = list(self.densities)
+        if self.scale != 1.0:
+            out["scale"] = self.scale
+        if self.blocks:
+            out["blocks"] = [b.to_dict() for b in self.blocks]
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MergeRecipe":
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a JSON object, not {type(data).__name__}")
+        unknown = set(data) - {"method", "experts", "weights", "densities", "scale", "blocks", "seed"}
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s) {sorted(unknown)}; allowed: method, experts, "
+                              "weights, densities, scale, blocks, seed")
+        try:
+            return cls(
+                method=data["method"],
+                experts=tuple(data["experts"]),
+                weights=tuple(data["weights"]),
+                densities=None if data.get("densities") is None else tuple(data["densities"]),
+                scale=data.get("scale", 1.0),
+                blocks=tuple(BlockOverride(b["name"], tuple(b["weights"]),
+                                           None if b.get("densities") is None else tuple(b["densities"]))
+                             for b in data.get("blocks", ())),
+                seed=data.get("seed"),
+            )
+        except KeyError as exc:
+            raise RecipeError(f"recipe is missing the field {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise RecipeError(f"recipe has a field of the wrong type: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """A stable hash of the recipe: equal recipes share it (journal cache, provider LRU)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:32]
+
+    def coefficients(self, block: str | None = None) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+        """Weights and densities in force for `block` (the recipe's own where none overrides)."""
+        for b in self.blocks:
+            if b.name == block:
+                return b.weights, (b.densities if b.densities is not None else self.densities)
+        return self.weights, self.densities
+
+
+def uniform(experts: Sequence[str]) -> MergeRecipe:
+    """The uniform average of `experts`' task vectors: the baseline every search must beat."""
+    n = len(experts)
+    return MergeRecipe("uniform", tuple(experts), (1.0 / n,) * n)

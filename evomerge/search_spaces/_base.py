@@ -1,0 +1,117 @@
+"""The search-space contract: a flat vector z ↔ a `MergeRecipe`, with bounds and a start.
+
+Bounds and transforms live here, never in an optimizer (nevergrad keeps parametrization apart
+from optimizers for the same reason): an optimizer sees only a box in R^dim.
+A `Plan` is a sequence of stages whose spaces may depend on the previous stage's best recipe
+(Evo-Merging searches α first, then β with α fixed).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from evomerge.errors import ConfigError, SearchSpaceError
+from evomerge.recipe import MergeRecipe
+
+
+class SearchSpace(ABC):
+    """Invariants: `lower < upper` elementwise, `lower <= x0 <= upper`, `decode(encode(r)) == r`
+    for every recipe the space can produce, and `decode` accepts any finite z of size `dim`
+    (points outside the box are clipped into it: optimizers may overshoot by rounding)."""
+
+    name: ClassVar[str]
+    lower: np.ndarray
+    upper: np.ndarray
+    x0: np.ndarray
+    sigma0: float = 0.05
+    """Initial step size suggested to optimizers, in the units of z."""
+
+    @property
+    def dim(self) -> int:
+        return int(self.lower.size)
+
+    def check(self, z: Any) -> np.ndarray:
+        """z as a float vector of size `dim`, clipped into the bounds."""
+        arr = np.asarray(z, dtype=float).reshape(-1)
+        if arr.size != self.dim:
+            raise SearchSpaceError(f"{self.name} space has dimension {self.dim}, got a vector of size {arr.size}")
+        if not np.all(np.isfinite(arr)):
+            raise SearchSpaceError(f"{self.name} space got a non-finite vector; every coordinate must be finite")
+        return np.clip(arr, self.lower, self.upper)
+
+    def decode(self, z: Any) -> MergeRecipe:
+        return self._decode(self.check(z))
+
+    @abstractmethod
+    def _decode(self, z: np.ndarray) -> MergeRecipe:
+        """Build the recipe of an in-bounds z."""
+
+    @abstractmethod
+    def encode(self, recipe: MergeRecipe) -> np.ndarray:
+        """The z whose decoding is `recipe`; raises SearchSpaceError if the space cannot express it."""
+
+    def penalty(self, z: np.ndarray) -> float:
+        """A regulariser added to the loss the optimizer sees (e.g. λ·mean|z|); 0 by default."""
+        return 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON description, part of the journal's fingerprint of a run."""
+        return {"space": self.name, "dim": self.dim}
+
+
+class Plan(ABC):
+    """A sequence of stages. Stage i searches `space(i, best recipe of stage i-1)` with
+    `budgets(total)[i]` evaluations; the budgets sum to the total exactly."""
+
+    names: tuple[str, ...]
+
+    @abstractmethod
+    def budgets(self, total: int) -> list[int]:
+        """Split `total` evaluations among the stages."""
+
+    @abstractmethod
+    def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
+        """The space of stage `index`, built from the previous stage's best recipe."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"plan": type(self).__name__, "stages": list(self.names)}
+
+
+class SingleStage(Plan):
+    """One space, searched with the whole budget."""
+
+    names = ("search",)
+
+    def __init__(self, space: SearchSpace) -> None:
+        self._space = space
+
+    def budgets(self, total: int) -> list[int]:
+        return [total]
+
+    def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
+        return self._space
+
+    def describe(self) -> dict[str, Any]:
+        return {"plan": "single", "stages": [self._space.describe()]}
+
+
+def as_plan(space: "SearchSpace | Plan") -> Plan:
+    return space if isinstance(space, Plan) else SingleStage(space)
+
+
+SPACES: dict[str, Callable[..., "SearchSpace | Plan"]] = {}
+
+
+def register_space(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: make a space or plan builder available under `name` (what users type in YAML)."""
+
+    def deco(builder: Callable[..., Any]) -> Callable[..., Any]:
+        if name in SPACES:
+            raise ConfigError(f"search space name {name!r} is registered twice")
+        SPACES[name] = builder
+        return builder
+
+    return deco

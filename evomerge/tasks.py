@@ -1,0 +1,112 @@
+"""Tasks: labelled examples in JSONL (`{"prompt", "answer"}` per line) and their splits.
+
+A search sees only the *fit* split; the recipe it returns is chosen on *validation*; *test* is
+for reporting and never touches a search (DESIGN.md: selection on held-out examples is part of
+the design, since minimising the loss on a few fit examples can halve test accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from evomerge.errors import TaskError
+
+SPLITS = ("fit", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example. ``choices`` is set for multiple-choice scoring."""
+
+    prompt: str
+    answer: str
+    task: str = "default"
+    id: str = ""
+    choices: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"prompt": self.prompt, "answer": self.answer, "task": self.task, "id": self.id}
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
+
+
+def load_jsonl(path: str | Path, task: str | None = None) -> list[Example]:
+    """Read examples; a bad line is reported with its file and line number."""
+    path = Path(path)
+    name = task or path.stem
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TaskError(f"cannot read task file {path}: {exc.strerror or exc}") from None
+    out = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"{path}:{no}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str):
+            raise TaskError(f'{path}:{no}: each line needs string fields "prompt" and "answer"')
+        choices = row.get("choices")
+        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+            raise TaskError(f'{path}:{no}: "choices" must be a list of strings')
+        out.append(Example(row["prompt"], row["answer"], str(row.get("task", name)),
+                           str(row.get("id", f"{name}:{no}")), None if choices is None else tuple(choices)))
+    if not out:
+        raise TaskError(f"{path} holds no examples; add JSONL lines with prompt and answer")
+    return out
+
+
+def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Fit, validation and test examples of one search."""
+
+    fit: tuple[Example, ...]
+    validation: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    def __post_init__(self) -> None:
+        if not self.fit:
+            raise TaskError("the fit split is empty; give the search more examples or a smaller validation fraction")
+
+    def get(self, split: str) -> tuple[Example, ...]:
+        if split not in SPLITS:
+            raise TaskError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        return getattr(self, split)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(sorted({e.task for e in self.fit + self.validation + self.test}))
+
+
+def split_search(examples: Sequence[Example], validation: float, seed: int = 0) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """Divide search examples into fit and validation, stratified by task and seeded."""
+    if not 0.0 <= validation < 1.0:
+        raise TaskError(f"validation fraction {validation} must lie in [0, 1)")
+    by_task: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_task.setdefault(ex.task, []).append(ex)
+    fit: list[Example] = []
+    val: list[Example] = []
+    rng = random.Random(seed)
+    for task in sorted(by_task):
+        group = list(by_task[task])
+        rng.shuffle(group)
+        k = int(round(len(group) * validation))
+        if validation > 0 and len(group) > 1:
+            k = max(1, min(k, len(group) - 1))
+        val.extend(group[:k])
+        fit.extend(group[k:])
+    return tuple(fit), tuple(val)
