@@ -38,7 +38,8 @@ class Merger:
                     for target, m in expert.modules.items()}
 
     def _load(self, expert: Expert, key: str) -> torch.Tensor:
-        return self._reader.get(expert.files, key).to(self.device, torch.float32)
+        # safetensors may hand out a view of its memory map: copy, so in-place math never writes to it
+        return self._reader.get(expert.files, key).to(self.device, torch.float32, copy=True)
 
     def targets(self, recipe: MergeRecipe) -> list[str]:
         """Names of the base tensors `recipe` changes, in the base checkpoint's order."""
