@@ -10,7 +10,7 @@ Builds (once, under --workdir) a model of SmolLM2-135M's shape with random weigh
    (what a mergekit user does with adapters; α=1 evo_tv is the same merge);
 2. the TIES merge's bytes/s (read base + N experts, write one model) against torch.clone of the
    same number of bytes;
-3. peak memory of a full-task-vector TIES merge as the expert count grows (each count in a fresh
+3. peak memory of a full-task-vector merge (--scan-method) as the expert count grows (each count in a fresh
    process): anonymous memory (the real cost) and file-backed pages of the memory-mapped experts
    (reclaimable page cache that counts in RSS).
 
@@ -159,8 +159,8 @@ class PeakMemory:
         self._sample()
 
 
-def rss_child(work: Path, n: int) -> None:
-    """One TIES merge over n full experts in this fresh process; prints a JSON line."""
+def rss_child(work: Path, n: int, method: str) -> None:
+    """One merge over n full experts in this fresh process; prints a JSON line."""
     from evomerge.merging import MergeEngine
 
     names = [f"f{k}" for k in range(n)]
@@ -169,9 +169,9 @@ def rss_child(work: Path, n: int) -> None:
         engine = MergeEngine(repo, device="cpu", dtype="float32")
     with PeakMemory() as peak:
         start = time.perf_counter()
-        engine.apply(MergeRecipe("ties", tuple(names), (1.0 / n,) * n, (0.5,) * n))
+        engine.apply(MergeRecipe(method, tuple(names), (1.0 / n,) * n, (0.5,) * n))
         seconds = time.perf_counter() - start
-    print(json.dumps({"experts": n, "seconds": round(seconds, 2), "anon_after_load_mib": round(before.anon),
+    print(json.dumps({"method": method, "experts": n, "seconds": round(seconds, 2), "anon_after_load_mib": round(before.anon),
                       "peak_anon_mib": round(peak.anon), "peak_file_mib": round(peak.file)}))
 
 
@@ -182,15 +182,18 @@ def main() -> None:
     ap.add_argument("--lora", type=int, default=18, help="LoRA adapters in the speed comparison")
     ap.add_argument("--counts", default="4,16,32", help="expert counts of the memory scan")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--scan-method", default="task_arithmetic", help="merge method of the memory scan")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = args.workdir
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_child is not None:
-        rss_child(work, args.rss_child)
+        rss_child(work, args.rss_child, args.scan_method)
         return
     counts = [int(c) for c in args.counts.split(",") if c]
-    torch.set_num_threads(os.cpu_count() or 1)
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
@@ -237,9 +240,10 @@ def main() -> None:
     print(f"ties                            {ties:6.3f} s  {moved / ties / 1e9:6.1f} GB/s  ({ties / clone:.0f}x the copy)")
     print(f"task_arithmetic                 {ta:6.3f} s  {moved / ta / 1e9:6.1f} GB/s  ({ta / clone:.0f}x the copy)")
 
-    print(f"\n## memory of a full TIES merge vs expert count (model {model_bytes / 2**20:.0f} MiB, fresh process each)")
+    print(f"\n## memory of a full {args.scan_method} merge vs expert count (model {model_bytes / 2**20:.0f} MiB, fresh process each)")
     for n in counts:
-        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--rss-child", str(n)],
+        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--rss-child", str(n),
+                              "--scan-method", args.scan_method] + (["--threads", str(args.threads)] if args.threads else []),
                              capture_output=True, text=True, check=True)
         print(out.stdout.strip().splitlines()[-1], flush=True)
 

@@ -75,11 +75,12 @@ class Merger:
                 if e.kind == "full":
                     contribs.append(Contribution(e.name, weights[i], density, partial(self._task_vector, e, name, base_f32)))
                 elif name in e.modules:  # an adapter that leaves this tensor alone has τ_i = 0 here
-                    stack = self._stacks[name][e.modules[name].rank]
+                    rank = e.modules[name].rank
                     if factor_method is not None:
-                        picked.setdefault(e.modules[name].rank, []).append(i)
+                        picked.setdefault(rank, []).append(i)
                     else:
-                        contribs.append(Contribution(e.name, weights[i], density, partial(stack.materialise, e.name)))
+                        materialise = self._stacks[name][rank].materialise
+                        contribs.append(Contribution(e.name, weights[i], density, partial(materialise, e.name)))
             terms = [self._term(self._stacks[name][rank], [experts[i].name for i in idx],
                                 [weights[i] for i in idx],
                                 [1.0 if densities is None else densities[i] for i in idx])
