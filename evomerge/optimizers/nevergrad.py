@@ -28,6 +28,28 @@ ALGORITHMS = {"ngopt": "NGOpt", "ng-cma": "CMA", "twopointsde": "TwoPointsDE", "
 DEFAULT_BUDGET = 1000
 
 
+def _guard_metamodel(ng: Any) -> None:
+    """Let nevergrad's surrogate step fail softly under numpy >= 2.4 (nevergrad issue #1612).
+
+    nevergrad 1.0.12's `learn_on_k_best` calls float() on a one-element array, which numpy now
+    refuses with a TypeError; NGOpt picks a MetaModel at ~20 dimensions and then crashes on its
+    first surrogate step. Re-raised as nevergrad's own MetaModelFailure, the optimizer falls back
+    to its base algorithm, as it does whenever the surrogate cannot be learned."""
+    lib = ng.optimization.optimizerlib
+    original = lib.learn_on_k_best
+    if getattr(original, "evomerge_guard", False):
+        return
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except TypeError as exc:
+            raise lib.MetaModelFailure(f"surrogate step failed: {exc}") from exc
+
+    guarded.evomerge_guard = True  # type: ignore[attr-defined]
+    lib.learn_on_k_best = guarded
+
+
 class NevergradOptimizer(Optimizer):
     """One nevergrad optimizer over the box. `budget` is the number of evaluations it will get, a
     hint some algorithms plan with (NGOpt picks its algorithm by it and cannot run without one);
@@ -38,6 +60,7 @@ class NevergradOptimizer(Optimizer):
                  num_workers: int | None = None) -> None:
         super().__init__(lower, upper, x0, sigma0, seed, popsize)
         ng = require("nevergrad", "nevergrad optimizers")
+        _guard_metamodel(ng)
         if algorithm not in ng.optimizers.registry:
             raise ConfigError(f"nevergrad has no optimizer {algorithm!r}; see nevergrad.optimizers.registry")
         self.name = f"ng:{algorithm}"

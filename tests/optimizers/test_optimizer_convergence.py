@@ -70,3 +70,16 @@ def test_two_stage_plan_finds_alpha_then_beta():
         best = space.decode(opt.best_z)
     np.testing.assert_allclose(best.densities, ALPHA, atol=0.02)
     np.testing.assert_allclose(best.weights, BETA, atol=0.02)
+
+
+def test_nevergrad_surrogate_step_falls_back_instead_of_crashing():
+    """nevergrad 1.0.12's MetaModel step raises TypeError under numpy >= 2.4 (its issue #1612);
+    NGOpt picks it at ~20 dimensions. The run must go on with the base algorithm."""
+    space = EvoSpace(("a", "b"), "joint")
+    target = np.array([0.3, 0.6, 0.5, -0.4])
+    opt = make_optimizer("ng:MetaModel", space, seed=0, budget=40)
+    for _ in range(40):  # the surrogate is fitted at asks 26 and 39 (15 points needed, every 13)
+        z = opt.ask()
+        opt.tell(z, quadratic(z, target))
+    assert opt.n_told == 40
+    assert opt.best_loss < quadratic(space.x0, target)
