@@ -23,7 +23,7 @@ import time
 
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler.ray_executor import RayExecutor
-from tests.scheduler._fitness import DelayServer, HttpFactory
+from tests.scheduler._ray_fitness import DelayServer, HttpFactory
 
 
 def _recipe(i: int, delay: float | None = None) -> MergeRecipe:

@@ -15,7 +15,7 @@ import ray
 
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler.ray_executor import RayExecutor
-from tests.scheduler._fitness import ProbeFactory
+from tests.scheduler._ray_fitness import ProbeFactory
 
 
 def main() -> None:

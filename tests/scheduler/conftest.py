@@ -22,7 +22,7 @@ def ray_session() -> Iterator[object]:
     # A short path: Ray's unix sockets live under it and must stay under 108 characters.
     temp_dir = tempfile.mkdtemp(prefix="evr-", dir="/tmp")
     if not ray.is_initialized():
-        # Workers import evomerge and the test factories (`_fitness`) from this checkout.
+        # Workers import evomerge and the test factories (`_ray_fitness`) from this checkout.
         here = Path(__file__).resolve().parent
         with worker_pythonpath(str(here.parent.parent), str(here)):
             ray.init(num_cpus=SESSION_CPUS, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _fitness import BrokenFactory, DelayServer, HttpFactory, ProbeFactory, squares
+from _ray_fitness import BrokenFactory, DelayServer, HttpFactory, ProbeFactory, squares
 from evomerge.errors import BackendError, ConfigError
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler.ray_executor import SHUTDOWN_ERROR, RayExecutor, actor_resources
