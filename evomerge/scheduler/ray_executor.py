@@ -225,6 +225,8 @@ class RayExecutor:
             self._ray.get(actor.ready.remote())
         except self._ray.exceptions.RayError as exc:
             self._actors[index] = None
+            if self._closed:
+                return SHUTDOWN_ERROR
             log.warning("Ray worker %d could not start: %s", index, _reason(exc))
             return f"the worker could not start: {_reason(exc)}"
         with self._started:

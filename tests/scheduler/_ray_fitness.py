@@ -25,6 +25,13 @@ def squares(recipe: MergeRecipe) -> float:
     return float(sum(w * w for w in recipe.weights))
 
 
+def squares_where(recipe: MergeRecipe) -> dict[str, float]:
+    """A python-backend fitness that also says which worker process evaluated it (slow enough
+    that a worker starting late still gets work)."""
+    time.sleep(0.4)
+    return {"loss": squares(recipe), "pid": float(os.getpid())}
+
+
 class ProbeFactory:
     """Builds a `Probe`; with `crash_once` (a file path), the first evaluation anywhere exits
     its worker process mid-candidate (the path is claimed atomically, so exactly once)."""

@@ -7,7 +7,6 @@ those groups: `ray stop --force` would also kill every other Ray on a shared mac
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from evomerge.journal import Journal
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -93,20 +95,21 @@ def wait_for_nodes(gcs: int, count: int, env: dict[str, str], timeout: float = 1
 
 
 def test_a_search_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
-    journal = tmp_path / "journal.jsonl"
+    journal = tmp_path / "run.sqlite"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", cluster, "--working-dir", str(REPO), "--submission-id", "evomerge-2n",
-         "--", sys.executable, "-m", "tests.scheduler._cluster_job", "--budget", "30", "--workers", "2",
-         "--journal", str(journal)],
+         "--", sys.executable, "-m", "evomerge", "search", "--backend", "python", "--budget", "30",
+         "--journal", str(journal), "--workers", "2", "--fitness", "tests.scheduler._ray_fitness:squares_where",
+         "--no-progress"],
         env=env, capture_output=True, text=True, timeout=240)
-    status = subprocess.run([RAY, "job", "status", "--address", cluster, "evomerge-2n"], env=env,
-                            capture_output=True, text=True).stdout
-    assert "SUCCEEDED" in status or "succeeded" in status, submit.stdout[-3000:] + submit.stderr[-3000:]
-    records = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert len(records) == 30
-    assert all(r["score"]["status"] == "ok" for r in records)
-    assert len(records[0]["nodes"]) == 2
+    status = JobSubmissionClient(cluster).get_job_status("evomerge-2n")
+    assert status == JobStatus.SUCCEEDED, submit.stdout[-3000:] + submit.stderr[-3000:]
+    # The journal lands where the driver ran, with exactly the budget's evaluations.
+    with Journal.open(journal) as store:
+        trials = store.trials(split="fit")
+        assert store.count("fit") == 30
+    assert all(t.ok for t in trials)
     # Each 1-CPU node holds one of the two 1-CPU actors: two worker processes did the work.
-    assert len({r["score"]["metrics"]["pid"] for r in records}) == 2
+    assert len({t.score.metrics["pid"] for t in trials}) == 2
