@@ -88,7 +88,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     factory: EvaluatorFactory = evaluator if evaluator is not None else PythonEvaluatorFactory(fitness)
-    has_validation = bool(getattr(factory, "has_validation", False))
+    splits = getattr(factory, "splits", None)
+    has_validation = bool(getattr(factory, "has_validation", False) or (splits is not None and splits.validation))
     plan = as_plan(space)
     budgets = plan.budgets(budget)
     options = dict(optimizer_options or {})
