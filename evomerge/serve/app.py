@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 from evomerge._imports import require
 from evomerge.serve.guard import Guard
-from evomerge.serve.host import ModelHost, Scored
+from evomerge.serve.host import Generated, ModelHost, Scored
 from evomerge.serve.protocol import Limits
 from evomerge.serve.schemas import ApiError, ChatRequest, CompletionRequest, parse_merge
 from evomerge.serve.sessions import add_session_routes
 from evomerge.serve.worker import MergeWorker
 
 log = logging.getLogger("evomerge.serve")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)$")
+"""pydantic's union-member tags in an error location, not field names: dropped from ``param``."""
 
 
 def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Limits(), cache_size: int = 256) -> Any:
@@ -53,7 +56,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Any, exc: RequestValidationError) -> Any:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        param = ".".join(str(p) for p in first.get("loc", ())[1:] if not _TYPE_TAG.match(str(p))) or None
         return error(422, f"{param or 'body'}: {first.get('msg')}", param, "invalid_request_error")
 
     @app.exception_handler(Exception)
@@ -80,15 +83,16 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         _check_batch(prompts, req.max_tokens, limits)
         recipe = parse_merge(req.merge, req.model, host, limits)
-        completions_ = [""] * len(prompts)
+        generated = [Generated("", 0)] * len(prompts)
         if req.max_tokens > 0:
-            completions_ = await worker.call(recipe, lambda h: [
+            generated = await worker.call(recipe, lambda h: [
                 h.generate(p, req.max_tokens, req.temperature, req.seed) for p in prompts])
+        completions_ = [g.text for g in generated]
         scored: list[Scored | None] = [None] * len(prompts)
         if req.logprobs is not None:
             scored = await worker.score(recipe, [p + c for p, c in zip(prompts, completions_)], req.logprobs)
-        prompt_tokens, completion_tokens = await worker.anyweights(lambda h: (
-            sum(h.count_tokens(p) for p in prompts), sum(h.count_tokens(c) for c in completions_ if c)))
+        prompt_tokens = await worker.anyweights(lambda h: sum(h.count_tokens(p) for p in prompts))
+        completion_tokens = sum(g.tokens for g in generated)
         choices = []
         for i, (p, c, s) in enumerate(zip(prompts, completions_, scored)):
             choices.append({"index": i, "text": (p + c) if req.echo else c, "finish_reason": "length",
@@ -104,14 +108,13 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         prompt = _chat_prompt(host, [m.model_dump() for m in req.messages])
         _check_batch([prompt], max_tokens, limits)
         recipe = parse_merge(req.merge, req.model, host, limits)
-        text, usage = await worker.call(recipe, lambda h: (
-            (t := h.generate(prompt, max_tokens, req.temperature, req.seed)),
-            _usage(h.count_tokens(prompt), h.count_tokens(t) if t else 0)))
+        out, prompt_tokens = await worker.call(recipe, lambda h: (
+            h.generate(prompt, max_tokens, req.temperature, req.seed), h.count_tokens(prompt)))
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or host.base_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "finish_reason": "length", "logprobs": None}],
-                "usage": usage}
+                "usage": _usage(prompt_tokens, out.tokens)}
 
     add_session_routes(app, host, worker, limits)
     return Guard(app, api_key, limits.max_body_bytes)

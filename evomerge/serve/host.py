@@ -25,6 +25,14 @@ class Scored:
     top_logprobs: list[dict[str, float] | None] | None = None
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A continuation and the number of tokens generated (what usage reports)."""
+
+    text: str
+    tokens: int
+
+
 class ModelHost(Protocol):
     """What `evomerge serve` drives. `merge` is the expensive step the server caches and counts."""
 
@@ -43,7 +51,7 @@ class ModelHost(Protocol):
     def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
         """Log-probabilities of every token of each text under the active weights."""
 
-    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> str:
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
         """A continuation of `prompt` of at most `max_tokens` tokens under the active weights."""
 
     def count_tokens(self, text: str) -> int:
@@ -94,10 +102,10 @@ class TransformersRunner:
             out.append(Scored(tokens, lps, offs, alts if tops is not None else None))
         return out
 
-    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> str:
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
         torch = self.torch
         if max_tokens <= 0:
-            return ""
+            return Generated("", 0)
         enc = self.tokenizer(prompt, return_tensors="pt")
         sample = temperature > 0
         if sample and seed is not None:
@@ -106,4 +114,5 @@ class TransformersRunner:
             out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
                                       temperature=temperature if sample else None, top_p=None, top_k=None,
                                       pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[0, enc["input_ids"].shape[1]:]
+        return Generated(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()))

@@ -18,7 +18,7 @@ from evomerge._imports import require
 from evomerge.blocks import block_of
 from evomerge.errors import RecipeError, RepositoryError
 from evomerge.recipe import MergeRecipe
-from evomerge.serve.host import Scored, TransformersRunner
+from evomerge.serve.host import Generated, Scored, TransformersRunner
 
 SUPPORTED = ("evo", "evo_tv", "task_arithmetic", "linear", "uniform")
 
@@ -150,7 +150,7 @@ class LoraHost:
     def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
         return self.runner.score(texts, top)
 
-    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> str:
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
         return self.runner.generate(prompt, max_tokens, temperature, seed)
 
     def count_tokens(self, text: str) -> int:
