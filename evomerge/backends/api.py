@@ -63,6 +63,12 @@ class UsageCap:
         with self._lock:
             return self.max_queries is not None and self.queries + self._held_queries >= self.max_queries
 
+    def fits(self, queries: int, tokens: int) -> bool:
+        """Whether `queries` more queries of `tokens` tokens in all fit now (checked before starting)."""
+        with self._lock:
+            return ((self.max_queries is None or self.queries + self._held_queries + queries <= self.max_queries)
+                    and (self.max_tokens is None or self.tokens + self._held_tokens + tokens <= self.max_tokens))
+
     def reserve(self, tokens: int) -> None:
         with self._lock:
             if self.max_queries is not None and self.queries + self._held_queries + 1 > self.max_queries:
@@ -226,15 +232,15 @@ class ApiBackend(Backend):
         if self.mode == "session":
             return await self._score_session(recipe, examples, tally)
         chunks = [examples[i:i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
-        try:  # the first failure cancels the other chunks: the candidate has failed anyway
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._score_chunk(recipe, chunk, tally)) for chunk in chunks]
-        except ExceptionGroup as group_error:
-            first = group_error.exceptions[0]
-            while isinstance(first, ExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
-        return [v for t in tasks for v in t.result()]
+        if not self.caps.fits(len(chunks), _token_bound([e.prompt + e.answer for e in examples])):
+            raise BudgetExhausted(f"the caps leave too little for a {len(chunks)}-query evaluation; "
+                                  "raise --max-queries / --max-tokens to go on")
+        # no cancellation of siblings: a request once sent is answered and counted, or released
+        results = await asyncio.gather(*(self._score_chunk(recipe, c, tally) for c in chunks), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [v for r in results for v in r]
 
     async def _score_chunk(self, recipe: MergeRecipe, chunk: list[Example], tally: _Tally) -> list[float]:
         texts = [e.prompt + e.answer for e in chunk]

@@ -93,6 +93,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
             scored = await worker.score(recipe, [p + c for p, c in zip(prompts, completions_)], req.logprobs)
         prompt_tokens = await worker.anyweights(lambda h: sum(h.count_tokens(p) for p in prompts))
         completion_tokens = sum(g.tokens for g in generated)
+        worker.stats.queries += 1
         choices = []
         for i, (p, c, s) in enumerate(zip(prompts, completions_, scored)):
             choices.append({"index": i, "text": (p + c) if req.echo else c, "finish_reason": "length",
@@ -110,6 +111,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         recipe = parse_merge(req.merge, req.model, host, limits)
         out, prompt_tokens = await worker.call(recipe, lambda h: (
             h.generate(prompt, max_tokens, req.temperature, req.seed), h.count_tokens(prompt)))
+        worker.stats.queries += 1
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or host.base_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},

@@ -102,6 +102,7 @@ def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: L
             scored += await worker.score(recipe, texts[at:at + limits.max_batch])
         per = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, len(p)) for x, p in zip(scored, s.prompts)]
         finite = [v for v in per if math.isfinite(v)]
+        worker.stats.queries += 1
         return {"object": "merge.evaluation", "loss": sum(finite) / len(finite) if finite else None,
                 "per_example": [v if math.isfinite(v) else None for v in per], "example_ids": list(s.ids),
                 "recipe_key": recipe.key(), "usage": {"prompt_tokens": s.tokens, "completion_tokens": 0,

@@ -28,18 +28,19 @@ ANY_KEY = "*"
 class Stats:
     """Counters the provider exposes at GET /v1/stats (what tests and benchmarks check)."""
 
-    merges: int = 0
+    merges: int = 0  # merged states computed (cache misses): one per distinct recipe while the cache holds
     cache_hits: int = 0
     activations: int = 0
     forward_passes: int = 0
-    requests: int = 0
+    jobs: int = 0
+    queries: int = 0  # model requests answered (completions, chat, session evaluations)
     texts_scored: int = 0
     merge_seconds: float = 0.0
     distinct_recipes: set[str] = field(default_factory=set)
 
     def to_dict(self) -> dict[str, Any]:
         return {"merges": self.merges, "cache_hits": self.cache_hits, "activations": self.activations,
-                "forward_passes": self.forward_passes, "requests": self.requests,
+                "forward_passes": self.forward_passes, "jobs": self.jobs, "queries": self.queries,
                 "texts_scored": self.texts_scored, "merge_seconds": round(self.merge_seconds, 6),
                 "distinct_recipes": len(self.distinct_recipes)}
 
@@ -135,7 +136,7 @@ class MergeWorker:
                 for job in batch:
                     job.done(None, exc)
                 continue
-            self.stats.requests += len(batch)
+            self.stats.jobs += len(batch)
             self._run_scores([j for j in batch if j.kind == "score"])
             for job in batch:
                 if job.kind == "call":

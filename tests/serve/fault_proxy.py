@@ -58,11 +58,15 @@ class FaultProxy:
 
     async def _start(self) -> None:
         self._client = httpx.AsyncClient(timeout=60)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
         self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
     def _pick(self) -> str:
@@ -76,6 +80,8 @@ class FaultProxy:
         return "ok"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -108,6 +114,7 @@ class FaultProxy:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
+            self._tasks.discard(task)
             writer.close()
 
     async def _respond(self, writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str]) -> None:
