@@ -1,0 +1,6 @@
+"""The journal: SQLite record of every evaluation and optimizer checkpoint (resume, cache, report)."""
+
+from evomerge.journal.records import Trial
+from evomerge.journal.sqlite import Journal
+
+__all__ = ["Journal", "Trial"]

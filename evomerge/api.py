@@ -1,0 +1,185 @@
+"""`evomerge.search`: the Python API, and the one code path the CLI and Ray jobs use too.
+
+Stages run one after another (a `Plan`); each stage is an ask/tell loop over the executor
+(threads in this process, or Ray actors), journaled so that `resume=True` continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from evomerge.backends._base import EvaluatorFactory
+from evomerge.backends.python import Fitness, PythonEvaluatorFactory
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.journal import Journal, Trial
+from evomerge.optimizers import make_optimizer
+from evomerge.recipe import MergeRecipe
+from evomerge.scheduler._base import Executor
+from evomerge.scheduler.caps import Caps
+from evomerge.scheduler.loop import Shared, StageRun
+from evomerge.scheduler.selection import choose, shortlist, validate
+from evomerge.scheduler.threads import ThreadExecutor
+from evomerge.score import Cost
+from evomerge.search_spaces._base import Plan, SearchSpace, as_plan
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    name: str
+    budget: int
+    evaluations: int
+    best: Trial | None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The recipe a search returns (chosen on validation where there is one) and its history."""
+
+    best: Trial
+    validation: Trial | None
+    trials: tuple[Trial, ...]
+    stages: tuple[StageSummary, ...]
+    cost: Cost
+    journal: Path | None
+
+    @property
+    def best_recipe(self) -> MergeRecipe:
+        return self.best.recipe
+
+    @property
+    def best_loss(self) -> float:
+        return self.best.loss
+
+    @property
+    def validation_loss(self) -> float | None:
+        return None if self.validation is None else self.validation.loss
+
+    @property
+    def history(self) -> list[float]:
+        """Fit loss of each trial in ask order (NaN for failures)."""
+        return [t.loss for t in self.trials]
+
+
+def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = None, *, budget: int,
+           optimizer: str = "cma", seed: int = 0, journal: str | Path | None = None, resume: bool = False,
+           force: bool = False, evaluator: EvaluatorFactory | None = None, workers: int = 1,
+           executor: str | Executor = "threads", ray_address: str | None = None, eval_timeout: float | None = None,
+           max_retries: int = 2, lookahead: int | None = None, popsize: int | None = None,
+           optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
+           max_tokens: int | None = None, checkpoint_every: int | None = None, progress: bool = False,
+           config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+    """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
+
+    Give either `fitness` (a callable: recipe -> loss or {"loss": ..., metric: ...}) or
+    `evaluator` (a picklable factory of (recipe, split) -> Score, as the local and api backends
+    build; with a validation split, the returned recipe is chosen on it among the `top_k` best
+    by fit loss). `resume=True` continues the run journaled at `journal`.
+    """
+    if (fitness is None) == (evaluator is None):
+        raise ConfigError("give exactly one of fitness= (a callable) or evaluator= (a backend's evaluator factory)")
+    if space is None:
+        raise ConfigError("give a search space (evomerge.search_spaces) or a plan")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise ConfigError(f"budget must be a positive number of evaluations, got {budget!r}")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}")
+    factory: EvaluatorFactory = evaluator if evaluator is not None else PythonEvaluatorFactory(fitness)
+    has_validation = bool(getattr(factory, "has_validation", False))
+    plan = as_plan(space)
+    budgets = plan.budgets(budget)
+    options = dict(optimizer_options or {})
+    probe = make_optimizer(optimizer, plan.space(0, None), seed=seed, popsize=popsize, **options)
+    window = lookahead or max(probe.popsize, 2 * workers)
+    fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
+                   "popsize": popsize, "seed": seed, "budget": budget, "lookahead": window, "top_k": top_k,
+                   "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
+    store = _open_journal(journal, fingerprint, config, resume, force)
+    pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
+    caps = Caps(max_queries, max_tokens)
+    bar = _progress(budget, store.count("fit") if resume else 0, progress)
+    shared = Shared(pool, store, caps, on_result=lambda t: (bar(t), on_trial and on_trial(t)))
+    for t in store.trials():
+        shared.by_key.setdefault((t.recipe.key(), t.split), t)
+        if not t.cached:
+            caps.observe(t.score.cost)
+    try:
+        summaries, all_trials, validated = [], [], {}
+        previous: MergeRecipe | None = None
+        for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
+            stage_space = plan.space(stage, previous)
+            run = StageRun(stage, stage_space, stage_budget,
+                           lambda sp, s=stage: make_optimizer(optimizer, sp, seed=seed + 1000 * s, popsize=popsize, **options),
+                           shared, window, checkpoint_every or probe.popsize)  # once a generation
+            trials = run.run()
+            all_trials.extend(trials)
+            top = shortlist(trials, top_k)
+            if has_validation and top:
+                validated.update({(stage, k): v for k, v in validate(shared, stage, top).items()})
+            best, _ = choose(top, validated)
+            summaries.append(StageSummary(name, stage_budget, sum(1 for t in trials if not t.cached), best))
+            if best is None:
+                break
+            previous = best.recipe
+        finalists = [t for t in all_trials if (t.stage, t.trial) in validated] or shortlist(all_trials, top_k)
+        best, val = choose(finalists, validated)
+        if best is None:
+            first = next((t.score.error for t in all_trials if t.score.error), "no candidate was evaluated")
+            raise EvomergeError(f"every candidate failed (first error: {first}); fix the fitness or backend and resume")
+        store.set_meta("result", {"stage": best.stage, "trial": best.trial,
+                                  "validation_loss": None if val is None else val.loss})
+        return SearchResult(best, val, tuple(all_trials), tuple(summaries), store.totals(),
+                            None if journal is None else Path(journal))
+    finally:
+        bar(None)
+        pool.shutdown()
+        store.close()
+
+
+def _open_journal(path: str | Path | None, fingerprint: dict[str, Any], config: Mapping[str, Any] | None,
+                  resume: bool, force: bool) -> Journal:
+    if path is None:
+        if resume:
+            raise ConfigError("resume needs the journal path of the run to continue")
+        return Journal.create(":memory:", fingerprint, dict(config or {}))
+    if resume:
+        return Journal.open(path, fingerprint, force=force)
+    return Journal.create(path, fingerprint, dict(config or {}))
+
+
+def _executor(kind: str | Executor, factory: EvaluatorFactory, workers: int, ray_address: str | None,
+              eval_timeout: float | None, max_retries: int) -> Executor:
+    if not isinstance(kind, str):
+        return kind
+    if kind == "threads":
+        return ThreadExecutor(factory, workers)
+    if kind == "ray":
+        from evomerge.scheduler.ray_executor import RayExecutor
+
+        return RayExecutor(factory, workers, eval_timeout=eval_timeout, max_retries=max_retries, address=ray_address)
+    raise ConfigError(f"unknown executor {kind!r}; choose 'threads' or 'ray'")
+
+
+def _progress(total: int, done: int, enabled: bool) -> Callable[[Trial | None], None]:
+    """A tqdm bar of paid evaluations with the best fit loss; a no-op when disabled."""
+    if not enabled:
+        return lambda trial: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, desc="search", unit="eval", dynamic_ncols=True)
+    best = [float("inf")]
+
+    def update(trial: Trial | None) -> None:
+        if trial is None:
+            bar.close()
+            return
+        if trial.split == "fit" and not trial.cached:
+            bar.update(1)
+        if trial.split == "fit" and trial.ok and trial.loss < best[0]:
+            best[0] = trial.loss
+            bar.set_postfix(best=f"{trial.loss:.4g}")
+
+    return update

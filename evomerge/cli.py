@@ -1,0 +1,122 @@
+"""The `evomerge` command: parse, validate, call the Python API, print one line on error (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from evomerge.errors import EvomergeError
+
+
+def _search(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.run import run
+
+    overrides = {k: getattr(args, k) for k in ("backend", "budget", "optimizer", "seed", "journal", "workers",
+                                                "fitness", "output", "repository", "executor", "ray_address",
+                                                "eval_timeout", "max_queries", "max_tokens")}
+    if args.workers and args.workers > 1 and args.executor is None:
+        overrides["executor"] = "ray"
+    if args.api_base is not None:
+        overrides["api"] = {"base": args.api_base}
+    config = load_config(args.config, overrides)
+    result = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
+    fit = result.best_loss
+    val = result.validation_loss
+    print(f"best fit loss {fit:.6g}" + (f", validation loss {val:.6g}" if val is not None else "")
+          + f" after {sum(s.evaluations for s in result.stages)} evaluations"
+          + (f" ({result.cost.queries} queries, {result.cost.tokens} tokens)" if result.cost.queries else ""))
+    print("best recipe: " + result.best_recipe.to_json())
+    if config.output is not None:
+        print(f"outputs in {config.output}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from evomerge.report import write_report
+
+    paths = write_report(args.journal, args.out)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from evomerge.export import write_exports
+    from evomerge.report import load_run
+
+    run = load_run(args.journal)
+    paths = write_exports(run.best.recipe, args.out or Path(args.journal).with_suffix(""), args.base)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Black-box evolutionary model merging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="search for the best merge of experts")
+    s.add_argument("--config", type=Path, help="YAML config file; flags override its fields")
+    s.add_argument("--backend", choices=["python", "local", "api"])
+    s.add_argument("--budget", type=_positive_int, help="paid evaluations (exact)")
+    s.add_argument("--optimizer", help="cma, ngopt, ng-cma, twopointsde, pso, oneplusone, random")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--journal", type=Path, help="SQLite journal of the run (needed to resume)")
+    s.add_argument("--resume", action="store_true", help="continue the run recorded in --journal")
+    s.add_argument("--force", action="store_true", help="resume even if the journal's config differs")
+    s.add_argument("--workers", type=_positive_int, help="evaluations in parallel (Ray actors when > 1)")
+    s.add_argument("--executor", choices=["threads", "ray"])
+    s.add_argument("--ray-address", help="connect to this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    s.add_argument("--eval-timeout", type=_positive_float, help="seconds before a candidate is cancelled as failed")
+    s.add_argument("--max-queries", type=_positive_int, help="cap on provider queries (never exceeded)")
+    s.add_argument("--max-tokens", type=_positive_int, help="cap on tokens (never exceeded)")
+    s.add_argument("--fitness", help="python backend: MODULE:CALLABLE returning a loss (default: built-in demo)")
+    s.add_argument("--repository", type=Path, help="local/api backends: the repository directory")
+    s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
+    s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML and config")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_search)
+    r = sub.add_parser("report", help="write a Markdown report with plots from a journal")
+    r.add_argument("journal", type=Path)
+    r.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
+    r.set_defaults(func=_report)
+    e = sub.add_parser("export", help="write the best recipe as JSON and mergekit YAML")
+    e.add_argument("journal", type=Path)
+    e.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
+    e.add_argument("--base", default="BASE_MODEL", help="base model path to write into the mergekit YAML")
+    e.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EvomergeError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted; the journal keeps every finished evaluation (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

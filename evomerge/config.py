@@ -1,0 +1,124 @@
+"""The search configuration: frozen pydantic models, the single source of truth.
+
+A YAML file fills them; CLI flags override their fields; a run writes the resolved config beside
+its outputs and into its journal. Validation happens here, before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evomerge.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SpaceConfig(_Frozen):
+    name: str = "evo"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskConfig(_Frozen):
+    """Examples of the user's task: repository task names (zoo) and/or JSONL files."""
+
+    tasks: list[str] = Field(default_factory=list)
+    files: list[Path] = Field(default_factory=list)
+    test_files: list[Path] = Field(default_factory=list)
+    validation: float = Field(0.25, ge=0.0, lt=1.0)
+    max_fit: int | None = Field(None, gt=0)
+    split_seed: int = 0
+
+
+class ObjectiveConfig(_Frozen):
+    metric: str | dict[str, float] = "ce"
+    aggregate: Literal["mean", "normalized", "worst"] = "mean"
+
+
+class ApiConfig(_Frozen):
+    base: str | None = None
+    key_env: str = "EVOMERGE_API_KEY"
+    concurrency: int = Field(8, ge=1)
+    timeout: float = Field(30.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    mode: Literal["logprobs", "session"] = "logprobs"
+
+
+class SearchConfig(_Frozen):
+    backend: Literal["python", "local", "api"] = "python"
+    budget: int = Field(500, gt=0)
+    optimizer: str = "cma"
+    optimizer_options: dict[str, Any] = Field(default_factory=dict)
+    popsize: int | None = Field(None, ge=2)
+    seed: int = 0
+    workers: int = Field(1, ge=1)
+    executor: Literal["threads", "ray"] = "threads"
+    ray_address: str | None = None
+    eval_timeout: float | None = Field(None, gt=0)
+    max_retries: int = Field(2, ge=0)
+    max_queries: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    top_k: int = Field(5, ge=1)
+    journal: Path | None = None
+    output: Path | None = None
+    fitness: str | None = None
+    repository: Path | None = None
+    experts: list[str] | None = None
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    device: str | None = None
+    dtype: str | None = None
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        from evomerge.optimizers import OPTIMIZERS
+
+        if name.lower() not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
+        return name.lower()
+
+    @field_validator("space")
+    @classmethod
+    def _known_space(cls, space: SpaceConfig) -> SpaceConfig:
+        from evomerge.search_spaces import SPACES
+
+        if space.name not in SPACES:
+            raise ValueError(f"unknown search space {space.name!r}; choose one of {', '.join(sorted(SPACES))}")
+        return space
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SearchConfig:
+    """Read a YAML config (or none), apply `overrides` (flags set on the command line), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping of settings, not a {type(loaded).__name__}")
+        data = dict(loaded or {})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path or 'config'}: {where}: {msg}" + (
+            f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict) else "")) from None

@@ -1,0 +1,98 @@
+"""Turn a recipe into merged deltas, one tensor at a time, without writing anything to disk.
+
+`Merger` holds every LoRA adapter's factors resident on the merge device (they are small) and
+reads full checkpoints tensor by tensor from their memory maps, so a merge over 32 full experts
+needs the memory of a few tensors, not of 32 models. It yields (tensor name, ΔW) in float32; the
+engine adds ΔW to the resident base weights, an export writes base + ΔW to a file.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+
+from evomerge.blocks import block_of
+from evomerge.merging import lora
+from evomerge.merging.methods import METHODS, Contribution, effective_weights
+from evomerge.recipe import MergeRecipe
+from evomerge.repository import Expert, Repository, TensorReader
+
+BaseTensor = Callable[[str], torch.Tensor]
+"""Returns the base model's tensor of a name (any dtype, on the merge device)."""
+
+
+class Merger:
+    """Computes merged deltas of recipes over one repository on one device."""
+
+    def __init__(self, repository: Repository, device: str | torch.device = "cpu") -> None:
+        self.repository = repository
+        self.device = torch.device(device)
+        self._reader = TensorReader()
+        self._factors: dict[str, dict[str, lora.Factors]] = {}
+        for expert in repository.experts.values():
+            if expert.kind == "lora":
+                self._factors[expert.name] = {
+                    target: lora.Factors(expert.name, self._load(expert, m.a_key), self._load(expert, m.b_key), m.scaling)
+                    for target, m in expert.modules.items()}
+
+    def _load(self, expert: Expert, key: str) -> torch.Tensor:
+        # safetensors may hand out a view of its memory map: copy, so in-place math never writes to it
+        return self._reader.get(expert.files, key).to(self.device, torch.float32, copy=True)
+
+    def targets(self, recipe: MergeRecipe) -> list[str]:
+        """Names of the base tensors `recipe` changes, in the base checkpoint's order."""
+        experts = [self.repository.expert(n) for n in recipe.experts]
+        if any(e.kind == "full" for e in experts):
+            return list(self.repository.base_files)
+        touched = set().union(*(e.modules for e in experts))
+        return [k for k in self.repository.base_files if k in touched]
+
+    def deltas(self, recipe: MergeRecipe, base: BaseTensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(tensor name, merged ΔW in float32) for every tensor `recipe` changes."""
+        experts = [self.repository.expert(n) for n in recipe.experts]
+        blocks = tuple(b.name for b in recipe.blocks)
+        factor_method = lora.FACTOR_METHODS.get(recipe.method)
+        method = METHODS[recipe.method]
+        for name in self.targets(recipe):
+            weights, densities = recipe.coefficients(block_of(name, blocks) if blocks else None)
+            weights = effective_weights(recipe.method, weights)
+            base_t: torch.Tensor | None = None
+
+            def base_f32() -> torch.Tensor:
+                nonlocal base_t
+                if base_t is None:
+                    base_t = base(name).to(self.device, torch.float32)
+                return base_t
+
+            contribs: list[Contribution] = []
+            factor_terms: list[tuple[lora.Factors, float, float]] = []
+            for i, e in enumerate(experts):
+                density = None if densities is None else densities[i]
+                if e.kind == "lora":
+                    f = self._factors[e.name].get(name)
+                    if f is None:
+                        continue  # this adapter leaves the tensor alone: τ_i = 0 here
+                    if factor_method is not None:
+                        factor_terms.append((f, weights[i], 1.0 if density is None else density))
+                    else:
+                        contribs.append(Contribution(e.name, weights[i], density, partial(lora.materialise, f)))
+                else:
+                    contribs.append(Contribution(e.name, weights[i], density, partial(self._task_vector, e, name, base_f32)))
+            delta = factor_method(factor_terms, name) if factor_terms else None
+            if contribs:
+                part = method(contribs, name, recipe.seed)
+                delta = part if delta is None else delta.add_(part)
+            if delta is None:
+                continue
+            if recipe.scale != 1.0:
+                delta.mul_(recipe.scale)
+            yield name, delta
+
+    def _task_vector(self, expert: Expert, name: str, base_f32: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self._load(expert, name).sub_(base_f32())
+
+    def close(self) -> None:
+        self._reader.close()
+        self._factors.clear()

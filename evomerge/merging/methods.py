@@ -1,0 +1,146 @@
+"""Merge methods as small registered functions over one tensor's task vectors.
+
+Each method receives, for one tensor, one `Contribution` per expert (its weight, its density and
+a thunk producing its task vector τ_i = θ_i − θ_0 in float32) and returns the merged delta. Task
+vectors are produced on demand and dropped after use, so memory holds a few tensors of one shape
+whatever the number of experts. LoRA experts' own method (`evo` on factors) lives in `lora.py`.
+Semantics follow mergekit's where both have the method (weights multiply trimmed deltas before
+the sign election; the disjoint mean divides by the sum of agreeing weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from evomerge.errors import RecipeError
+from evomerge.merging.sparsify import cutoff, dare, keep_count, mask_from, prune
+
+TIES_CACHE_BYTES = 256 << 20
+"""TIES keeps trimmed deltas between its two passes while they fit in this; else it recomputes."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One expert's share of one tensor: coefficients plus its task vector, computed on demand."""
+
+    expert: str
+    weight: float
+    density: float | None
+    delta: Callable[[], torch.Tensor]  # returns a fresh tensor the method may modify in place
+
+
+Method = Callable[[Sequence[Contribution], str, "int | None"], torch.Tensor]
+METHODS: dict[str, Method] = {}
+
+
+def merge_method(name: str) -> Callable[[Method], Method]:
+    """Register a task-vector merge under the recipe's method name."""
+
+    def deco(fn: Method) -> Method:
+        if name in METHODS:
+            raise RecipeError(f"merge method {name!r} is registered twice")
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def _density(c: Contribution) -> float:
+    return 1.0 if c.density is None else c.density
+
+
+def _weighted_sum(contribs: Sequence[Contribution],
+                  transform: Callable[[Contribution, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for c in contribs:
+        w = c.weight
+        if w == 0.0:
+            continue
+        term = transform(c, c.delta()).mul_(w) if total is None else transform(c, c.delta()) * w
+        total = term if total is None else total.add_(term)
+    if total is None:
+        total = torch.zeros_like(contribs[0].delta())
+    return total
+
+
+@merge_method("task_arithmetic")
+def task_arithmetic(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
+    """Σ w_i·τ_i."""
+    return _weighted_sum(contribs, lambda c, d: d)
+
+
+def effective_weights(method: str, weights: Sequence[float]) -> tuple[float, ...]:
+    """The weights each task vector is multiplied by; linear and uniform are task arithmetic with these.
+
+    ``linear`` (θ = Σ w_i·θ_i / Σ w_i) is θ_0 + Σ (w_i/Σw)·τ_i; ``uniform`` is θ_0 + Σ τ_i/N. Doing
+    the normalisation over the recipe's experts (not over those touching a tensor) keeps adapters
+    that leave a tensor alone counted as τ_i = 0 there.
+    """
+    if method == "uniform":
+        return (1.0 / len(weights),) * len(weights)
+    if method == "linear":
+        total = sum(weights)
+        if abs(total) < 1e-8:
+            raise RecipeError("linear merge weights sum to zero; use task_arithmetic for signed weights")
+        return tuple(w / total for w in weights)
+    return tuple(weights)
+
+
+METHODS["linear"] = METHODS["uniform"] = task_arithmetic
+
+
+@merge_method("evo")
+def evo(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
+    """Σ β_i·S_{α_i}(τ_i): Evo-Merging on full checkpoints (α prunes τ_i, β scales it)."""
+    return _weighted_sum(contribs, lambda c, d: prune(d, _density(c), "round"))
+
+
+METHODS["evo_tv"] = evo  # on a task vector the two Evo variants coincide
+
+
+@merge_method("dare")
+def dare_merge(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
+    """Σ w_i·DARE(τ_i): seeded random drop, survivors rescaled by 1/density."""
+    return _weighted_sum(contribs, lambda c, d: dare(d, _density(c), seed, c.expert, tensor))
+
+
+@merge_method("ties")
+def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
+    """Trim each τ_i to its top density, elect signs by the weighted sum, take the disjoint mean.
+
+    Two passes over the experts: the first accumulates the sign vote and remembers each expert's
+    cutoff, the second re-derives the trimmed delta (from a cache when small) and averages the
+    entries that agree with the elected sign, weighted, dividing by the agreeing weights.
+    """
+    vote: torch.Tensor | None = None
+    cuts: list[tuple[float, int]] = []
+    cache: list[torch.Tensor] = []
+    caching = True
+    for c in contribs:
+        d = c.delta()
+        cut = cutoff(d, keep_count(d.numel(), _density(c), "floor"))
+        trimmed = d.mul_(mask_from(d, *cut)).mul_(c.weight)
+        cuts.append(cut)
+        vote = trimmed.clone() if vote is None else vote.add_(trimmed)
+        caching = caching and d.numel() * d.element_size() * len(contribs) <= TIES_CACHE_BYTES
+        if caching:
+            cache.append(trimmed)
+    if vote is None:
+        raise RecipeError("a TIES merge needs at least one expert")
+    elected_positive = vote >= 0
+    num = vote.zero_()
+    den = torch.zeros_like(num)
+    for i, c in enumerate(contribs):
+        if caching:
+            trimmed = cache[i]
+        else:
+            d = c.delta()
+            trimmed = d.mul_(mask_from(d, *cuts[i])).mul_(c.weight)
+        agree = torch.where(elected_positive, trimmed > 0, trimmed < 0)
+        num.add_(trimmed * agree)
+        den.add_(agree.to(den.dtype) * c.weight)
+    den[den == 0] = 1.0
+    return num.div_(den)

@@ -1,0 +1,85 @@
+"""Magnitude trimming and random dropping of one tensor, with deterministic tie-breaking.
+
+Keeping the k largest |x| is ambiguous where values tie at the cutoff (deltas rounded to a
+bfloat16 base tie often). Rule here, everywhere: larger magnitude first, then the lower flat index
+(what a stable descending sort gives, and what mergekit's CPU argsort yields). A threshold plus an
+explicit tie fill costs one `kthvalue` instead of a full sort (mergekit sorts every tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+
+def keep_count(numel: int, fraction: float, rule: str) -> int:
+    """How many entries a keep ratio keeps.
+
+    ``round`` (Evo-Merging's S_α): round-half-up of α·numel. ``floor`` (TIES, as mergekit):
+    int(d·numel), at least one entry for any positive density.
+    """
+    if fraction >= 1.0:
+        return numel
+    if fraction <= 0.0 or numel == 0:
+        return 0
+    if rule == "round":
+        return min(numel, int(math.floor(fraction * numel + 0.5)))
+    return max(1, int(fraction * numel))
+
+
+def cutoff(x: torch.Tensor, k: int) -> tuple[float, int]:
+    """(threshold, ties) such that `mask_from(x, ...)` keeps exactly the k largest |x|.
+
+    Entries above the threshold are kept, plus the first ``ties`` entries equal to it. Computing
+    this once lets a second pass over the same tensor rebuild the mask without another selection.
+    """
+    mag = x.reshape(-1).abs().float()
+    n = mag.numel()
+    if k >= n:
+        return -math.inf, 0
+    if k <= 0:
+        return math.inf, 0
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    return float(threshold), k - int((mag > threshold).sum())
+
+
+def mask_from(x: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
+    """The boolean keep-mask that `cutoff` describes."""
+    mag = x.reshape(-1).abs().float()
+    mask = mag > threshold
+    if ties > 0:
+        mask[torch.nonzero(mag == threshold, as_tuple=True)[0][:ties]] = True
+    return mask.reshape(x.shape)
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest-|x| entries; ties at the cutoff go to lower flat indices."""
+    return mask_from(x, *cutoff(x, k))
+
+
+def prune(x: torch.Tensor, fraction: float, rule: str = "round") -> torch.Tensor:
+    """x with all but its largest-magnitude `fraction` zeroed (no rescaling)."""
+    if fraction >= 1.0:
+        return x
+    return x * topk_mask(x, keep_count(x.numel(), fraction, rule))
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def dare(x: torch.Tensor, density: float, seed: int | None, expert: str, tensor: str) -> torch.Tensor:
+    """Drop each entry with probability 1 − density, rescale survivors by 1/density (DARE).
+
+    The mask depends only on (seed, expert, tensor), never on evaluation order or device.
+    """
+    if density >= 1.0:
+        return x
+    if density <= 0.0:
+        return torch.zeros_like(x)
+    gen = torch.Generator(device="cpu").manual_seed(_seed(seed or 0, expert, tensor))
+    keep = torch.rand(x.shape, generator=gen) < density
+    return x * keep.to(x.device) / density

@@ -1,0 +1,45 @@
+"""Choosing the recipe a search returns: shortlist by fit loss, decide on validation.
+
+Minimising the loss on a few fit examples can drive the test metric down (DESIGN.md), so where a
+validation split exists the top candidates by fit loss are re-scored on it and the best there
+wins; ties go to the lower fit loss. Without validation, the lowest fit loss wins.
+"""
+
+from __future__ import annotations
+
+from evomerge.journal import Trial
+from evomerge.scheduler.loop import Shared, evaluate_once
+
+
+def shortlist(trials: list[Trial], top_k: int) -> list[Trial]:
+    """The `top_k` distinct successful recipes of lowest fit loss, best first."""
+    seen: set[str] = set()
+    out: list[Trial] = []
+    for t in sorted((t for t in trials if t.ok), key=lambda t: (t.loss, t.trial)):
+        key = t.recipe.key()
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+        if len(out) == top_k:
+            break
+    return out
+
+
+def validate(shared: Shared, stage: int, candidates: list[Trial]) -> dict[int, Trial]:
+    """Validation scores of `candidates` (journaled; cached where a recipe was scored before)."""
+    return evaluate_once(shared, stage, [(t.trial, t.recipe) for t in candidates], "validation")
+
+
+def choose(candidates: list[Trial], validation: dict[tuple[int, int], Trial] | None) -> tuple[Trial | None, Trial | None]:
+    """The fit trial to return and its validation trial (None where no validation ran)."""
+    if not candidates:
+        return None, None
+    if not validation:
+        best = min(candidates, key=lambda t: (t.loss, t.stage, t.trial))
+        return best, None
+    scored = [(validation[(t.stage, t.trial)], t) for t in candidates
+              if (t.stage, t.trial) in validation and validation[(t.stage, t.trial)].ok]
+    if not scored:
+        return min(candidates, key=lambda t: (t.loss, t.stage, t.trial)), None
+    val, best = min(scored, key=lambda vt: (vt[0].loss, vt[1].loss, vt[1].stage, vt[1].trial))
+    return best, val

@@ -1,0 +1,188 @@
+"""Shared scorers, so training, the local backend and the api provider judge answers the same way.
+
+The prompt/answer format (one format for training and scoring):
+
+* the text the model sees is ``prompt + answer``; nothing is inserted between them, so a task
+  that wants a separator puts it at the end of its prompt (the zoo's prompts end in ``"= "``
+  style markers);
+* the prompt is tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds
+  one), the answer *separately* without them, and the two id lists are concatenated, so the
+  boundary between prompt and answer tokens is exact whatever the tokenizer merges;
+* for training an EOS id follows the answer (the model learns to stop); scoring measures the
+  answer tokens only;
+* generation is greedy and stops at EOS or at the first newline; the text is stripped.
+
+Teacher-forced batches are right-padded (positions start at 0 in every row); generation batches
+are left-padded so every row's next token sits in the last column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from evomerge._imports import require
+from evomerge.errors import TaskError
+from evomerge.tasks import Example
+
+
+def _torch():
+    return require("torch", "scoring with a local model")
+
+
+def encode(tokenizer: Any, prompt: str, answer: str, eos: bool = False) -> tuple[list[int], int]:
+    """Token ids of ``prompt + answer`` (and EOS when ``eos``) and the number of prompt ids."""
+    p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    a = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if eos:
+        if tokenizer.eos_token_id is None:
+            raise TaskError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+        a.append(tokenizer.eos_token_id)
+    return p + a, len(p)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+def _device(model: Any):
+    return next(model.parameters()).device
+
+
+class _evaluating:
+    """Puts a model in eval mode (no dropout) for a block and restores its previous mode."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict:
+    """A right-padded batch with labels on the answer (and EOS) tokens only, for causal-LM training."""
+    torch = _torch()
+    encoded = [encode(tokenizer, p, a, eos=True) for p, a in pairs]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = _pad_id(tokenizer)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(encoded):
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = t
+        attention[row, : len(ids)] = 1
+        labels[row, n_prompt : len(ids)] = t[n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _answer_ce(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int) -> np.ndarray:
+    torch = _torch()
+    out = np.empty(len(pairs), dtype=np.float64)
+    device = _device(model)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        encoded = [encode(tokenizer, p, a) for p, a in chunk]
+        for (ids, n_prompt), (_, answer) in zip(encoded, chunk):
+            if len(ids) == n_prompt:
+                raise TaskError(f"answer {answer!r} has no tokens; every example needs a non-empty answer")
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), _pad_id(tokenizer), dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, (ids, _) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[row, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        # Token t is predicted by the logits at position t-1.
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = input_ids[:, 1:].to(device)
+        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        for row, (ids, n_prompt) in enumerate(encoded):
+            out[start + row] = -token_lp[row, n_prompt - 1 : len(ids) - 1].mean().item()
+    return out
+
+
+def answer_cross_entropy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
+    """Per-example mean cross-entropy (nats per token) of the answer given the prompt."""
+    torch = _torch()
+    with torch.no_grad(), _evaluating(model):
+        return _answer_ce(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size)
+
+
+def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 16,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy answers to each prompt, cut at EOS or the first newline and stripped."""
+    torch = _torch()
+    device = _device(model)
+    eos = tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
+    answers: list[str] = []
+    with torch.no_grad(), _evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            prompts = [list(tokenizer(e.prompt, add_special_tokens=True)["input_ids"])
+                       for e in examples[start : start + batch_size]]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for row, ids in enumerate(prompts):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids) :] = 1
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       eos_token_id=eos, pad_token_id=pad)
+            for row in generated[:, width:].tolist():
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                answers.append(text.split("\n", 1)[0].strip())
+    return answers
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def exact_match(pred: str, gold: str) -> float:
+    """1.0 when the answers agree after stripping, lowercasing and collapsing whitespace."""
+    return float(_normalise(pred) == _normalise(gold))
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """Harmonic mean of precision and recall over normalised word tokens (SQuAD style)."""
+    p = re.findall(r"\w+", _normalise(pred))
+    g = re.findall(r"\w+", _normalise(gold))
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
+    """Per-example 1.0 when the choice of lowest answer cross-entropy is the gold answer."""
+    torch = _torch()
+    pairs: list[tuple[str, str]] = []
+    for e in examples:
+        if not e.choices:
+            raise TaskError(f"example {e.id or e.prompt[:30]!r} has no choices; choice accuracy needs a 'choices' list")
+        if e.answer not in e.choices:
+            raise TaskError(f"example {e.id or e.prompt[:30]!r}: answer {e.answer!r} is not among its choices")
+        pairs.extend((e.prompt, c) for c in e.choices)
+    with torch.no_grad(), _evaluating(model):
+        ce = _answer_ce(model, tokenizer, pairs, batch_size)
+    out = np.empty(len(examples), dtype=np.float64)
+    at = 0
+    for i, e in enumerate(examples):
+        n = len(e.choices)
+        out[i] = float(e.choices[int(np.argmin(ce[at : at + n]))] == e.answer)
+        at += n
+    return out

@@ -1,0 +1,115 @@
+"""The shared scorers on a real (randomly initialised) tiny Llama with the byte tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from evomerge import scoring  # noqa: E402
+from evomerge.errors import TaskError  # noqa: E402
+from evomerge.tasks import Example  # noqa: E402
+from evomerge.zoo.tokenizer import byte_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    m = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # a larger scale than the default init, so outputs differ visibly between tokens
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+EXAMPLES = [Example("upper: cat = ", "CAT"), Example("a much longer prompt here = ", "x"),
+            Example("add 2+3 = ", "5"), Example("rev: abcdef = ", "fedcba")]
+
+
+def test_encode_keeps_the_answer_boundary(tokenizer):
+    ids, n_prompt = scoring.encode(tokenizer, "ab", "cd", eos=True)
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids[n_prompt:-1]) == "cd"
+    assert ids[-1] == tokenizer.eos_token_id
+
+
+def test_cross_entropy_matches_hand_computed_log_softmax(model, tokenizer):
+    ex = EXAMPLES[0]
+    ids, n_prompt = scoring.encode(tokenizer, ex.prompt, ex.answer)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    expected = -np.mean([logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))])
+    got = scoring.answer_cross_entropy(model, tokenizer, [ex])
+    assert got.shape == (1,)
+    assert got[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_padding_and_batching_do_not_change_cross_entropy(model, tokenizer):
+    alone = np.array([scoring.answer_cross_entropy(model, tokenizer, [e])[0] for e in EXAMPLES])
+    batched = scoring.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=64)
+    pairs = scoring.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=3)
+    np.testing.assert_allclose(batched, alone, rtol=1e-5)
+    np.testing.assert_allclose(pairs, alone, rtol=1e-5)
+    assert len(set(np.round(alone, 4))) == len(EXAMPLES)  # the examples really differ
+
+
+def test_cross_entropy_leaves_the_model_mode_alone(model, tokenizer):
+    model.train()
+    try:
+        scoring.answer_cross_entropy(model, tokenizer, EXAMPLES[:1])
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_empty_answer_is_rejected(model, tokenizer):
+    with pytest.raises(TaskError, match="non-empty"):
+        scoring.answer_cross_entropy(model, tokenizer, [Example("p = ", "")])
+
+
+def test_generation_batched_equals_unbatched_and_follows_greedy(model, tokenizer):
+    batched = scoring.generate_answers(model, tokenizer, EXAMPLES, max_new_tokens=6)
+    alone = [scoring.generate_answers(model, tokenizer, [e], max_new_tokens=6)[0] for e in EXAMPLES]
+    assert batched == alone
+    # Reference greedy decode by hand for the first example.
+    ids = tokenizer(EXAMPLES[0].prompt)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+    expected = tokenizer.decode(out, skip_special_tokens=True).split("\n", 1)[0].strip()
+    assert batched[0] == expected
+
+
+def test_choice_accuracy_picks_lowest_cross_entropy(model, tokenizer):
+    choices = ("CAT", "dog", "x")
+    ce = scoring.answer_cross_entropy(model, tokenizer, [Example("upper: cat = ", c) for c in choices])
+    best = choices[int(np.argmin(ce))]
+    worst = choices[int(np.argmax(ce))]
+    acc = scoring.choice_accuracy(model, tokenizer, [Example("upper: cat = ", best, choices=choices),
+                                                      Example("upper: cat = ", worst, choices=choices)])
+    np.testing.assert_array_equal(acc, [1.0, 0.0])
+    with pytest.raises(TaskError, match="choices"):
+        scoring.choice_accuracy(model, tokenizer, [Example("p", "a")])
+
+
+def test_exact_match_and_f1():
+    assert scoring.exact_match("  Paris ", "paris") == 1.0
+    assert scoring.exact_match("Paris.", "paris") == 0.0
+    assert scoring.token_f1("the big cat", "big cat") == pytest.approx(0.8)
+    assert scoring.token_f1("dog", "cat") == 0.0
+    assert scoring.token_f1("", "") == 1.0

@@ -1,0 +1,166 @@
+"""The search loop end to end with the python backend: budget, determinism, cache, failures,
+validation selection, caps and the journal it leaves."""
+
+import math
+import threading
+
+import pytest
+
+import evomerge
+from evomerge.demo import EXPERTS, demo_fitness
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.journal import Journal
+from evomerge.score import Cost, Score
+from evomerge.search_spaces import build_space
+
+
+def space(name="evo", **options):
+    return build_space(name, list(EXPERTS), **options)
+
+
+def test_exact_budget_and_journal(tmp_path):
+    path = tmp_path / "run.sqlite"
+    result = evomerge.search(demo_fitness, space(), budget=60, seed=1, journal=path)
+    assert sum(s.evaluations for s in result.stages) == 60
+    assert [s.name for s in result.stages] == ["alpha", "beta"]
+    with Journal.open(path) as j:
+        assert j.count("fit") == 60
+        rows = j.trials(split="fit")
+    assert [t.trial for t in rows if t.stage == 0] == list(range(len([t for t in rows if t.stage == 0])))
+    assert min(t.loss for t in rows) == result.best_loss
+    assert result.best_recipe.method == "evo"
+
+
+def test_same_seed_same_candidates_and_result():
+    runs = [evomerge.search(demo_fitness, space("evo_joint"), budget=80, seed=7) for _ in range(2)]
+    assert [t.z for t in runs[0].trials] == [t.z for t in runs[1].trials]
+    other = evomerge.search(demo_fitness, space("evo_joint"), budget=80, seed=8)
+    assert [t.z for t in other.trials] != [t.z for t in runs[0].trials]
+
+
+def test_threads_give_the_same_result_as_one_worker():
+    one = evomerge.search(demo_fitness, space("evo_joint"), budget=60, seed=3, lookahead=16)
+    four = evomerge.search(demo_fitness, space("evo_joint"), budget=60, seed=3, lookahead=16, workers=4)
+    assert [t.z for t in one.trials] == [t.z for t in four.trials]
+    assert one.best_recipe == four.best_recipe
+
+
+def test_search_improves_on_the_start():
+    result = evomerge.search(demo_fitness, space("evo_joint"), budget=400, seed=0)
+    start = demo_fitness(space("evo_joint").space(0, None).decode(space("evo_joint").space(0, None).x0))["loss"]
+    assert result.best_loss < start * 0.5
+
+
+def test_failures_are_recorded_and_the_search_goes_on(tmp_path):
+    calls = []
+
+    def flaky(recipe):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise ValueError("boom")
+        if len(calls) % 5 == 0:
+            return float("nan")
+        return demo_fitness(recipe)["loss"]
+
+    result = evomerge.search(flaky, space("evo_joint"), budget=40, seed=2, journal=tmp_path / "j.sqlite")
+    failed = [t for t in result.trials if not t.ok]
+    assert len(failed) >= 10
+    assert any("ValueError: boom" in (t.score.error or "") for t in failed)
+    assert any("nan" in (t.score.error or "") for t in failed)
+    assert math.isfinite(result.best_loss)
+    assert sum(s.evaluations for s in result.stages) == 40
+
+
+def test_every_failure_is_a_clear_error():
+    with pytest.raises(EvomergeError, match="every candidate failed.*ZeroDivisionError"):
+        evomerge.search(lambda r: 1 / 0, space("evo_joint"), budget=5)
+
+
+def test_identical_recipes_are_served_from_the_journal(tmp_path):
+    """A fitness whose space rounds to a grid: most asks repeat a recipe, and only new ones are paid."""
+    from evomerge.search_spaces._base import SearchSpace
+    import numpy as np
+
+    class Grid(SearchSpace):
+        name = "grid"
+
+        def __init__(self):
+            self.lower, self.upper, self.x0 = np.zeros(1), np.ones(1), np.full(1, 0.5)
+
+        def _decode(self, z):
+            return evomerge.MergeRecipe("task_arithmetic", ("a",), (round(float(z[0]) * 4) / 4,))
+
+        def encode(self, recipe):
+            return np.array(recipe.weights)
+
+    paid = []
+    result = evomerge.search(lambda r: paid.append(r.key()) or (r.weights[0] - 0.25) ** 2, Grid(), budget=5,
+                             optimizer="random", seed=0, journal=tmp_path / "g.sqlite")
+    assert len(paid) == len(set(paid)) == 5
+    cached = [t for t in result.trials if t.cached]
+    assert cached, "a 5-point grid must repeat recipes"
+    with Journal.open(tmp_path / "g.sqlite") as j:
+        assert j.count("fit") == 5 and j.count("fit", paid_only=False) == len(result.trials)
+    assert result.best_recipe.weights == (0.25,)
+
+
+class SplitEvaluator:
+    """An evaluator factory with a validation split whose optimum differs from fit's."""
+
+    has_validation = True
+
+    def __call__(self):
+        def evaluate(recipe, split):
+            w = recipe.weights[0]
+            target = 0.2 if split == "fit" else 0.4
+            return Score((w - target) ** 2 + (0.0 if split == "fit" else 0.01), cost=Cost(queries=2, tokens=10))
+        return evaluate
+
+
+def test_validation_chooses_among_the_top_candidates(tmp_path):
+    from evomerge.search_spaces import ClassicSpace
+
+    result = evomerge.search(space=ClassicSpace("task_arithmetic", ["a"], weights=0.3, sigma0=0.3),
+                             evaluator=SplitEvaluator(), budget=40,
+                             seed=0, top_k=40, journal=tmp_path / "v.sqlite")
+    fit_best = min((t for t in result.trials if t.ok), key=lambda t: t.loss)
+    assert result.validation is not None
+    assert abs(result.best_recipe.weights[0] - 0.4) < abs(fit_best.recipe.weights[0] - 0.4)
+    with Journal.open(tmp_path / "v.sqlite") as j:
+        assert len(j.trials(split="validation")) >= 2
+
+
+def test_query_cap_is_never_exceeded():
+    from evomerge.search_spaces import ClassicSpace
+
+    result = evomerge.search(space=ClassicSpace("task_arithmetic", ["a"]), evaluator=SplitEvaluator(), budget=100,
+                             seed=0, max_queries=21, workers=4)
+    assert result.cost.queries <= 21
+    assert result.cost.queries >= 18  # the cap stops the search, not something else
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ConfigError, match="budget"):
+        evomerge.search(demo_fitness, space(), budget=0)
+    with pytest.raises(ConfigError, match="unknown optimizer"):
+        evomerge.search(demo_fitness, space(), budget=5, optimizer="adamw")
+    with pytest.raises(ConfigError, match="exactly one"):
+        evomerge.search(None, space(), budget=5)
+
+
+def test_workers_really_overlap():
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(recipe):
+        import time
+
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return demo_fitness(recipe)
+
+    evomerge.search(slow, space("evo_joint"), budget=24, workers=4, seed=0)
+    assert peak[0] == 4
