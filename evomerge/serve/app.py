@@ -16,6 +16,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from evomerge._imports import require
+from evomerge.errors import EvomergeError
 from evomerge.serve.guard import Guard
 from evomerge.serve.host import Generated, ModelHost, Scored
 from evomerge.serve.protocol import Limits
@@ -58,6 +59,10 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first.get("loc", ())[1:] if not _TYPE_TAG.match(str(p))) or None
         return error(422, f"{param or 'body'}: {first.get('msg')}", param, "invalid_request_error")
+
+    @app.exception_handler(EvomergeError)
+    async def _refused(_: Any, exc: EvomergeError) -> Any:  # raised while merging: the recipe cannot be served
+        return error(422, f"merge: {exc}", "merge", "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _crash(_: Any, exc: Exception) -> Any:

@@ -19,11 +19,11 @@ from evomerge.errors import BackendError
 from evomerge.serve.protocol import Limits
 
 
-def load_host(repository: str | Path) -> Any:
-    """The `ModelHost` for a repository directory (base/ and experts/NAME/ PEFT adapters)."""
-    from evomerge.serve.lora_host import LoraHost
+def load_host(repository: str | Path, device: str | None = None, dtype: str | None = None) -> Any:
+    """The `ModelHost` for a repository directory (a zoo, or base/ + experts/NAME/)."""
+    from evomerge.serve.engine_host import EngineHost
 
-    return LoraHost.from_repository(repository)
+    return EngineHost.open(repository, device, dtype)
 
 
 class ServerThread:

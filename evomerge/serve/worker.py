@@ -57,11 +57,13 @@ class _Job:
 class MergeWorker:
     """Serialises model access; `score` and `call` are awaitable from any event loop."""
 
-    def __init__(self, host: ModelHost, cache_size: int = 256, max_batch_texts: int = 64) -> None:
+    def __init__(self, host: ModelHost, cache_size: int = 256, max_batch_texts: int = 64,
+                 cache_bytes: int = 2 << 30) -> None:
         self.host = host
         self.stats = Stats()
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._cache_size, self._cache_bytes, self._cached_bytes = cache_size, cache_bytes, 0
+        self._nbytes: Callable[[Any], int] = getattr(host, "nbytes", lambda state: 0)
         self._max_batch = max_batch_texts
         self._active: str | None = None
         self._queue: list[_Job] = []
@@ -150,7 +152,7 @@ class MergeWorker:
             state = None
         elif key in self._cache:
             self._cache.move_to_end(key)
-            state = self._cache[key]
+            state = self._cache[key][0]
             if key != self._active:
                 self.stats.cache_hits += 1
         else:
@@ -159,9 +161,12 @@ class MergeWorker:
             self.stats.merge_seconds += time.perf_counter() - start
             self.stats.merges += 1
             self.stats.distinct_recipes.add(key)
-            self._cache[key] = state
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            size = self._nbytes(state)
+            self._cache[key] = (state, size)
+            self._cached_bytes += size
+            while len(self._cache) > 1 and (len(self._cache) > self._cache_size
+                                            or self._cached_bytes > self._cache_bytes):
+                self._cached_bytes -= self._cache.popitem(last=False)[1][1]
         if key != self._active:
             self._active = None  # a failing activate leaves no stale claim
             self.host.activate(state)

@@ -29,10 +29,10 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def host(tiny_repo: Path) -> Any:
-    """One LoraHost (the model in memory) for direct, server-free reference computations."""
-    from evomerge.serve.lora_host import LoraHost
+    """One host (the model in memory) for direct, server-free reference computations."""
+    from evomerge.serve.embedded import load_host
 
-    return LoraHost.from_repository(tiny_repo)
+    return load_host(tiny_repo)
 
 
 def start_server(repo: Path, api_key: str | None = API_KEY, limits: Limits = Limits()) -> Any:

@@ -111,7 +111,6 @@ def test_oversized_bodies_get_413_and_the_server_goes_on(tiny_repo) -> None:
     ({"method": "evo", "experts": ["math"], "weights": [1.0], "densities": [1.5]}, "merge"),
     ({"method": "evo", "experts": ["math", "colour"], "weights": [1.0]}, "merge"),
     ({"method": "magic", "experts": ["math"], "weights": [1.0]}, "merge"),
-    ({"method": "ties", "experts": ["math"], "weights": [1.0]}, "merge"),
     ({"method": "evo", "experts": ["math"], "weights": [1.0], "scale": 100}, "merge.scale"),
     ({"experts": ["math"], "weights": [1.0]}, "merge"),
     ("not a recipe", "merge"),
