@@ -119,7 +119,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
-                           lambda sp, s=stage: make_optimizer(optimizer, sp, seed=seed + 1000 * s, popsize=popsize, **options),
+                           lambda sp, s=stage, b=stage_budget: make_optimizer(
+                               optimizer, sp, seed=seed + 1000 * s, popsize=popsize, budget=b, **options),
                            shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize)
             trials = run.run()
             all_trials.extend(trials)

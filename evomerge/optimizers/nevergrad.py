@@ -115,6 +115,7 @@ def nevergrad_factory(algorithm: str) -> Callable[..., NevergradOptimizer]:
         return NevergradOptimizer(*args, algorithm=algorithm, **options)
 
     build.__doc__ = f"nevergrad's {algorithm}."
+    build.wants_budget = True  # type: ignore[attr-defined]  # NGOpt picks its algorithm by budget
     return build
 
 
