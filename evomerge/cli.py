@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
     e.add_argument("--base", default="BASE_MODEL", help="base model path to write into the mergekit YAML")
     e.set_defaults(func=_export)
+    from evomerge.serve.cli import register as register_serve
+
+    register_serve(sub)
     return parser
 
 
