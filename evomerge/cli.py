@@ -23,16 +23,30 @@ def _search(args: argparse.Namespace) -> int:
     if args.api_base is not None:
         overrides["api"] = {"base": args.api_base}
     config = load_config(args.config, overrides)
-    result = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
+    result, report = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
     fit = result.best_loss
     val = result.validation_loss
     print(f"best fit loss {fit:.6g}" + (f", validation loss {val:.6g}" if val is not None else "")
           + f" after {sum(s.evaluations for s in result.stages)} evaluations"
           + (f" ({result.cost.queries} queries, {result.cost.tokens} tokens)" if result.cost.queries else ""))
     print("best recipe: " + result.best_recipe.to_json())
+    if report is not None:
+        print(format_test_report(report))
     if config.output is not None:
         print(f"outputs in {config.output}")
     return 0
+
+
+def format_test_report(report) -> str:
+    """The test-split table: the best recipe beside the uniform merge and the experts alone."""
+    rows = report.rows
+    metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
+    lines = ["test split:  " + "  ".join(f"{m:>12}" for m in metrics)]
+    for name, row in rows.items():
+        label = f"best_single ({row['expert']})" if name == "best_single" else name
+        cells = [f"{row[m]:12.4f}" if isinstance(row.get(m), float) else f"{'—':>12}" for m in metrics]
+        lines.append(f"  {label:<28}" + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def _report(args: argparse.Namespace) -> int:

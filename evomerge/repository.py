@@ -17,7 +17,7 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from evomerge._imports import require
 from evomerge.errors import RepositoryError
@@ -221,9 +221,6 @@ class Repository:
             raise RepositoryError(f"no expert named {name!r} in the repository; known: "
                                   f"{', '.join(sorted(self.experts)[:10])}{' ...' if len(self.experts) > 10 else ''}") from None
 
-    def check_recipe_experts(self, names: Sequence[str]) -> list[Expert]:
-        return [self.expert(n) for n in names]
-
     @property
     def block_layers(self) -> int:
         """Number of decoder layers of the base (for naming blocks)."""
@@ -276,9 +273,3 @@ class TensorReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def iter_tensors(files: Mapping[str, Path]) -> Iterator[tuple[str, object]]:
-    """Each tensor of a checkpoint, one at a time."""
-    with TensorReader() as reader:
-        for key in files:
-            yield key, reader.get(files, key)

@@ -10,13 +10,17 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from evomerge.api import SearchResult, search
-from evomerge.config import SearchConfig
+from evomerge.baselines import TestReport, compare_on_test
+from evomerge.config import SearchConfig, TaskConfig
 from evomerge.errors import ConfigError
 from evomerge.export import write_exports
+from evomerge.journal import Journal
+from evomerge.repository import Repository
 from evomerge.search_spaces import build_space
+from evomerge.tasks import Example, Splits, load_jsonl, split_search
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Prepared:
     expert_paths: dict[str, str] | None = None
     lora: bool = False
     num_layers: int | None = None
+    splits: Splits | None = None
 
 
 def load_fitness(spec: str) -> Callable[..., Any]:
@@ -62,11 +67,77 @@ def prepare(config: SearchConfig) -> Prepared:
         fitness = load_fitness(config.fitness) if config.fitness else demo.demo_fitness
         experts = tuple(config.experts or demo.EXPERTS)
         return Prepared(experts, fitness=fitness)
+    if config.backend == "local":
+        return _prepare_local(config)
     raise ConfigError(f"backend {config.backend!r} is not available in this build")
 
 
-def run(config: SearchConfig, resume: bool = False, force: bool = False, progress: bool = True) -> SearchResult:
-    """Run (or resume) the search `config` describes and write its outputs."""
+def _zoo_default_tasks(root: Path) -> list[str]:
+    """A zoo's out-of-domain targets: the demo's task when the config names none."""
+    try:
+        return list(json.loads((root / "zoo.json").read_text()).get("ood_tasks") or [])[:1]
+    except (OSError, ValueError):
+        return []
+
+
+def load_splits(task: TaskConfig, repo: Repository) -> Splits:
+    """Fit / validation / test examples from repository task names and/or JSONL files."""
+    names = task.tasks or ([] if task.files else _zoo_default_tasks(repo.root) if repo.root else [])
+    search_examples: list[Example] = []
+    test: list[Example] = []
+    for name in names:
+        if name not in repo.tasks:
+            raise ConfigError(f"task {name!r} is not in the repository; known tasks: {', '.join(sorted(repo.tasks)) or 'none'}")
+        search_examples += load_jsonl(repo.tasks[name]["search"], task=name)
+        test += load_jsonl(repo.tasks[name]["test"], task=name)
+    for path in task.files:
+        search_examples += load_jsonl(path)
+    for path in task.test_files:
+        test += load_jsonl(path)
+    if not search_examples:
+        raise ConfigError("no examples to search on: set task.tasks (repository task names) or task.files (JSONL)")
+    fit, val = split_search(search_examples, task.validation, task.split_seed)
+    if task.max_fit is not None:
+        fit = fit[: task.max_fit]
+    return Splits(fit, val, tuple(test))
+
+
+def _repository(config: SearchConfig) -> Repository:
+    if config.repository is None:
+        from evomerge.zoo import ensure_tiny
+
+        return Repository.open(ensure_tiny())
+    return Repository.open(config.repository)
+
+
+def _experts(config: SearchConfig, available: Sequence[str]) -> tuple[str, ...]:
+    experts = tuple(config.experts or sorted(available))
+    unknown = [e for e in experts if e not in available]
+    if unknown:
+        raise ConfigError(f"unknown expert(s) {unknown}; the repository has {', '.join(sorted(available)[:10])}"
+                          + (" ..." if len(available) > 10 else ""))
+    return experts
+
+
+def _prepare_local(config: SearchConfig) -> Prepared:
+    from evomerge.backends.local import LocalEvaluatorFactory
+    from evomerge.objectives import Objective
+
+    repo = _repository(config)
+    splits = load_splits(config.task, repo)
+    experts = _experts(config, list(repo.experts))
+    factory = LocalEvaluatorFactory(str(repo.root or repo.base), splits, Objective.from_config(config.objective),
+                                    device=config.device, dtype=config.dtype)
+    kinds = {repo.experts[e].kind for e in experts}
+    return Prepared(experts, evaluator=factory, base=str(repo.base),
+                    expert_paths={e: str(repo.experts[e].path) for e in experts}, lora=kinds == {"lora"},
+                    num_layers=repo.block_layers, splits=splits)
+
+
+def run(config: SearchConfig, resume: bool = False, force: bool = False,
+        progress: bool = True) -> tuple[SearchResult, TestReport | None]:
+    """Run (or resume) the search `config` describes, score the result and the baselines on the
+    test split (where there is one), and write the outputs."""
     prepared = prepare(config)
     space = build_space(config.space.name, list(prepared.experts), **_space_options(config, prepared))
     result = search(prepared.fitness, space, evaluator=prepared.evaluator, budget=config.budget,
@@ -75,12 +146,22 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False, progres
                     eval_timeout=config.eval_timeout, max_retries=config.max_retries, popsize=config.popsize,
                     optimizer_options=config.optimizer_options, top_k=config.top_k, max_queries=config.max_queries,
                     max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"))
+    report = None
+    if prepared.splits is not None and prepared.splits.test:
+        evaluate = prepared.evaluator()
+        report = compare_on_test(evaluate, result.best_recipe, prepared.experts,
+                                 "validation" if prepared.splits.validation else "fit")
+        if config.journal is not None:
+            with Journal.open(config.journal) as journal:
+                journal.set_meta("test_report", report.to_dict())
     if config.output is not None:
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         write_exports(result.best_recipe, out, prepared.base, prepared.expert_paths, prepared.lora, prepared.num_layers)
-    return result
+        if report is not None:
+            (out / "test_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return result, report
 
 
 def _space_options(config: SearchConfig, prepared: Prepared) -> dict[str, Any]:

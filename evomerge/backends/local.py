@@ -1,0 +1,126 @@
+"""Score candidates by merging in memory and running the merged model on the user's examples.
+
+The base model stays resident (CUDA when present); each candidate is applied in place by
+`evomerge.merging.MergeEngine` (no disk, no reload) and scored with the shared scorers of
+`evomerge.scoring`, the same ones the provider uses, computing only the metrics the objective
+needs: one teacher-forced forward pass for cross-entropy, generation only for exact match / F1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from evomerge import scoring
+from evomerge.backends._base import Backend, Evaluator, register_backend
+from evomerge.objectives import Objective
+from evomerge.recipe import MergeRecipe
+from evomerge.repository import Repository
+from evomerge.score import Cost, Score
+from evomerge.tasks import Example, Splits
+
+
+@register_backend("local")
+class LocalBackend(Backend):
+    """Merges each recipe into the resident base model and scores it on examples."""
+
+    def __init__(self, repository: Repository | str | Path, objective: Objective | None = None,
+                 device: str | None = None, dtype: str | None = None, batch_size: int = 32,
+                 max_new_tokens: int = 16) -> None:
+        from evomerge.merging import MergeEngine
+
+        self.repository = repository if isinstance(repository, Repository) else Repository.open(repository)
+        self.objective = objective or Objective()
+        self.engine = MergeEngine(self.repository, device=device, dtype=dtype)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self._references: dict[tuple[str, ...], Objective] = {}
+
+    def scores(self, recipe: MergeRecipe | None, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+        """Per-example values of each metric the objective needs (None: the base model)."""
+        out: dict[str, np.ndarray] = {}
+        with self.engine.merged(recipe) as model:
+            tok = self.engine.tokenizer
+            metrics = self.objective.metrics
+            if "ce" in metrics:
+                out["ce"] = scoring.answer_cross_entropy(model, tok, examples, self.batch_size)
+            if "accuracy" in metrics:
+                out["accuracy"] = scoring.choice_accuracy(model, tok, examples, self.batch_size)
+            if self.objective.needs_generation:
+                preds = scoring.generate_answers(model, tok, examples, self.max_new_tokens, self.batch_size)
+                if "exact_match" in metrics:
+                    out["exact_match"] = np.array([scoring.exact_match(p, e.answer) for p, e in zip(preds, examples)])
+                if "f1" in metrics:
+                    out["f1"] = np.array([scoring.token_f1(p, e.answer) for p, e in zip(preds, examples)])
+        return out
+
+    def _objective_for(self, examples: Sequence[Example], ids: tuple[str, ...]) -> Objective:
+        """The objective, with the base model's per-task losses on these examples as references
+        when the ``normalized`` aggregate has none given."""
+        if not self.objective.needs_references:
+            return self.objective
+        found = self._references.get(ids)
+        if found is None:
+            base = self.objective.task_losses(self.scores(None, examples), [e.task for e in examples])
+            found = self._references[ids] = self.objective.with_references(base)
+        return found
+
+    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
+        start = time.perf_counter()
+        ids = tuple(e.id or str(i) for i, e in enumerate(examples))
+        objective = self._objective_for(examples, ids)
+        per_example = self.scores(recipe, examples)
+        tasks = [e.task for e in examples]
+        metrics: dict[str, float] = {}
+        labels = np.asarray(tasks)
+        for name, values in per_example.items():
+            metrics[name] = float(np.mean(values))
+            for task in sorted(set(tasks)):
+                metrics[f"{name}/{task}"] = float(np.mean(values[labels == task]))
+        for task, loss in objective.task_losses(per_example, tasks).items():
+            metrics[f"loss/{task}"] = loss
+        return Score(loss=objective.loss(per_example, tasks), metrics=metrics,
+                      cost=Cost(seconds=time.perf_counter() - start),
+                      per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
+                      example_ids=ids)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@dataclass(frozen=True)
+class _SplitEvaluator:
+    backend: LocalBackend
+    splits: Splits
+
+    def __call__(self, recipe: MergeRecipe, split: str) -> Score:
+        return self.backend.evaluate(recipe, self.splits.get(split))
+
+
+@dataclass(frozen=True)
+class LocalEvaluatorFactory:
+    """Picklable recipe for a local evaluator: a worker (thread, Ray actor) builds its own model.
+
+    ``repository_path`` is a zoo or ``base/`` + ``experts/`` directory, or, with ``expert_paths``,
+    the base model directory itself.
+    """
+
+    repository_path: str | Path
+    splits: Splits
+    objective: Objective = Objective()
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    expert_paths: tuple[str | Path, ...] | None = None
+
+    def __call__(self) -> Evaluator:
+        repo = (Repository.from_paths(self.repository_path, experts=self.expert_paths)
+                if self.expert_paths else Repository.open(self.repository_path))
+        backend = LocalBackend(repo, self.objective, device=self.device, dtype=self.dtype,
+                               batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        return _SplitEvaluator(backend, self.splits)

@@ -1,0 +1,37 @@
+"""Objectives turn per-example metrics into one lower-is-better loss, per task first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.objectives import Objective
+
+PER = {"ce": np.array([1.0, 3.0, 2.0, 4.0, 6.0]), "exact_match": np.array([1.0, 0.0, 1.0, 1.0, 0.0]),
+       "f1": np.array([1.0, 0.5, 1.0, 1.0, 0.2]), "accuracy": np.array([1, 1, 0, 0, 1.0])}
+TASKS = ["a", "a", "b", "b", "b"]
+
+
+def test_tasks_are_averaged_not_pooled():
+    assert Objective("ce").loss(PER, TASKS) == pytest.approx((2.0 + 4.0) / 2)
+    assert Objective("exact_match").loss(PER, TASKS) == pytest.approx((0.5 + 1 / 3) / 2)
+    assert Objective("accuracy", "worst").loss(PER, TASKS) == pytest.approx(2 / 3)
+
+
+def test_blend_and_normalized():
+    blend = Objective({"ce": 0.5, "f1": 2.0})
+    per_task = blend.task_losses(PER, TASKS)
+    assert per_task["a"] == pytest.approx(0.5 * 2.0 + 2.0 * 0.25)
+    norm = Objective("ce", "normalized")
+    assert norm.needs_references and not Objective("ce").needs_generation and blend.needs_generation
+    with pytest.raises(ConfigError, match="reference"):
+        norm.loss(PER, TASKS)
+    assert norm.with_references({"a": 4.0, "b": 2.0}).loss(PER, TASKS) == pytest.approx((0.5 + 2.0) / 2)
+
+
+@pytest.mark.parametrize("bad", [dict(metric="bleu"), dict(metric={}), dict(metric={"ce": -1}),
+                                 dict(aggregate="median"), dict(references={"a": 0.0})])
+def test_rejects_bad_objectives(bad):
+    with pytest.raises(ConfigError):
+        Objective(**bad)
