@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 import urllib.request
@@ -107,16 +108,18 @@ class HttpEvaluator:
 
 
 class DelayServer:
-    """A loopback HTTP endpoint that answers Σw² after a delay (the request's, else `delay`)."""
+    """A loopback HTTP endpoint that answers Σw² after a delay: the request's, else `delay`, or
+    with `spread` = (low, high) a delay drawn uniformly per recipe (the same recipe, the same delay)."""
 
-    def __init__(self, delay: float) -> None:
-        default = delay
+    def __init__(self, delay: float, spread: tuple[float, float] | None = None) -> None:
+        def default(weights: str) -> float:
+            return random.Random(weights).uniform(*spread) if spread else delay
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 query = parse_qs(urlparse(self.path).query)
                 wait = float(query.get("delay", ["-1"])[0])
-                time.sleep(wait if wait >= 0 else default)
+                time.sleep(wait if wait >= 0 else default(query["w"][0]))
                 weights = [float(w) for w in query["w"][0].split(",")]
                 body = json.dumps({"loss": sum(w * w for w in weights)}).encode()
                 self.send_response(200)
