@@ -25,6 +25,11 @@ from evomerge.score import Cost
 from evomerge.search_spaces._base import Plan, SearchSpace, as_plan
 
 
+CHECKPOINT_GENERATIONS = 10
+"""Optimizer checkpoints every this many generations of tells: a pickle costs milliseconds, and
+resume replays at most this many generations from the journal."""
+
+
 @dataclass(frozen=True)
 class StageSummary:
     name: str
@@ -102,8 +107,9 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
     caps = Caps(max_queries, max_tokens)
     bar = _progress(budget, store.count("fit") if resume else 0, progress)
-    shared = Shared(pool, store, caps, on_result=lambda t: (bar(t), on_trial and on_trial(t)))
-    for t in store.trials():
+    shared = Shared(pool, store, caps, resumed=store.trials() if resume else [],
+                    on_result=lambda t: (bar(t), on_trial and on_trial(t)))
+    for t in shared.resumed:
         shared.by_key.setdefault((t.recipe.key(), t.split), t)
         if not t.cached:
             caps.observe(t.score.cost)
@@ -113,8 +119,9 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
-                           lambda sp, s=stage: make_optimizer(optimizer, sp, seed=seed + 1000 * s, popsize=popsize, **options),
-                           shared, window, checkpoint_every or probe.popsize)  # once a generation
+                           lambda sp, s=stage, b=stage_budget: make_optimizer(
+                               optimizer, sp, seed=seed + 1000 * s, popsize=popsize, budget=b, **options),
+                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize)
             trials = run.run()
             all_trials.extend(trials)
             top = shortlist(trials, top_k)

@@ -43,6 +43,7 @@ class Shared:
     executor: Executor
     journal: Journal
     caps: Caps
+    resumed: list[Trial] = field(default_factory=list)
     by_key: dict[tuple[str, str], Trial] = field(default_factory=dict)
     on_result: Callable[[Trial], None] = lambda trial: None
 
@@ -60,7 +61,7 @@ class StageRun:
     def __init__(self, stage: int, space: SearchSpace, budget: int, make_optimizer: Callable[[SearchSpace], Optimizer],
                  shared: Shared, lookahead: int, checkpoint_every: int) -> None:
         self.stage, self.space, self.budget, self.shared = stage, space, budget, shared
-        self.journaled = {t.trial: t for t in shared.journal.trials(stage=stage, split="fit")}
+        self.journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == "fit"}
         self.results: dict[int, Trial] = {}
         self.pending: dict[int, _Pending] = {}
         self.futures: dict[Future, tuple[int, str]] = {}
@@ -145,14 +146,15 @@ class StageRun:
 
     def _collect(self) -> None:
         done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
-        for fut in sorted(done, key=lambda f: self.futures[f][0]):
-            k, split = self.futures.pop(fut)
-            score = _result(fut)
-            key = (self.pending[k].recipe.key(), split)
-            first, *rest = self.waiters.pop(key)
-            self._complete(first, score, cached=False)
-            for other in rest:
-                self._complete(other, score, cached=True)
+        with self.shared.journal.batch():
+            for fut in sorted(done, key=lambda f: self.futures[f][0]):
+                k, split = self.futures.pop(fut)
+                score = _result(fut)
+                key = (self.pending[k].recipe.key(), split)
+                first, *rest = self.waiters.pop(key)
+                self._complete(first, score, cached=False)
+                for other in rest:
+                    self._complete(other, score, cached=True)
 
     def _tell_ready(self) -> bool:
         """Tell the next result in ask order, then refill the window; False if it is not ready."""
@@ -202,7 +204,7 @@ def evaluate_once(shared: Shared, stage: int, trials: list[tuple[int, MergeRecip
     """Score fixed recipes on `split` (validation re-scoring), journaled and cached like search
     trials; recipes a query/token cap cannot pay for are left out of the result."""
     out: dict[int, Trial] = {}
-    journaled = {t.trial: t for t in shared.journal.trials(stage=stage, split=split)}
+    journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == split}
     futures: dict[Future, list[tuple[int, MergeRecipe]]] = {}
     submitted: dict[str, Future] = {}
     for k, recipe in trials:
