@@ -127,8 +127,9 @@ def _loss(objective: Any, per_example: Sequence[float], tasks: Sequence[str]) ->
     values = np.asarray(per_example, dtype=float)
     if objective is None:
         return float(values.mean())
-    fn = getattr(objective, "loss", objective)
-    return float(fn(values, list(tasks)))
+    if hasattr(objective, "loss"):  # an evomerge.objectives.Objective: per-metric arrays
+        return float(objective.loss({"ce": values}, list(tasks)))
+    return float(objective(values, list(tasks)))
 
 
 @register_backend("api")
@@ -303,6 +304,14 @@ class ApiBackend(Backend):
     def check(self) -> None:
         """One request or two at start-up; raise one clear `BackendError` line if the provider won't do."""
         self._run(self._check())
+
+    def experts(self) -> list[str]:
+        """The experts the provider serves (its /models entries other than the base)."""
+        async def listed() -> list[str]:
+            models = await self._client.get("/models", cast_to=object)
+            return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
+
+        return self._run(listed())
 
     async def _check(self) -> None:
         openai = require("openai", "the api backend")
