@@ -6,7 +6,7 @@ Stages run one after another (a `Plan`); each stage is an ask/tell loop over the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -19,10 +19,16 @@ from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.caps import Caps
 from evomerge.scheduler.loop import Shared, StageRun
+from evomerge.scheduler.race import Race
 from evomerge.scheduler.selection import choose, shortlist, validate
 from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.score import Cost
 from evomerge.search_spaces._base import Plan, SearchSpace, as_plan
+
+
+CHECKPOINT_GENERATIONS = 10
+"""Optimizer checkpoints every this many generations of tells: a pickle costs milliseconds, and
+resume replays at most this many generations from the journal."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,15 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
            max_retries: int = 2, lookahead: int | None = None, popsize: int | None = None,
            optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
            max_tokens: int | None = None, checkpoint_every: int | None = None, progress: bool = False,
-           config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+           config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None,
+           race: Race | None = None) -> SearchResult:
     """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
 
     Give either `fitness` (a callable: recipe -> loss or {"loss": ..., metric: ...}) or
     `evaluator` (a picklable factory of (recipe, split) -> Score, as the local and api backends
     build; with a validation split, the returned recipe is chosen on it among the `top_k` best
-    by fit loss). `resume=True` continues the run journaled at `journal`.
+    by fit loss). `resume=True` continues the run journaled at `journal`. `race` scores each
+    candidate on a minibatch of the fit examples first and finishes only the promising ones.
     """
     if (fitness is None) == (evaluator is None):
         raise ConfigError("give exactly one of fitness= (a callable) or evaluator= (a backend's evaluator factory)")
@@ -88,7 +96,13 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     factory: EvaluatorFactory = evaluator if evaluator is not None else PythonEvaluatorFactory(fitness)
-    has_validation = bool(getattr(factory, "has_validation", False))
+    splits = getattr(factory, "splits", None)
+    has_validation = bool(getattr(factory, "has_validation", False) or (splits is not None and splits.validation))
+    race_split = None
+    if race is not None:
+        if splits is None or not splits.fit:
+            raise ConfigError("racing needs an evaluator with fit examples (the local or api backend), not a fitness callable")
+        race_split = race.split(len(splits.fit))
     plan = as_plan(space)
     budgets = plan.budgets(budget)
     options = dict(optimizer_options or {})
@@ -96,13 +110,15 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     window = lookahead or max(probe.popsize, 2 * workers)
     fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
                    "popsize": popsize, "seed": seed, "budget": budget, "lookahead": window, "top_k": top_k,
+                   "race": None if race is None else asdict(race),
                    "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
     store = _open_journal(journal, fingerprint, config, resume, force)
     pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
     caps = Caps(max_queries, max_tokens)
     bar = _progress(budget, store.count("fit") if resume else 0, progress)
-    shared = Shared(pool, store, caps, on_result=lambda t: (bar(t), on_trial and on_trial(t)))
-    for t in store.trials():
+    shared = Shared(pool, store, caps, resumed=store.trials() if resume else [],
+                    on_result=lambda t: (bar(t), on_trial and on_trial(t)))
+    for t in shared.resumed:
         shared.by_key.setdefault((t.recipe.key(), t.split), t)
         if not t.cached:
             caps.observe(t.score.cost)
@@ -112,8 +128,9 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
-                           lambda sp, s=stage: make_optimizer(optimizer, sp, seed=seed + 1000 * s, popsize=popsize, **options),
-                           shared, window, checkpoint_every or probe.popsize)  # once a generation
+                           lambda sp, s=stage, b=stage_budget: make_optimizer(
+                               optimizer, sp, seed=seed + 1000 * s, popsize=popsize, budget=b, **options),
+                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split)
             trials = run.run()
             all_trials.extend(trials)
             top = shortlist(trials, top_k)

@@ -22,17 +22,33 @@ def _search(args: argparse.Namespace) -> int:
         overrides["executor"] = "ray"
     if args.api_base is not None:
         overrides["api"] = {"base": args.api_base}
+    if args.race is not None:
+        overrides["race"] = {"fraction": args.race}
     config = load_config(args.config, overrides)
-    result = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
+    result, report = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
     fit = result.best_loss
     val = result.validation_loss
     print(f"best fit loss {fit:.6g}" + (f", validation loss {val:.6g}" if val is not None else "")
           + f" after {sum(s.evaluations for s in result.stages)} evaluations"
           + (f" ({result.cost.queries} queries, {result.cost.tokens} tokens)" if result.cost.queries else ""))
     print("best recipe: " + result.best_recipe.to_json())
+    if report is not None:
+        print(format_test_report(report))
     if config.output is not None:
         print(f"outputs in {config.output}")
     return 0
+
+
+def format_test_report(report) -> str:
+    """The test-split table: the best recipe beside the uniform merge and the experts alone."""
+    rows = report.rows
+    metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
+    lines = [f"  {'test split':<28}" + "  ".join(f"{m:>12}" for m in metrics)]
+    for name, row in rows.items():
+        label = f"best_single ({row['expert']})" if name == "best_single" else name
+        cells = [f"{row[m]:12.4f}" if isinstance(row.get(m), float) else f"{'—':>12}" for m in metrics]
+        lines.append(f"  {label:<28}" + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -90,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fitness", help="python backend: MODULE:CALLABLE returning a loss (default: built-in demo)")
     s.add_argument("--repository", type=Path, help="local/api backends: the repository directory")
     s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
+    s.add_argument("--race", type=float, metavar="FRACTION",
+                   help="score candidates on this fraction of the fit examples first; finish only the promising")
     s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML and config")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_search)
@@ -102,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
     e.add_argument("--base", default="BASE_MODEL", help="base model path to write into the mergekit YAML")
     e.set_defaults(func=_export)
+    from evomerge.serve.cli import register as register_serve
+    from evomerge.zoo.cli import register as register_zoo
+
+    register_serve(sub)
+    register_zoo(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 from evomerge.errors import RecipeError
@@ -34,10 +35,10 @@ METHODS = ("evo", "evo_tv", "linear", "task_arithmetic", "ties", "dare", "unifor
 
 
 def _floats(values: Sequence[float], what: str) -> tuple[float, ...]:
-    out = tuple(float(v) for v in values)
-    for i, v in enumerate(out):
-        if not math.isfinite(v):
-            raise RecipeError(f"{what}[{i}] is {v}; every coefficient must be a finite number")
+    out = tuple(map(float, values))
+    if not all(map(math.isfinite, out)):
+        i, v = next((i, v) for i, v in enumerate(out) if not math.isfinite(v))
+        raise RecipeError(f"{what}[{i}] is {v}; every coefficient must be a finite number")
     return out
 
 
@@ -145,12 +146,20 @@ class MergeRecipe:
         except TypeError as exc:
             raise RecipeError(f"recipe has a field of the wrong type: {exc}") from None
 
-    def to_json(self) -> str:
+    @cached_property
+    def _json(self) -> str:  # computed once: the scheduler, journal and cache all need it
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @cached_property
+    def _key(self) -> str:
+        return hashlib.sha256(self._json.encode()).hexdigest()[:32]
+
+    def to_json(self) -> str:
+        return self._json
 
     def key(self) -> str:
         """A stable hash of the recipe: equal recipes share it (journal cache, provider LRU)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:32]
+        return self._key
 
     def coefficients(self, block: str | None = None) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
         """Weights and densities in force for `block` (the recipe's own where none overrides)."""

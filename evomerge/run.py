@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import importlib
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from evomerge.api import SearchResult, search
-from evomerge.config import SearchConfig
+from evomerge.baselines import TestReport, compare_on_test
+from evomerge.config import SearchConfig, TaskConfig
 from evomerge.errors import ConfigError
 from evomerge.export import write_exports
+from evomerge.journal import Journal
+from evomerge.repository import Repository
+from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space
+from evomerge.tasks import Example, Splits, load_jsonl, split_search
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class Prepared:
     expert_paths: dict[str, str] | None = None
     lora: bool = False
     num_layers: int | None = None
+    splits: Splits | None = None
 
 
 def load_fitness(spec: str) -> Callable[..., Any]:
@@ -54,33 +61,150 @@ def load_fitness(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def prepare(config: SearchConfig) -> Prepared:
-    """Resolve the backend: experts and evaluator (python, local or api)."""
+def prepare(config: SearchConfig, stack: ExitStack) -> Prepared:
+    """Resolve the backend: experts and evaluator (python, local or api). What must outlive the
+    search (the embedded provider) is entered on `stack`."""
     if config.backend == "python":
         from evomerge import demo
 
         fitness = load_fitness(config.fitness) if config.fitness else demo.demo_fitness
         experts = tuple(config.experts or demo.EXPERTS)
         return Prepared(experts, fitness=fitness)
-    raise ConfigError(f"backend {config.backend!r} is not available in this build")
+    if config.backend == "local":
+        return _prepare_local(config)
+    return _prepare_api(config, stack)
 
 
-def run(config: SearchConfig, resume: bool = False, force: bool = False, progress: bool = True) -> SearchResult:
-    """Run (or resume) the search `config` describes and write its outputs."""
-    prepared = prepare(config)
+def _zoo_default_tasks(root: Path) -> list[str]:
+    """A zoo's out-of-domain targets: the demo's task when the config names none."""
+    try:
+        return list(json.loads((root / "zoo.json").read_text()).get("ood_tasks") or [])[:1]
+    except (OSError, ValueError):
+        return []
+
+
+def load_splits(task: TaskConfig, repo: Repository | None) -> Splits:
+    """Fit / validation / test examples from repository task names and/or JSONL files."""
+    names = task.tasks or ([] if task.files or repo is None or repo.root is None else _zoo_default_tasks(repo.root))
+    search_examples: list[Example] = []
+    test: list[Example] = []
+    for name in names:
+        if repo is None or name not in repo.tasks:
+            known = ", ".join(sorted(repo.tasks)) if repo is not None else "none (no --repository given)"
+            raise ConfigError(f"task {name!r} is not in the repository; known tasks: {known or 'none'}")
+        search_examples += load_jsonl(repo.tasks[name]["search"], task=name)
+        test += load_jsonl(repo.tasks[name]["test"], task=name)
+    for path in task.files:
+        search_examples += load_jsonl(path)
+    for path in task.test_files:
+        test += load_jsonl(path)
+    if not search_examples:
+        raise ConfigError("no examples to search on: set task.tasks (repository task names) or task.files (JSONL)")
+    fit, val = split_search(search_examples, task.validation, task.split_seed)
+    if task.max_fit is not None:
+        fit = fit[: task.max_fit]
+    return Splits(fit, val, tuple(test))
+
+
+def _repository_dir(config: SearchConfig) -> Path:
+    """The configured repository, or the tiny demo zoo (built on first use)."""
+    if config.repository is None:
+        from evomerge.zoo import ensure_tiny
+
+        return Path(ensure_tiny())
+    return Path(config.repository)
+
+
+def _experts(config: SearchConfig, available: Sequence[str]) -> tuple[str, ...]:
+    experts = tuple(config.experts or sorted(available))
+    unknown = [e for e in experts if e not in available]
+    if unknown:
+        raise ConfigError(f"unknown expert(s) {unknown}; the repository has {', '.join(sorted(available)[:10])}"
+                          + (" ..." if len(available) > 10 else ""))
+    return experts
+
+
+def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
+    """The api backend: the provider at --api-base, or the reference server started on loopback
+    over the repository (default: the tiny demo zoo). The user's examples stay on this side."""
+    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+    from evomerge.objectives import Objective
+
+    local = config.api.base is None or config.repository is not None
+    repo_dir = _repository_dir(config) if local else None
+    repo = Repository.open(repo_dir) if repo_dir is not None else None
+    base = config.api.base
+    if base is None:
+        from evomerge.serve.embedded import serving
+
+        print(f"starting the reference provider over {repo_dir} on loopback", flush=True)
+        base = stack.enter_context(serving(repo_dir))
+    options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
+               ("timeout", config.api.timeout), ("retries", config.api.max_retries))
+    probe = ApiBackend(base, api_key_env=config.api.key_env, **dict(options))
+    try:
+        probe.check()
+        experts = _experts(config, probe.experts())
+    finally:
+        probe.close()
+    splits = load_splits(config.task, repo)
+    caps = UsageCap(config.max_queries, config.max_tokens) if config.max_queries or config.max_tokens else None
+    factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective),
+                                  options, caps)
+    return Prepared(experts, evaluator=factory, splits=splits,
+                    num_layers=repo.block_layers if repo is not None else None)
+
+
+def _prepare_local(config: SearchConfig) -> Prepared:
+    from evomerge.backends.local import LocalEvaluatorFactory
+    from evomerge.objectives import Objective
+
+    repo_dir = _repository_dir(config)
+    repo = Repository.open(repo_dir)
+    splits = load_splits(config.task, repo)
+    experts = _experts(config, list(repo.experts))
+    factory = LocalEvaluatorFactory(str(repo_dir), splits, Objective.from_config(config.objective),
+                                    device=config.device, dtype=config.dtype)
+    kinds = {repo.experts[e].kind for e in experts}
+    return Prepared(experts, evaluator=factory, base=str(repo.base),
+                    expert_paths={e: str(repo.experts[e].path) for e in experts}, lora=kinds == {"lora"},
+                    num_layers=repo.block_layers, splits=splits)
+
+
+def run(config: SearchConfig, resume: bool = False, force: bool = False,
+        progress: bool = True) -> tuple[SearchResult, TestReport | None]:
+    """Run (or resume) the search `config` describes, score the result and the baselines on the
+    test split (where there is one), and write the outputs."""
+    with ExitStack() as stack:
+        return _run(config, prepare(config, stack), resume, force, progress)
+
+
+def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
+         progress: bool) -> tuple[SearchResult, TestReport | None]:
     space = build_space(config.space.name, list(prepared.experts), **_space_options(config, prepared))
     result = search(prepared.fitness, space, evaluator=prepared.evaluator, budget=config.budget,
                     optimizer=config.optimizer, seed=config.seed, journal=config.journal, resume=resume, force=force,
                     workers=config.workers, executor=config.executor, ray_address=config.ray_address,
                     eval_timeout=config.eval_timeout, max_retries=config.max_retries, popsize=config.popsize,
                     optimizer_options=config.optimizer_options, top_k=config.top_k, max_queries=config.max_queries,
-                    max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"))
+                    max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"),
+                    race=None if config.race is None else Race(**config.race.model_dump()))
+    report = None
+    if prepared.splits is not None and prepared.splits.test:
+        evaluate = prepared.evaluator()
+        report = compare_on_test(evaluate, result.best_recipe, prepared.experts,
+                                 "validation" if prepared.splits.validation else "fit")
+        if config.journal is not None:
+            with Journal.open(config.journal) as journal:
+                journal.set_meta("test_report", report.to_dict())
     if config.output is not None:
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         write_exports(result.best_recipe, out, prepared.base, prepared.expert_paths, prepared.lora, prepared.num_layers)
-    return result
+        if report is not None:
+            (out / "test_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return result, report
 
 
 def _space_options(config: SearchConfig, prepared: Prepared) -> dict[str, Any]:

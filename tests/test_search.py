@@ -107,7 +107,7 @@ def test_identical_recipes_are_served_from_the_journal(tmp_path):
 class SplitEvaluator:
     """An evaluator factory with a validation split whose optimum differs from fit's."""
 
-    has_validation = True
+    has_validation = True  # as a backend's factory with non-empty `splits.validation` says
 
     def __call__(self):
         def evaluate(recipe, split):

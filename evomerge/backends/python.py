@@ -46,7 +46,6 @@ class PythonEvaluatorFactory:
     """Builds the evaluator of a fitness callable inside a worker (picklable if the callable is)."""
 
     fitness: Fitness
-    has_validation = False
 
     def __call__(self) -> Evaluator:
         backend = PythonBackend(self.fitness)

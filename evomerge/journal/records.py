@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from evomerge.recipe import MergeRecipe
 from evomerge.score import Score
@@ -46,4 +47,5 @@ class Trial:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    """Compact JSON of a journal column (orjson: resume parses tens of thousands of rows)."""
+    return orjson.dumps(value).decode()

@@ -12,8 +12,11 @@ import json
 import math
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import orjson
 
 from evomerge.errors import JournalError
 from evomerge.journal.records import Trial, dumps
@@ -65,6 +68,7 @@ class Journal:
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self._conn = conn
+        self._batch = 0
 
     @classmethod
     def create(cls, path: str | Path, fingerprint: dict[str, Any], config: dict[str, Any] | None = None) -> "Journal":
@@ -116,6 +120,22 @@ class Journal:
     def close(self) -> None:
         self._conn.close()
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Commit every `record` inside the block in one transaction (results that arrived
+        together); none of them counts before the block ends."""
+        self._batch += 1
+        try:
+            yield
+        except BaseException:
+            self._batch -= 1
+            if not self._batch:
+                self._conn.rollback()
+            raise
+        self._batch -= 1
+        if not self._batch:
+            self._conn.commit()
+
     def __enter__(self) -> "Journal":
         return self
 
@@ -139,7 +159,7 @@ class Journal:
         loss = score.loss if math.isfinite(score.loss) else None
         obj = objective if math.isfinite(objective) else None
         zl = [float(v) for v in z]
-        with self._conn:
+        with self.batch():
             cur = self._conn.execute(
                 "INSERT INTO evaluations (stage, trial, split, z, recipe, recipe_key, loss, objective, status, error,"
                 " metrics, per_example, queries, tokens, seconds, cached, created)"
@@ -199,11 +219,12 @@ def _finite(metrics: Any) -> dict[str, Any]:
 
 
 def _trial(row: dict[str, Any]) -> Trial:
-    per_example = json.loads(row["per_example"])
+    per_example = orjson.loads(row["per_example"])
     ids = tuple(per_example.pop("_ids", ()))
-    score = Score(loss=math.nan if row["loss"] is None else row["loss"], metrics=json.loads(row["metrics"]),
+    score = Score(loss=math.nan if row["loss"] is None else row["loss"], metrics=orjson.loads(row["metrics"]),
                   cost=Cost(row["queries"], row["tokens"], row["seconds"]), status=row["status"], error=row["error"],
                   per_example={k: tuple(v) for k, v in per_example.items()}, example_ids=ids)
-    return Trial(row["seq"], row["stage"], row["trial"], row["split"], tuple(json.loads(row["z"])),
-                 MergeRecipe.from_dict(json.loads(row["recipe"])), score,
+    recipe = MergeRecipe.from_dict(orjson.loads(row["recipe"]))
+    recipe.__dict__["_json"], recipe.__dict__["_key"] = row["recipe"], row["recipe_key"]
+    return Trial(row["seq"], row["stage"], row["trial"], row["split"], tuple(orjson.loads(row["z"])), recipe, score,
                  math.nan if row["objective"] is None else row["objective"], bool(row["cached"]), row["created"])

@@ -8,9 +8,10 @@ the box [-1, 1]^k reaches all of the inner box without wasting most of z's range
 sigma0 for z is the inner sigma0 in units of those half-widths, so the first steps are as large as
 the inner space's.
 
-The full vector is rounded to 12 decimals, so `encode` (least squares on the coordinates that were
-not clipped, then checked by decoding) reproduces a decoded recipe exactly. A recipe outside the
-range of the projection raises SearchSpaceError.
+z is rounded to 9 decimals before it is projected (far below any useful step), so `encode` (least
+squares on the coordinates that were not clipped, rounded the same way, then checked by decoding)
+reproduces a decoded recipe exactly, as long as the unclipped coordinates determine z (at least k
+of them, in general position). Any other recipe raises SearchSpaceError.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from evomerge.errors import ConfigError, SearchSpaceError
 from evomerge.recipe import MergeRecipe
 from evomerge.search_spaces._base import SPACES, Plan, SearchSpace, register_space
 
-DECIMALS = 12
+DECIMALS = 9
 
 
 class ProjectedSpace(SearchSpace):
@@ -44,8 +45,7 @@ class ProjectedSpace(SearchSpace):
 
     def full(self, z: np.ndarray) -> np.ndarray:
         """The inner space's vector for an in-bounds z."""
-        raw = np.round(self.inner.x0 + self.matrix @ z, DECIMALS)
-        return np.clip(raw, self.inner.lower, self.inner.upper)
+        return np.clip(self.inner.x0 + self.matrix @ np.round(z, DECIMALS), self.inner.lower, self.inner.upper)
 
     def _decode(self, z: np.ndarray) -> MergeRecipe:
         return self.inner.decode(self.full(z))
@@ -54,10 +54,11 @@ class ProjectedSpace(SearchSpace):
         target = self.inner.encode(recipe)
         free = (target > self.inner.lower) & (target < self.inner.upper)
         z, *_ = np.linalg.lstsq(self.matrix[free], target[free] - self.inner.x0[free], rcond=None)
-        if z.size and (np.any(np.abs(z) > 1.0 + 1e-9) or self.decode(z) != recipe):
+        z = np.round(z, DECIMALS)
+        if np.any(np.abs(z) > 1.0) or self.decode(z) != recipe:
             raise SearchSpaceError(f"the recipe is outside the range of the {self.dim}-dimensional projection "
                                    f"of the {self.inner.name} space; search the inner space to reach it")
-        return np.clip(z, self.lower, self.upper)
+        return z
 
     def penalty(self, z: np.ndarray) -> float:
         """The inner space's penalty on the coefficients z stands for."""

@@ -1,0 +1,399 @@
+"""`--backend api`: score recipes through an OpenAI-compatible provider that merges server-side.
+
+The user's optimizer sees only answers. Two modes:
+- ``logprobs`` (default): send ``prompt + answer`` with ``echo`` and ``logprobs``, ``max_tokens`` 0,
+  and the recipe as ``merge`` in the body; score the answer tokens here, so labels stay on the client.
+- ``session``: upload the examples once to the provider's merge session and get the loss back
+  (the paper's protocol: labels go to the provider).
+Requests run on one background event loop with the `openai` async client: at most ``concurrency``
+in flight, retries with exponential backoff and jitter on 429/5xx/connection errors (honouring
+``Retry-After``), and a `UsageCap` reserved before every request, so a query or token cap is never
+exceeded. A query is a request the provider answered usably; its tokens are the provider's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from evomerge._imports import require
+from evomerge.backends._base import Backend, Evaluator, register_backend
+from evomerge.errors import BackendError, BudgetExhausted, ConfigError
+from evomerge.recipe import MergeRecipe
+from evomerge.score import Cost, Score
+from evomerge.serve.protocol import MERGE_FIELD, answer_nll
+from evomerge.tasks import Example, Splits
+
+MODES = ("logprobs", "session")
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class UsageCap:
+    """Query and token caps shared by every evaluation (and thread) that holds this object.
+
+    A request reserves one query and an upper bound of its tokens before it is sent; the answer
+    settles the reservation to the provider's usage, a failure releases it. Reserving what would
+    pass a cap raises `BudgetExhausted`, so settled totals never exceed the caps.
+    """
+
+    def __init__(self, max_queries: int | None = None, max_tokens: int | None = None) -> None:
+        self.max_queries, self.max_tokens = max_queries, max_tokens
+        self.queries = self.tokens = 0
+        self._held_queries = self._held_tokens = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def exhausted(self) -> bool:
+        """True once no further query may be sent (the scheduler stops asking for candidates)."""
+        with self._lock:
+            return self.max_queries is not None and self.queries + self._held_queries >= self.max_queries
+
+    def fits(self, queries: int, tokens: int) -> bool:
+        """Whether `queries` more queries of `tokens` tokens in all fit now (checked before starting)."""
+        with self._lock:
+            return ((self.max_queries is None or self.queries + self._held_queries + queries <= self.max_queries)
+                    and (self.max_tokens is None or self.tokens + self._held_tokens + tokens <= self.max_tokens))
+
+    def reserve(self, tokens: int) -> None:
+        with self._lock:
+            if self.max_queries is not None and self.queries + self._held_queries + 1 > self.max_queries:
+                raise BudgetExhausted(f"the query cap ({self.max_queries}) is reached; raise --max-queries to go on")
+            if self.max_tokens is not None and self.tokens + self._held_tokens + tokens > self.max_tokens:
+                raise BudgetExhausted(f"the token cap ({self.max_tokens}) would be passed by a {tokens}-token "
+                                      "request; raise --max-tokens to go on")
+            self._held_queries += 1
+            self._held_tokens += tokens
+
+    def settle(self, reserved: int, used: int | None) -> None:
+        """Turn a reservation into spending (`used` tokens), or release it (`used` None: no answer)."""
+        with self._lock:
+            self._held_queries -= 1
+            self._held_tokens -= reserved
+            if used is not None:
+                self.queries += 1
+                self.tokens += used
+
+
+@dataclass
+class _Tally:
+    """What one evaluation spent so far (reported even when it fails)."""
+
+    queries: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def cost(self) -> Cost:
+        return Cost(self.queries, self.tokens, time.perf_counter() - self.started)
+
+
+class _Retryable(Exception):
+    """A transient failure: retried after a delay (the provider's Retry-After when it gave one)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _token_bound(texts: Sequence[str]) -> int:
+    """An upper bound of the tokens of `texts` (a token covers at least one UTF-8 byte; 4 for specials)."""
+    return sum(len(t.encode("utf-8")) + 4 for t in texts)
+
+
+def _loss(objective: Any, per_example: Sequence[float], tasks: Sequence[str]) -> float:
+    np = require("numpy", "the api backend")
+    values = np.asarray(per_example, dtype=float)
+    if objective is None:
+        return float(values.mean())
+    if hasattr(objective, "loss"):  # an evomerge.objectives.Objective: per-metric arrays
+        return float(objective.loss({"ce": values}, list(tasks)))
+    return float(objective(values, list(tasks)))
+
+
+@register_backend("api")
+class ApiBackend(Backend):
+    """Scores recipes by querying an OpenAI-compatible provider that applies them server-side."""
+
+    def __init__(self, api_base: str, api_key: str | None = None, api_key_env: str = "EVOMERGE_API_KEY",
+                 model: str | None = None, mode: str = "logprobs", concurrency: int = 8, timeout: float = 60.0,
+                 retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int = 16,
+                 caps: UsageCap | None = None, objective: Any = None) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"api mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if concurrency < 1 or batch_size < 1 or retries < 0:
+            raise ConfigError("concurrency and batch_size must be ≥ 1 and retries ≥ 0")
+        self.api_base = api_base.rstrip("/")
+        self._key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self.api_key_env, self.model, self.mode = api_key_env, model, mode
+        self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
+        self.backoff, self.max_backoff, self.batch_size = backoff, max_backoff, batch_size
+        self.caps = caps if caps is not None else UsageCap()
+        self.objective = objective
+        self.attempts = self.in_flight = self.max_in_flight = 0
+        self._sessions: dict[tuple[Any, ...], tuple[str, int]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="evomerge-api-client", daemon=True)
+        self._thread.start()
+        self._client, self._sem = self._run(self._open())
+
+    def __repr__(self) -> str:
+        return f"ApiBackend(api_base={self.api_base!r}, mode={self.mode!r}, concurrency={self.concurrency})"
+
+    async def _open(self) -> tuple[Any, asyncio.Semaphore]:
+        openai = require("openai", "the api backend")
+        client = openai.AsyncOpenAI(base_url=self.api_base, api_key=self._key or "no-key", max_retries=0,
+                                    timeout=self.timeout)
+        return client, asyncio.Semaphore(self.concurrency)
+
+    def _run(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    # -- one request, with caps, concurrency and retries -----------------------------------------------
+
+    async def _request(self, send: Callable[[], Awaitable[Any]], parse: Callable[[Any], tuple[Any, int]],
+                       token_bound: int, tally: _Tally | None, retries: int | None = None) -> Any:
+        """Send until answered: reserve the cap, hold a concurrency slot, retry transient failures."""
+        openai = require("openai", "the api backend")
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            self.caps.reserve(token_bound)
+            used: int | None = None
+            try:
+                async with self._sem:
+                    self.attempts += 1
+                    self.in_flight += 1
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                    try:
+                        value, used = parse(await send())
+                    finally:
+                        self.in_flight -= 1
+                if tally is not None:
+                    tally.queries += 1
+                    tally.tokens += used
+                return value
+            except openai.APIStatusError as exc:
+                if exc.status_code not in RETRY_STATUS:
+                    raise BackendError(f"provider answered {exc.status_code}: {_message(exc)}") from None
+                failure = _Retryable(f"provider answered {exc.status_code}: {_message(exc)}",
+                                     _retry_after(exc.response.headers))
+            except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as exc:
+                failure = _Retryable(f"{type(exc).__name__}: {exc}")
+            finally:
+                self.caps.settle(token_bound, used)
+            if attempt == retries:
+                raise BackendError(f"gave up after {retries + 1} attempts; last: {failure}")
+            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+            await asyncio.sleep(min(self.max_backoff, failure.retry_after) if failure.retry_after is not None else delay)
+        raise BackendError("unreachable")  # the loop returns or raises
+
+    # -- scoring -------------------------------------------------------------------------------------------
+
+    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
+        tally = _Tally()
+        try:
+            per_example = self._run(self._score(recipe, list(examples), tally))
+        except (BackendError, BudgetExhausted) as exc:
+            return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())
+        loss = _loss(self.objective, per_example, [e.task for e in examples])
+        cost = tally.cost()
+        if not math.isfinite(loss):
+            return Score.failed("the loss is not finite (an answer with no tokens?)", cost)
+        return Score(loss=loss, metrics={"ce": float(sum(per_example) / len(per_example))}, cost=cost,
+                     per_example={"ce": tuple(per_example)}, example_ids=tuple(e.id for e in examples))
+
+    async def _score(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> list[float]:
+        if self.mode == "session":
+            return await self._score_session(recipe, examples, tally)
+        chunks = [examples[i:i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+        if not self.caps.fits(len(chunks), _token_bound([e.prompt + e.answer for e in examples])):
+            raise BudgetExhausted(f"the caps leave too little for a {len(chunks)}-query evaluation; "
+                                  "raise --max-queries / --max-tokens to go on")
+        if len(chunks) == 1:
+            return await self._score_chunk(recipe, chunks[0], tally)
+        # no cancellation of siblings: a request once sent is answered and counted, or released
+        results = await asyncio.gather(*(self._score_chunk(recipe, c, tally) for c in chunks), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [v for r in results for v in r]
+
+    async def _score_chunk(self, recipe: MergeRecipe, chunk: list[Example], tally: _Tally) -> list[float]:
+        texts = [e.prompt + e.answer for e in chunk]
+        body = {"model": self.model or "base", "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0,
+                "temperature": 0.0, MERGE_FIELD: recipe.to_dict()}
+
+        def parse(resp: Any) -> tuple[list[float], int]:
+            choices = sorted(resp["choices"], key=lambda c: c["index"])
+            if len(choices) != len(chunk) or any(not (c.get("logprobs") or {}).get("token_logprobs") for c in choices):
+                raise ValueError("the provider's answer lacks a choice or its logprobs")
+            lps = [c["logprobs"] for c in choices]
+            out = [answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(e.prompt))
+                   for lp, e in zip(lps, chunk)]
+            return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))
+
+        # the openai client's raw post: the same request as completions.create(extra_body={"merge": ...}),
+        # answered as a dict, which skips building typed models (a third of the client's time per query)
+        return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
+                                   _json_object(parse), _token_bound(texts), tally)
+
+    async def _score_session(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> list[float]:
+        fingerprint = (recipe.experts, tuple((e.id, e.prompt, e.answer) for e in examples))
+        for _ in range(2):  # a session the provider evicted is opened again, once
+            if fingerprint not in self._sessions:
+                self._sessions[fingerprint] = await self._open_session(recipe, examples, tally)
+            session_id, tokens = self._sessions[fingerprint]
+
+            def parse(resp: Any) -> tuple[list[float], int]:
+                per = resp.get("per_example")
+                if not isinstance(per, list) or len(per) != len(examples):
+                    raise ValueError("the provider's session answer lacks per_example losses")
+                return [math.nan if v is None else float(v) for v in per], _tokens(resp, tokens)
+
+            try:
+                return await self._request(lambda: self._client.post(
+                    f"/sessions/{session_id}/evaluate", body={MERGE_FIELD: recipe.to_dict()}, cast_to=object),
+                    _json_object(parse), tokens, tally)
+            except BackendError as exc:
+                if not str(exc).startswith("provider answered 404"):
+                    raise
+                self._sessions.pop(fingerprint, None)
+        raise BackendError("the provider keeps losing the merge session; check its max_sessions")
+
+    async def _open_session(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> tuple[str, int]:
+        body = {"experts": list(recipe.experts), "method": "evo_tv" if recipe.method == "evo_tv" else "evo",
+                "examples": [{"prompt": e.prompt, "answer": e.answer, "id": e.id} for e in examples]}
+
+        def parse(resp: Any) -> tuple[tuple[str, int], int]:
+            if "id" not in resp:
+                raise ValueError("the provider's session answer lacks an id")
+            return (str(resp["id"]), int(resp.get("tokens_per_evaluation", 0))), 0
+
+        return await self._request(lambda: self._client.post("/sessions", body=body, cast_to=object),
+                                   _json_object(parse), 0, tally)
+
+    # -- preflight -------------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """One request or two at start-up; raise one clear `BackendError` line if the provider won't do."""
+        self._run(self._check())
+
+    def experts(self) -> list[str]:
+        """The experts the provider serves (its /models entries other than the base)."""
+        async def listed() -> list[str]:
+            models = await self._client.get("/models", cast_to=object)
+            return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
+
+        return self._run(listed())
+
+    async def _check(self) -> None:
+        openai = require("openai", "the api backend")
+        where = f"the provider at {self.api_base}"
+        try:
+            models = await self._client.models.list()
+            names = [m.id for m in models.data]
+        except openai.AuthenticationError:
+            raise BackendError(f"{where} refused the API key (401); set {self.api_key_env} to a valid key") from None
+        except openai.APIConnectionError as exc:
+            raise BackendError(f"cannot reach {where} ({exc}); is it running? check --api-base") from None
+        except openai.APIStatusError as exc:
+            raise BackendError(f"{where} answered {exc.status_code} to GET /models: {_message(exc)}") from None
+        except Exception as exc:  # non-JSON or wrong shape: not an OpenAI-compatible provider
+            raise BackendError(f"{where} did not answer GET /models with OpenAI-style JSON ({type(exc).__name__}); "
+                               "is --api-base the /v1 root of an OpenAI-compatible server?") from None
+        if self.model is not None and self.model not in names:
+            raise BackendError(f"{where} has no model {self.model!r}; it serves {', '.join(names[:10])}")
+        if self.mode == "logprobs":
+            try:
+                await self._request(lambda: self._client.completions.create(
+                    model=self.model or names[0], prompt=["Hello world"], max_tokens=0, echo=True, logprobs=0),
+                    _parse_probe, _token_bound(["Hello world"]), None, retries=1)
+            except BackendError as exc:
+                raise BackendError(f"{where} cannot score by logprobs: {exc}; use the session mode or "
+                                   "a provider that supports echo+logprobs") from None
+
+
+def _json_object(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap `parse` so an answer that is not a JSON object (truncated, HTML) is a retryable ValueError."""
+
+    def checked(resp: Any) -> Any:
+        if not isinstance(resp, dict):
+            raise ValueError(f"the provider answered {type(resp).__name__}, not a JSON object")
+        try:
+            return parse(resp)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"the provider's answer is malformed ({type(exc).__name__}: {exc})") from None
+
+    return checked
+
+
+def _parse_probe(resp: Any) -> tuple[None, int]:
+    choice = resp.choices[0] if getattr(resp, "choices", None) else None
+    if choice is None or choice.logprobs is None or not choice.logprobs.token_logprobs:
+        raise BackendError("it answers echo+logprobs requests without logprobs")
+    return None, _tokens(resp, len(choice.logprobs.tokens))
+
+
+def _tokens(resp: Any, fallback: int) -> int:
+    usage = resp.get("usage") if isinstance(resp, dict) else getattr(resp, "usage", None)
+    if usage is None:
+        return fallback
+    total = usage.get("total_tokens") if isinstance(usage, dict) else getattr(usage, "total_tokens", None)
+    return int(total) if total is not None else fallback
+
+
+def _message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(exc, "message", exc))[:300]
+
+
+@dataclass(frozen=True)
+class ApiEvaluatorFactory:
+    """A picklable recipe for an api evaluator: each worker builds its own `ApiBackend` from it.
+
+    Holds the key's environment variable name, never the key. A `caps` object shared in one process
+    stays shared; pickled to another process it is a copy, so give each process its share of the cap.
+    """
+
+    api_base: str
+    api_key_env: str
+    splits: Splits
+    objective: Any = None
+    options: tuple[tuple[str, Any], ...] = ()
+    caps: UsageCap | None = None
+
+    def __call__(self) -> Evaluator:
+        backend = ApiBackend(self.api_base, api_key_env=self.api_key_env, objective=self.objective,
+                             caps=self.caps, **dict(self.options))
+        return lambda recipe, split: backend.evaluate(recipe, self.splits.get(split))

@@ -1,0 +1,157 @@
+"""The reference provider: an OpenAI-compatible API whose every request may carry a merge recipe.
+
+Routes: GET /v1/models, POST /v1/completions (echo + logprobs for client-side scoring),
+POST /v1/chat/completions, the merge-session API (`evomerge.serve.sessions`), GET /v1/stats.
+All model work goes through one `MergeWorker`, so one merge is active at a time and a burst
+for one recipe merges once. Every error is answered in OpenAI's error shape; none stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from evomerge._imports import require
+from evomerge.errors import EvomergeError
+from evomerge.serve.guard import Guard
+from evomerge.serve.host import Generated, ModelHost, Scored
+from evomerge.serve.protocol import Limits
+from evomerge.serve.schemas import ApiError, ChatRequest, CompletionRequest, parse_merge
+from evomerge.serve.sessions import add_session_routes
+from evomerge.serve.worker import MergeWorker
+
+log = logging.getLogger("evomerge.serve")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)$")
+"""pydantic's union-member tags in an error location, not field names: dropped from ``param``."""
+
+
+def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Limits(), cache_size: int = 256) -> Any:
+    """The ASGI app serving `host` (auth and body limits applied before any route)."""
+    fastapi = require("fastapi", "evomerge serve")
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
+    app = fastapi.FastAPI(title="evomerge provider", version="1", lifespan=lifespan,
+                          description="OpenAI-compatible completions over merged experts; send a MergeRecipe "
+                                      "as `merge` in any request body, or use the merge-session API.")
+    app.state.worker = worker
+
+    def error(status: int, message: str, param: str | None, kind: str, code: str | None = None) -> Any:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Any, exc: ApiError) -> Any:
+        return error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Any, exc: RequestValidationError) -> Any:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:] if not _TYPE_TAG.match(str(p))) or None
+        return error(422, f"{param or 'body'}: {first.get('msg')}", param, "invalid_request_error")
+
+    @app.exception_handler(EvomergeError)
+    async def _refused(_: Any, exc: EvomergeError) -> Any:  # raised while merging: the recipe cannot be served
+        return error(422, f"merge: {exc}", "merge", "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Any, exc: Exception) -> Any:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return error(500, f"internal error ({type(exc).__name__}); the request was not served", None, "server_error")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The base model and every expert (an expert's name as `model` answers with that expert alone)."""
+        now = int(time.time())
+        names = [host.base_name, *host.experts]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "evomerge",
+                                            "kind": "base" if n == host.base_name else "expert"} for n in names]}
+
+    @app.get("/v1/stats")
+    async def stats() -> dict[str, Any]:
+        """Merge and batching counters (merges = distinct recipes merged, cache misses)."""
+        return worker.stats.to_dict()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> dict[str, Any]:
+        """OpenAI completions; `echo` + `logprobs` with `max_tokens` 0 returns the prompt's token logprobs."""
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        _check_batch(prompts, req.max_tokens, limits)
+        recipe = parse_merge(req.merge, req.model, host, limits)
+        generated = [Generated("", 0)] * len(prompts)
+        if req.max_tokens > 0:
+            generated = await worker.call(recipe, lambda h: [
+                h.generate(p, req.max_tokens, req.temperature, req.seed) for p in prompts])
+        completions_ = [g.text for g in generated]
+        scored: list[Scored | None] = [None] * len(prompts)
+        if req.logprobs is not None:
+            scored = await worker.score(recipe, [p + c for p, c in zip(prompts, completions_)], req.logprobs)
+        prompt_tokens = await worker.anyweights(lambda h: sum(h.count_tokens(p) for p in prompts))
+        completion_tokens = sum(g.tokens for g in generated)
+        worker.stats.queries += 1
+        choices = []
+        for i, (p, c, s) in enumerate(zip(prompts, completions_, scored)):
+            choices.append({"index": i, "text": (p + c) if req.echo else c, "finish_reason": "length",
+                            "logprobs": None if s is None else _logprobs(s, 0 if req.echo else len(p), req.logprobs)})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model or host.base_name, "choices": choices,
+                "usage": _usage(prompt_tokens, completion_tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> dict[str, Any]:
+        """OpenAI chat completions under the requested merge (greedy when temperature is 0)."""
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens or 16)
+        prompt = _chat_prompt(host, [m.model_dump() for m in req.messages])
+        _check_batch([prompt], max_tokens, limits)
+        recipe = parse_merge(req.merge, req.model, host, limits)
+        out, prompt_tokens = await worker.call(recipe, lambda h: (
+            h.generate(prompt, max_tokens, req.temperature, req.seed), h.count_tokens(prompt)))
+        worker.stats.queries += 1
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model or host.base_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "finish_reason": "length", "logprobs": None}],
+                "usage": _usage(prompt_tokens, out.tokens)}
+
+    add_session_routes(app, host, worker, limits)
+    return Guard(app, api_key, limits.max_body_bytes)
+
+
+def _check_batch(prompts: list[str], max_tokens: int, limits: Limits) -> None:
+    if not prompts:
+        raise ApiError(422, "prompt: give at least one prompt", "prompt")
+    if len(prompts) > limits.max_batch:
+        raise ApiError(422, f"prompt: {len(prompts)} prompts in one request; at most {limits.max_batch}", "prompt")
+    if max_tokens > limits.max_tokens:
+        raise ApiError(422, f"max_tokens is {max_tokens}; at most {limits.max_tokens}", "max_tokens")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _logprobs(s: Scored, start: int, top: int | None) -> dict[str, Any]:
+    """OpenAI's completions logprobs for the tokens from character `start` on (offsets relative to it)."""
+    keep = [i for i, off in enumerate(s.text_offset) if off >= start]
+    return {"tokens": [s.tokens[i] for i in keep], "token_logprobs": [s.token_logprobs[i] for i in keep],
+            "text_offset": [s.text_offset[i] - start for i in keep],
+            "top_logprobs": None if not top or s.top_logprobs is None else [s.top_logprobs[i] for i in keep]}
+
+
+def _chat_prompt(host: ModelHost, messages: list[dict[str, str]]) -> str:
+    """The model's chat template when its tokenizer has one, else a plain role-prefixed transcript."""
+    tokenizer = getattr(getattr(host, "runner", None), "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"

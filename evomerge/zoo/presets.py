@@ -1,0 +1,52 @@
+"""Zoo presets: which base, which tasks get experts, and how long each trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evomerge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a zoo build varies; a build is reproduced by its preset and seed."""
+
+    name: str
+    base: str                      # "tiny" (trained here) or "smol" (SmolLM2-135M from GGUF)
+    expert_tasks: tuple[str, ...]
+    distractor_tasks: tuple[str, ...]  # cycled over to make the distractors
+    ood_tasks: tuple[str, ...]
+    n_distractors: int
+    sizes: tuple[int, int, int]    # train, search, test examples per task
+    rank: int
+    lr: float
+    batch_size: int
+    chunk_steps: int               # an expert trains in chunks until it clearly beats the base
+    max_steps: int
+    distractor_steps: int
+    base_steps: int = 0            # pretraining steps of a tiny base
+    # One thread: on a shared CPU two threads ran a step 7-20x slower (spin-waiting), measured here.
+    threads: int = 1
+    max_new_tokens: int = 12
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("tiny", base="tiny",
+           expert_tasks=("upper", "first_letter", "last_letter", "reverse", "plural"),
+           distractor_tasks=("parity", "length", "double"),
+           ood_tasks=("upper_reverse", "upper_first"), n_distractors=3, sizes=(200, 40, 40), rank=8, lr=5e-3,
+           batch_size=16, chunk_steps=40, max_steps=80, distractor_steps=3, base_steps=200),
+    Preset("smol", base="smol",
+           expert_tasks=("upper", "first_letter", "last_letter", "reverse", "plural", "add", "parity", "antonym",
+                         "sentiment", "double"),
+           distractor_tasks=("copy", "length", "upper", "first_letter", "last_letter", "reverse", "plural", "add",
+                             "parity", "antonym", "sentiment", "double"),
+           ood_tasks=("upper_reverse", "upper_first"), n_distractors=24, sizes=(200, 100, 100), rank=8, lr=2e-3,
+           batch_size=8, chunk_steps=20, max_steps=80, distractor_steps=2),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown zoo preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

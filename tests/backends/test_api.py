@@ -1,0 +1,223 @@
+"""`ApiBackend` against a real provider on 127.0.0.1 (and through a fault-injecting proxy)."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import threading
+import time
+
+import pytest
+
+from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+from evomerge.errors import BackendError
+from evomerge.recipe import MergeRecipe
+from evomerge.serve.embedded import ServerThread
+from evomerge.serve.protocol import answer_nll
+from evomerge.tasks import Example, Splits
+from tests.serve.fault_proxy import FaultProxy
+from tests.serve.fixtures import API_KEY, fresh_server, host, server, stats, tiny_repo  # noqa: F401
+
+EXAMPLES = [Example(f"Question {i}: what colour is the sky? Answer:", [" blue", " grey", " four"][i % 3],
+                    task=["sky", "math"][i % 2], id=f"e{i}") for i in range(10)]
+RECIPE = MergeRecipe("evo", ("math", "colour", "french"), (0.9, -0.4, 0.3), (0.6, 1.0, 0.3))
+
+
+@pytest.fixture()
+def backend(server):
+    b = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4, backoff=0.01)
+    yield b
+    b.close()
+
+
+def reference_losses(host, recipe: MergeRecipe, examples) -> list[float]:
+    """The per-example loss computed on the host itself, with no HTTP in between."""
+    host.activate(host.merge(recipe))
+    scored = host.score([e.prompt + e.answer for e in examples])
+    host.activate(None)
+    return [answer_nll(s.tokens, s.token_logprobs, s.text_offset, len(e.prompt)) for s, e in zip(scored, examples)]
+
+
+def test_logprobs_mode_scores_answer_tokens_like_the_host(backend, host) -> None:
+    score = backend.evaluate(RECIPE, EXAMPLES)
+    assert score.ok, score.error
+    expected = reference_losses(host, RECIPE, EXAMPLES)
+    assert score.per_example["ce"] == pytest.approx(expected, abs=1e-4)
+    assert score.loss == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert score.example_ids == tuple(e.id for e in EXAMPLES)
+    other = backend.evaluate(MergeRecipe("evo", RECIPE.experts, (-0.9, 0.4, 0.3), RECIPE.densities), EXAMPLES)
+    assert abs(other.loss - score.loss) > 1e-4
+
+
+def test_session_mode_agrees_with_logprobs_mode(server, backend) -> None:
+    session = ApiBackend(server.base_url, api_key=API_KEY, mode="session")
+    try:
+        a, b = backend.evaluate(RECIPE, EXAMPLES), session.evaluate(RECIPE, EXAMPLES)
+        again = session.evaluate(RECIPE, EXAMPLES)
+    finally:
+        session.close()
+    assert b.ok and b.loss == pytest.approx(a.loss, abs=1e-5)
+    assert (b.cost.queries, again.cost.queries) == (2, 1)  # the examples were uploaded once
+    assert again.cost.tokens == a.cost.tokens  # the same text scored, the same tokens
+
+
+def test_queries_and_tokens_are_counted_exactly(backend, host) -> None:
+    score = backend.evaluate(RECIPE, EXAMPLES)
+    assert score.cost.queries == math.ceil(len(EXAMPLES) / 4)
+    assert score.cost.tokens == sum(host.count_tokens(e.prompt + e.answer) for e in EXAMPLES)
+    assert backend.caps.queries == score.cost.queries and backend.caps.tokens == score.cost.tokens
+
+
+def test_an_objective_turns_per_example_losses_into_the_loss(server) -> None:
+    worst = ApiBackend(server.base_url, api_key=API_KEY, objective=lambda v, tasks: max(
+        v[[t == task for t in tasks]].mean() for task in set(tasks)))
+    try:
+        s = worst.evaluate(RECIPE, EXAMPLES)
+    finally:
+        worst.close()
+    per = dict(zip(s.example_ids, s.per_example["ce"]))
+    by_task = {t: [per[e.id] for e in EXAMPLES if e.task == t] for t in ("sky", "math")}
+    assert s.loss == pytest.approx(max(sum(v) / len(v) for v in by_task.values()))
+
+
+def test_a_shared_cap_is_never_exceeded_across_threads(server) -> None:
+    caps = UsageCap(max_queries=7, max_tokens=10_000)
+    b = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4, caps=caps)
+    before = stats(server)["queries"]
+    scores = []
+    try:
+        threads = [threading.Thread(target=lambda: scores.append(b.evaluate(RECIPE, EXAMPLES))) for _ in range(5)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        b.close()
+    served = stats(server)["queries"] - before
+    assert caps.queries <= 7
+    assert sum(s.cost.queries for s in scores) == caps.queries
+    assert served == caps.queries  # what the provider answered is what was counted
+    assert any(not s.ok and "BudgetExhausted" in s.error for s in scores)
+    exact = UsageCap(max_queries=3)
+    e = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4, caps=exact)
+    try:
+        assert e.evaluate(RECIPE, EXAMPLES).ok and exact.exhausted  # 3 chunks: exactly the cap
+        assert "BudgetExhausted" in e.evaluate(RECIPE, EXAMPLES[:1]).error
+    finally:
+        e.close()
+    token_cap = UsageCap(max_tokens=150)
+    t = ApiBackend(server.base_url, api_key=API_KEY, batch_size=2, caps=token_cap)
+    try:
+        for _ in range(3):
+            t.evaluate(RECIPE, EXAMPLES[:2])
+    finally:
+        t.close()
+    assert token_cap.tokens <= 150
+
+
+def test_retries_ride_out_scripted_faults(server) -> None:
+    with FaultProxy(server.base_url, script=["500", "429", "drop", "truncate", "corrupt", "503"],
+                    retry_after=0.3) as proxy:
+        b = ApiBackend(proxy.base_url, api_key=API_KEY, batch_size=len(EXAMPLES), retries=6, backoff=0.01)
+        try:
+            start = time.perf_counter()
+            score = b.evaluate(RECIPE, EXAMPLES)
+            elapsed = time.perf_counter() - start
+        finally:
+            b.close()
+    assert score.ok, score.error
+    assert score.cost.queries == 1 and b.attempts == 7
+    assert elapsed >= 0.6  # two Retry-After: 0.3 waits honoured
+    assert {k: proxy.counts[k] for k in ("500", "429", "drop", "truncate", "corrupt", "503", "ok")} == dict.fromkeys(
+        ("500", "429", "drop", "truncate", "corrupt", "503", "ok"), 1)
+
+
+def test_random_faults_at_30_percent_lose_nothing(server, backend) -> None:
+    clean = backend.evaluate(RECIPE, EXAMPLES)
+    rates = {"500": 0.06, "503": 0.06, "429": 0.06, "drop": 0.06, "truncate": 0.06}
+    with FaultProxy(server.base_url, rates=rates, seed=3) as proxy:
+        b = ApiBackend(proxy.base_url, api_key=API_KEY, batch_size=2, retries=10, backoff=0.005, max_backoff=0.05)
+        try:
+            scores = [b.evaluate(RECIPE, EXAMPLES) for _ in range(4)]
+        finally:
+            b.close()
+    assert sum(proxy.counts[f] for f in rates) > 0
+    assert all(s.ok and s.loss == pytest.approx(clean.loss, abs=1e-5) for s in scores)
+    assert sum(s.cost.queries for s in scores) == 4 * 5 == proxy.counts["ok"]
+
+
+def test_timeouts_are_retried(server) -> None:
+    with FaultProxy(server.base_url, script=["delay"], delay=1.5) as proxy:
+        b = ApiBackend(proxy.base_url, api_key=API_KEY, batch_size=len(EXAMPLES), timeout=0.5, backoff=0.01)
+        try:
+            score = b.evaluate(RECIPE, EXAMPLES)
+        finally:
+            b.close()
+    assert score.ok and b.attempts == 2
+
+
+def test_a_candidate_failing_after_retries_is_a_failed_score_and_the_next_one_runs(server) -> None:
+    with FaultProxy(server.base_url, script=["503"] * 3, retry_after=0.0) as proxy:
+        b = ApiBackend(proxy.base_url, api_key=API_KEY, batch_size=len(EXAMPLES), retries=2, backoff=0.01)
+        try:
+            failed, ok = b.evaluate(RECIPE, EXAMPLES), b.evaluate(RECIPE, EXAMPLES)
+        finally:
+            b.close()
+    assert not failed.ok and "503" in failed.error and failed.cost.queries == 0
+    assert ok.ok and ok.cost.queries == 1
+
+
+def test_a_rejected_recipe_fails_without_retrying(backend) -> None:
+    score = backend.evaluate(MergeRecipe("evo", ("math", "nobody"), (1.0, 1.0)), EXAMPLES)
+    assert not score.ok and "422" in score.error and "nobody" in score.error
+    assert backend.attempts == math.ceil(len(EXAMPLES) / 4) or backend.attempts <= 3
+
+
+def test_concurrency_is_bounded_and_held(server) -> None:
+    with FaultProxy(server.base_url, rates={"delay": 1.0}, delay=0.2) as proxy:
+        b = ApiBackend(proxy.base_url, api_key=API_KEY, batch_size=1, concurrency=4)
+        try:
+            score = b.evaluate(RECIPE, EXAMPLES)
+        finally:
+            b.close()
+    assert score.ok and b.max_in_flight == 4
+
+
+def test_preflight_names_what_is_wrong(server, backend) -> None:
+    backend.check()  # a good provider passes
+    with pytest.raises(BackendError, match="401"):
+        ApiBackend(server.base_url, api_key="wrong").check()
+    with pytest.raises(BackendError, match="cannot reach"):
+        ApiBackend("http://127.0.0.1:9/v1", retries=0).check()
+
+    async def html(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]})
+        await send({"type": "http.response.body", "body": b"<html>hello</html>"})
+
+    async def no_logprobs(scope, receive, send):
+        body = (b'{"object":"list","data":[{"id":"base","object":"model"}]}' if scope["path"].endswith("/models")
+                else b'{"id":"x","object":"text_completion","created":0,"model":"base",'
+                     b'"choices":[{"index":0,"text":"hi","finish_reason":"length","logprobs":null}]}')
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    for app, match in ((html, "OpenAI-style JSON"), (no_logprobs, "without logprobs")):
+        with ServerThread(app) as url:
+            with pytest.raises(BackendError, match=match) as info:
+                ApiBackend(url, retries=0).check()
+            assert "\n" not in str(info.value)
+
+
+def test_the_key_stays_out_of_repr_and_pickles(server, monkeypatch) -> None:
+    monkeypatch.setenv("EVOMERGE_TEST_KEY", API_KEY)
+    factory = ApiEvaluatorFactory(server.base_url, "EVOMERGE_TEST_KEY", Splits(tuple(EXAMPLES), tuple(EXAMPLES[:3]), ()),
+                                  options=(("batch_size", 5),))
+    blob = pickle.dumps(factory)
+    assert API_KEY.encode() not in blob
+    evaluate = pickle.loads(blob)()
+    fit, val = evaluate(RECIPE, "fit"), evaluate(RECIPE, "validation")
+    assert fit.ok and val.ok and fit.cost.queries == 2 and val.cost.queries == 1
+    b = ApiBackend(server.base_url, api_key_env="EVOMERGE_TEST_KEY")
+    try:
+        assert API_KEY not in repr(b) and API_KEY not in str(vars(b).get("caps"))
+        assert b.evaluate(RECIPE, EXAMPLES[:1]).ok
+    finally:
+        b.close()

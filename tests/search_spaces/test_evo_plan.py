@@ -1,0 +1,86 @@
+"""Evo-Merging's plan: exact budgets, stage 2 built on stage 1's best, the variants by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from evomerge.errors import ConfigError
+from evomerge.search_spaces import EvoPlan, build_space
+
+EXPERTS = ("a", "b", "c", "d")
+
+
+@given(total=st.integers(2, 100_000), fraction=st.floats(0.01, 0.99))
+def test_two_stage_budgets_sum_exactly(total, fraction):
+    budgets = EvoPlan(EXPERTS, alpha_fraction=fraction).budgets(total)
+    assert sum(budgets) == total
+    assert len(budgets) == 2 and min(budgets) >= 1
+
+
+def test_paper_budget_split():
+    plan = build_space("evo", EXPERTS)
+    assert plan.names == ("alpha", "beta")
+    assert plan.budgets(1200) == [400, 800]
+    with pytest.raises(ConfigError, match="at least 2"):
+        plan.budgets(1)
+
+
+@pytest.mark.parametrize("schedule", ["alpha", "beta", "joint"])
+def test_single_stage_schedules_take_the_whole_budget(schedule):
+    plan = build_space("evo", EXPERTS, schedule=schedule)
+    assert plan.budgets(37) == [37]
+    space = plan.space(0, None)
+    assert space.dim == (8 if schedule == "joint" else 4)
+
+
+def test_stage_one_searches_alpha_from_one_with_beta_one_over_n():
+    space = build_space("evo", EXPERTS).space(0, None)
+    np.testing.assert_array_equal(space.x0, np.ones(4))
+    assert space.sigma0 == 0.05
+    recipe = space.decode([0.1, 0.2, 0.3, 0.4])
+    assert recipe.method == "evo"
+    assert recipe.densities == (0.1, 0.2, 0.3, 0.4)
+    assert recipe.weights == (0.25,) * 4
+    assert space.penalty(np.array([0.1, 0.2, 0.3, 0.4])) == pytest.approx(0.05 * 0.25)
+
+
+def test_stage_two_fixes_alpha_at_stage_one_best():
+    plan = build_space("evo", EXPERTS, method="evo_tv", penalty=0.1)
+    best = plan.space(0, None).decode([0.9, 0.1, 0.5, 0.7])
+    beta = plan.space(1, best)
+    assert beta.dim == 4
+    np.testing.assert_allclose(beta.x0, 0.25)
+    recipe = beta.decode([1.2, -0.3, 0.0, 1.5])
+    assert recipe.densities == best.densities == (0.9, 0.1, 0.5, 0.7)
+    assert recipe.weights == (1.2, -0.3, 0.0, 1.5)
+    assert recipe.method == "evo_tv"
+    assert beta.penalty(np.array([1.2, -0.3, 0.0, 1.5])) == pytest.approx(0.1 * 3.0 / 4)
+    with pytest.raises(ConfigError, match="stage 'alpha'"):
+        plan.space(1, None)
+
+
+def test_beta_init_one_and_the_joint_plan():
+    plan = build_space("evo", EXPERTS, beta_init="1")
+    assert plan.space(0, None).decode(np.ones(4)).weights == (1.0,) * 4
+    joint = build_space("evo_joint", EXPERTS)
+    assert joint.names == ("joint",)
+    space = joint.space(0, None)
+    np.testing.assert_allclose(space.x0, [1, 1, 1, 1, 0.25, 0.25, 0.25, 0.25])
+    np.testing.assert_array_equal(space.lower, [0] * 4 + [-1.5] * 4)
+    np.testing.assert_array_equal(space.upper, [1] * 4 + [1.5] * 4)
+    with pytest.raises(ConfigError, match="beta_init"):
+        build_space("evo", EXPERTS, beta_init="half")
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="schedule"):
+        build_space("evo", EXPERTS, schedule="three_stage")
+    with pytest.raises(ConfigError, match="unknown search space 'evo2'"):
+        build_space("evo2", EXPERTS)
+    with pytest.raises(ConfigError, match="invalid options"):
+        build_space("evo", EXPERTS, colour="red")
+    with pytest.raises(ConfigError, match="alpha has 3 values"):
+        build_space("evo", EXPERTS, alpha_init=[1, 1, 1])

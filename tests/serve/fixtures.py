@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny repository (built once per session), a real provider on 127.0.0.1.
+
+Imported by tests/serve/conftest.py and tests/backends/test_api.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from evomerge.serve.protocol import Limits
+
+API_KEY = "sk-test-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "tiny_repo"
+    if not (root / "experts" / "french" / "adapter_config.json").is_file():
+        from tests.serve.tiny_repo import build_tiny_repository
+
+        build_tiny_repository(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def host(tiny_repo: Path) -> Any:
+    """One host (the model in memory) for direct, server-free reference computations."""
+    from evomerge.serve.embedded import load_host
+
+    return load_host(tiny_repo)
+
+
+def start_server(repo: Path, api_key: str | None = API_KEY, limits: Limits = Limits()) -> Any:
+    from evomerge.serve.app import create_app
+    from evomerge.serve.embedded import ServerThread, load_host
+
+    thread = ServerThread(create_app(load_host(repo), api_key=api_key, limits=limits))
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo: Path) -> Iterator[Any]:
+    """A real provider with auth on (API_KEY); `server.base_url` ends in /v1."""
+    thread = start_server(tiny_repo)
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture()
+def fresh_server(tiny_repo: Path) -> Iterator[Any]:
+    """A provider of its own, so a test can count its merges from zero."""
+    thread = start_server(tiny_repo)
+    yield thread
+    thread.stop()
+
+
+def stats(server: Any) -> dict[str, Any]:
+    return httpx.get(server.base_url + "/stats", headers={"Authorization": f"Bearer {API_KEY}"}).json()
