@@ -389,6 +389,7 @@ class ApiEvaluatorFactory:
     api_base: str
     api_key_env: str
     splits: Splits
+    uses_gpu = False  # a client: Ray places it on CPU even on a GPU cluster
     objective: Any = None
     options: tuple[tuple[str, Any], ...] = ()
     caps: UsageCap | None = None
