@@ -1,17 +1,16 @@
 """`evomerge serve`: run the reference provider over a repository until interrupted.
 
-The lead's `evomerge/cli.py` calls `register(subparsers)`; `python -m evomerge.serve.cli` runs it alone.
+`evomerge/cli.py` calls `register(subparsers)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.serve.protocol import Limits
 
 
@@ -62,18 +61,3 @@ def serve(args: argparse.Namespace) -> int:
           f" (auth {'on' if key else 'off'})", flush=True)
     uvicorn_server(app).run(sockets=[sock])
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="evomerge")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except EvomergeError as exc:
-        print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

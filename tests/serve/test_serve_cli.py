@@ -22,7 +22,7 @@ def free_port() -> int:
 def test_serve_runs_with_auth_from_the_environment(tiny_repo) -> None:
     port = free_port()
     env = {**os.environ, "EVOMERGE_SERVE_KEY": API_KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge.serve.cli", "serve", "--repository", str(tiny_repo),
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "serve", "--repository", str(tiny_repo),
                              "--port", str(port), "--api-key-env", "EVOMERGE_SERVE_KEY"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -45,7 +45,7 @@ def test_serve_runs_with_auth_from_the_environment(tiny_repo) -> None:
 
 def test_serve_refuses_an_unset_key_variable(tiny_repo) -> None:
     env = {k: v for k, v in os.environ.items() if k != "EVOMERGE_UNSET_KEY"}
-    r = subprocess.run([sys.executable, "-m", "evomerge.serve.cli", "serve", "--repository", str(tiny_repo),
+    r = subprocess.run([sys.executable, "-m", "evomerge", "serve", "--repository", str(tiny_repo),
                         "--api-key-env", "EVOMERGE_UNSET_KEY"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "EVOMERGE_UNSET_KEY" in r.stderr
 
