@@ -380,6 +380,14 @@ class ApiBackend(Backend):
         """One request or two at start-up; raise one clear `BackendError` line if the provider won't do."""
         self._run(self._check())
 
+    def experts(self) -> list[str]:
+        """The experts the provider serves (its /models entries other than the base)."""
+        async def listed() -> list[str]:
+            models = await self._client.get("/models", cast_to=object)
+            return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
+
+        return self._run(listed())
+
     async def _check(self) -> None:
         openai = require("openai", "the api backend")
         where = f"the provider at {self.api_base}"
