@@ -35,7 +35,7 @@ from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
 FORMAT = 1
 MANIFEST = "zoo.json"
-CHECK_EXAMPLES = 24  # search examples checked between training chunks
+CHECK_EXAMPLES = 16  # search examples checked between training chunks
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -149,6 +149,7 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
                 break
         bar.update(spec.max_steps - steps)
         metrics = {"steps": steps, **_metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)}
+        bar.write(f"expert {task}: {metrics} (base {base_metrics[task]})")
         experts[task] = _save(model, work, task, task, False, metrics)
         base = model.unload()
 
