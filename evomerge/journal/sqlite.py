@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -26,6 +27,17 @@ from evomerge.score import Cost, Score
 SCHEMA_VERSION = 1
 CHECKPOINT_VERSION = 1
 _MAGIC = "evomerge-journal"
+
+FAULT_COMMIT_DELAY = "EVOMERGE_FAULT_COMMIT_DELAY"
+FAULT_CHECKPOINT_DELAY = "EVOMERGE_FAULT_CHECKPOINT_DELAY"
+"""Fault hooks for the crash tests (tests/faults): seconds to sleep inside an open write
+transaction of an evaluation commit or a checkpoint, so a `kill -9` can land there. Unset: no-op."""
+
+
+def _fault_delay(variable: str) -> None:
+    delay = os.environ.get(variable)
+    if delay:
+        time.sleep(float(delay))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -134,6 +146,7 @@ class Journal:
             raise
         self._batch -= 1
         if not self._batch:
+            _fault_delay(FAULT_COMMIT_DELAY)
             self._conn.commit()
 
     def __enter__(self) -> "Journal":
@@ -206,6 +219,7 @@ class Journal:
             self._conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                                (stage, n_told, CHECKPOINT_VERSION, sqlite3.Binary(state), time.time()))
             self._conn.execute("DELETE FROM checkpoints WHERE stage = ? AND n_told < ?", (stage, n_told))
+            _fault_delay(FAULT_CHECKPOINT_DELAY)
 
     def latest_checkpoint(self, stage: int) -> tuple[int, bytes] | None:
         row = self._conn.execute(
