@@ -87,8 +87,11 @@ class Journal:
         path = Path(path)
         if path.exists() and path.stat().st_size > 0:
             raise JournalError(f"journal {path} already exists; pass --resume to continue it or choose a new path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = cls._connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot create journal {path} ({exc}); choose a writable path") from None
         with conn:
             conn.executescript(_SCHEMA)
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -104,27 +107,33 @@ class Journal:
         if not path.is_file():
             raise JournalError(f"journal {path} does not exist; check the path or start a run without --resume")
         try:
-            conn = cls._connect(path)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            conn = sqlite3.connect(str(path), check_same_thread=False)  # WAL only once it is ours: a
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())  # foreign file stays as it is
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path} is not a readable evomerge journal ({exc}); point at the .sqlite file a search wrote") from None
+        refusal = None
         if meta.get("magic") != _MAGIC:
-            raise JournalError(f"{path} is an SQLite file but not an evomerge journal")
-        if int(meta.get("schema_version", "0")) > SCHEMA_VERSION:
-            raise JournalError(f"{path} was written by a newer evomerge (schema {meta['schema_version']}); upgrade evomerge")
-        journal = cls(path, conn)
-        if fingerprint is not None and not force:
+            refusal = f"{path} is an SQLite file but not an evomerge journal"
+        elif int(meta.get("schema_version", "0")) > SCHEMA_VERSION:
+            refusal = f"{path} was written by a newer evomerge (schema {meta['schema_version']}); upgrade evomerge"
+        elif fingerprint is not None and not force:
             stored = json.loads(meta["fingerprint"])
             theirs = json.loads(json.dumps(fingerprint, sort_keys=True))
             if stored != theirs:
                 diff = sorted(k for k in set(stored) | set(theirs) if stored.get(k) != theirs.get(k))
-                raise JournalError(f"journal {path} belongs to a different configuration (differs in: {', '.join(diff)}); "
-                                   "use the original settings, a new journal path, or --force")
-        return journal
+                refusal = (f"journal {path} belongs to a different configuration (differs in: {', '.join(diff)}); "
+                           "use the original settings, a new journal path, or --force")
+        if refusal is not None:
+            conn.close()
+            raise JournalError(refusal)
+        return cls(path, cls._configure(conn))
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(path), check_same_thread=False)
+        return Journal._configure(sqlite3.connect(str(path), check_same_thread=False))
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
