@@ -13,6 +13,7 @@ tests/faults/test_crash.py and benchmarks/reliability.py.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -20,9 +21,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+from evomerge.cli import main
 from evomerge.journal.sqlite import FAULT_CHECKPOINT_DELAY, FAULT_COMMIT_DELAY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,3 +153,64 @@ def random_points(n: int, budget: int, seed: int, last_checkpoint: int) -> list[
     rng = random.Random(seed)
     return [(kind, rng.randint(1, last_checkpoint - 10) if kind == "checkpoint" else rng.randint(1, budget - 5))
             for kind in (KINDS[i % len(KINDS)] for i in range(n))]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted run: its best recipe line and every evaluation (less the commit order)."""
+
+    best: str
+    evaluations: list[tuple]
+    last_checkpoint: int
+
+
+def reference_run(path: Path, budget: int, seed: int) -> Reference:
+    """The uninterrupted run, in this process (the CLI's own code path; a subprocess costs seconds)."""
+    out = io.StringIO()
+    old = os.environ.get("EVOMERGE_TEST_DELAY")
+    os.environ["EVOMERGE_TEST_DELAY"] = EVAL_DELAY
+    try:
+        with redirect_stdout(out):
+            code = main(reference_args(path, budget, seed))
+    finally:
+        if old is None:
+            del os.environ["EVOMERGE_TEST_DELAY"]
+        else:
+            os.environ["EVOMERGE_TEST_DELAY"] = old
+    if code != 0:
+        raise AssertionError(f"the reference run failed with exit code {code}")
+    return Reference(best_line(out.getvalue()), sorted(r[1:] for r in rows(path)), last_checkpoint(path))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What `--resume` of a killed journal did, against the uninterrupted reference."""
+
+    integrity_before: str
+    integrity_after: str
+    returncode: int
+    stderr: str
+    kept: bool
+    """Every evaluation committed before the kill is still there, unchanged."""
+    paid: int
+    duplicates: int
+    """(stage, trial, split) keys journaled more than once."""
+    same_evaluations: bool
+    same_best: bool
+
+    def ok(self, budget: int) -> bool:
+        return (self.integrity_before == self.integrity_after == "ok" and self.returncode == 0 and self.kept
+                and self.paid == budget and self.duplicates == 0 and self.same_evaluations and self.same_best)
+
+
+def resume(path: Path, budget: int, seed: int, ref: Reference) -> Resumed:
+    """Resume a killed run to the end and compare it with `ref`."""
+    before_check = integrity(path)
+    before = rows(path)
+    proc = search(path, budget, seed, resume=True)
+    out, err = proc.communicate(timeout=300)
+    after = rows(path)
+    best = next((line for line in out.splitlines() if line.startswith("best recipe:")), None)
+    return Resumed(before_check, integrity(path), proc.returncode, err, after[: len(before)] == before, paid(path),
+                   len(after) - len({r[1:4] for r in after}), sorted(r[1:] for r in after) == ref.evaluations,
+                   best == ref.best)

@@ -40,9 +40,9 @@ def post_routes(session_path: str) -> list[str]:
 
 def test_schema_fuzzing_finds_no_server_error(server) -> None:
     before = probe(server)
-    stats = fuzz(server.base_url.removesuffix("/v1"), AUTH, max_examples=6, seed=1)
+    stats = fuzz(server.base_url.removesuffix("/v1"), AUTH, max_examples=4, seed=1)
     assert stats.failures == []
-    assert stats.cases >= 40 and len(stats.statuses) > 2  # valid and invalid requests both went in
+    assert stats.cases >= 25 and len(stats.statuses) > 2  # valid and invalid requests both went in
     assert probe(server) == pytest.approx(before, abs=1e-6)
 
 
