@@ -34,6 +34,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
     fastapi = require("fastapi", "evomerge serve")
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch)
 
@@ -59,6 +60,10 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first.get("loc", ())[1:] if not _TYPE_TAG.match(str(p))) or None
         return error(422, f"{param or 'body'}: {first.get('msg')}", param, "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Any, exc: StarletteHTTPException) -> Any:  # unknown route, unparsable body, ...
+        return error(exc.status_code, str(exc.detail), None, "invalid_request_error")
 
     @app.exception_handler(EvomergeError)
     async def _refused(_: Any, exc: EvomergeError) -> Any:  # raised while merging: the recipe cannot be served
