@@ -61,10 +61,19 @@ def fault_campaign(server: Any, key: str, root: Path, rates: list[float], budget
                      "failed": run.failed, "failed_without_error": sum(1 for r in run.rows if r[3] == "failed" and not r[4]),
                      "duplicates": len(keys) - len(set(keys)), "journal_queries": run.queries,
                      "forwarded": run.forwarded, "served": run.served, "faults": run.faults,
+                     "failures": dict(collections.Counter(_reason(r[4]) for r in run.rows if r[3] == "failed")),
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"  faults {rate:.0%}{f' cap {cap}' if cap else ''}: {run.paid} evaluations, {run.failed} failed, "
               f"{run.queries} queries journaled, {run.forwarded} forwarded", flush=True)
     return runs
+
+
+def _reason(error: str | None) -> str:
+    """The kind of a failure: the cap, or the last transient error after the retries ran out."""
+    text = error or "no error text"
+    if "BudgetExhausted" in text:
+        return "query cap"
+    return text.rsplit("last: ", 1)[-1].split(":", 1)[0].removeprefix("provider answered ")
 
 
 def fuzz_campaign(server: Any, key: str, examples: int) -> dict[str, Any]:
@@ -126,12 +135,14 @@ def markdown(figures: dict[str, Any]) -> str:
         lines.append("")
     if "faults" in figures:
         lines += ["### api searches through the fault proxy", "",
-                  "| fault rate | cap | evaluations | failed (all with error) | duplicates | journal queries "
+                  "| fault rate | cap | evaluations | failed (all with error): why | duplicates | journal queries "
                   "| forwarded to provider | provider served | faults injected |", "|---|---|---|---|---|---|---|---|---|"]
         for r in figures["faults"]:
             injected = ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items()) if k != "ok")
             lines.append(f"| {r['rate']:.0%} | {r['max_queries'] or '—'} | {r['evaluations']}/{r['budget']} | "
-                         f"{r['failed']} ({'yes' if not r['failed_without_error'] else 'NO'}) | {r['duplicates']} | "
+                         f"{r['failed']} ({'yes' if not r['failed_without_error'] else 'NO'})"
+                         f"{': ' + ', '.join(f'{k} {v}' for k, v in r['failures'].items()) if r['failures'] else ''} | "
+                         f"{r['duplicates']} | "
                          f"{r['journal_queries']} | {r['forwarded']} | {r['served']} | {injected} |")
         lines.append("")
     if "fuzz" in figures:
@@ -142,7 +153,7 @@ def markdown(figures: dict[str, Any]) -> str:
     if "ray" in figures:
         r = figures["ray"]
         lines += ["### Ray workers SIGKILLed mid-search", "",
-                  f"{r['killed']} of {r['workers']} workers' processes killed; {r['evaluations']}/{r['budget']} "
+                  f"{r['killed']} worker processes SIGKILLed ({r['workers']} worker slots); {r['evaluations']}/{r['budget']} "
                   f"evaluations journaled, {r['distinct_trials']} distinct trials, {r['failed']} failed "
                   f"({r['seconds']} s)", ""]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ FITNESS = f"{ROOT / 'tests' / '_fitness.py'}:slow_demo"
 KINDS = ("evaluation", "commit", "checkpoint")
 EVAL_DELAY = "0.002"
 """Seconds per evaluation (EVOMERGE_TEST_DELAY of tests/_fitness.py): the run lasts seconds."""
-_HOLD = {"commit": (FAULT_COMMIT_DELAY, "0.05"), "checkpoint": (FAULT_CHECKPOINT_DELAY, "0.8")}
+_HOLD = {"commit": (FAULT_COMMIT_DELAY, "0.05"), "checkpoint": (FAULT_CHECKPOINT_DELAY, "1.0")}
 
 
 def reference_args(journal: Path, budget: int, seed: int) -> list[str]:
@@ -124,8 +124,8 @@ def _at(journal: Path, kind: str) -> bool:
     if not writing(journal):
         time.sleep(0.001)
         return False
-    if kind == "checkpoint":  # an evaluation commit is brief: still writing a while later means a checkpoint
-        time.sleep(0.06)
+    if kind == "checkpoint":  # a commit, even with SQLite's own WAL checkpoint, is far shorter than the hold
+        time.sleep(0.3)
         return writing(journal)
     return True
 
