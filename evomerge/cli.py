@@ -85,9 +85,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong and where to look), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"evomerge: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Black-box evolutionary model merging.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="evomerge", description="Black-box evolutionary model merging.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("search", help="search for the best merge of experts")
     s.add_argument("--config", type=Path, help="YAML config file; flags override its fields")
     s.add_argument("--backend", choices=["python", "local", "api"])
