@@ -83,6 +83,8 @@ class SearchConfig(_Frozen):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     race: RaceConfig | None = None
+    test_metrics: list[str] = Field(default_factory=lambda: ["ce", "exact_match"], min_length=1)
+    """Metrics reported on the test split (configured apart from the search objective)."""
     device: str | None = None
     dtype: str | None = None
 
@@ -94,6 +96,16 @@ class SearchConfig(_Frozen):
         if name.lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
         return name.lower()
+
+    @field_validator("test_metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str]) -> list[str]:
+        from evomerge.objectives import METRICS
+
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown test metric(s) {unknown}; choose from {', '.join(METRICS)}")
+        return metrics
 
     @field_validator("space")
     @classmethod
