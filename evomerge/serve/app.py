@@ -95,8 +95,8 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         recipe = parse_merge(req.merge, req.model, host, limits)
         generated = [Generated("", 0)] * len(prompts)
         if req.max_tokens > 0:
-            generated = await worker.call(recipe, lambda h: [
-                h.generate(p, req.max_tokens, req.temperature, req.seed) for p in prompts])
+            generated = await worker.call(recipe, lambda h: h.generate(prompts, req.max_tokens, req.temperature,
+                                                                       req.seed))
         completions_ = [g.text for g in generated]
         scored: list[Scored | None] = [None] * len(prompts)
         if req.logprobs is not None:
@@ -120,7 +120,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         _check_batch([prompt], max_tokens, limits)
         recipe = parse_merge(req.merge, req.model, host, limits)
         out, prompt_tokens = await worker.call(recipe, lambda h: (
-            h.generate(prompt, max_tokens, req.temperature, req.seed), h.count_tokens(prompt)))
+            h.generate([prompt], max_tokens, req.temperature, req.seed)[0], h.count_tokens(prompt)))
         worker.stats.queries += 1
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or host.base_name,
