@@ -39,8 +39,9 @@ def test_embedded_api_demo(tiny_zoo, tmp_path):
 
 
 def test_local_search_beats_the_uniform_merge_on_the_search_loss(tiny_zoo, tmp_path):
+    (tmp_path / "ce.yaml").write_text("test_metrics: [ce]\n")  # exact match on test: the api test covers it
     res = cli("--backend", "local", "--budget", "60", "--seed", "0", "--journal", str(tmp_path / "local.sqlite"),
-              "--output", str(tmp_path / "out"))
+              "--output", str(tmp_path / "out"), "--config", str(tmp_path / "ce.yaml"))
     assert res.returncode == 0, res.stderr[-2000:]
     with Journal.open(tmp_path / "local.sqlite") as j:
         best = min((t for t in j.trials(split="fit") if t.ok), key=lambda t: t.loss)
