@@ -6,7 +6,7 @@ Stages run one after another (a `Plan`); each stage is an ask/tell loop over the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -19,6 +19,7 @@ from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.caps import Caps
 from evomerge.scheduler.loop import Shared, StageRun
+from evomerge.scheduler.race import Race
 from evomerge.scheduler.selection import choose, shortlist, validate
 from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.score import Cost
@@ -74,13 +75,15 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
            max_retries: int = 2, lookahead: int | None = None, popsize: int | None = None,
            optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
            max_tokens: int | None = None, checkpoint_every: int | None = None, progress: bool = False,
-           config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+           config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None,
+           race: Race | None = None) -> SearchResult:
     """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
 
     Give either `fitness` (a callable: recipe -> loss or {"loss": ..., metric: ...}) or
     `evaluator` (a picklable factory of (recipe, split) -> Score, as the local and api backends
     build; with a validation split, the returned recipe is chosen on it among the `top_k` best
-    by fit loss). `resume=True` continues the run journaled at `journal`.
+    by fit loss). `resume=True` continues the run journaled at `journal`. `race` scores each
+    candidate on a minibatch of the fit examples first and finishes only the promising ones.
     """
     if (fitness is None) == (evaluator is None):
         raise ConfigError("give exactly one of fitness= (a callable) or evaluator= (a backend's evaluator factory)")
@@ -95,6 +98,11 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     factory: EvaluatorFactory = evaluator if evaluator is not None else PythonEvaluatorFactory(fitness)
     splits = getattr(factory, "splits", None)
     has_validation = bool(getattr(factory, "has_validation", False) or (splits is not None and splits.validation))
+    race_split = None
+    if race is not None:
+        if splits is None or not splits.fit:
+            raise ConfigError("racing needs an evaluator with fit examples (the local or api backend), not a fitness callable")
+        race_split = race.split(len(splits.fit))
     plan = as_plan(space)
     budgets = plan.budgets(budget)
     options = dict(optimizer_options or {})
@@ -102,6 +110,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     window = lookahead or max(probe.popsize, 2 * workers)
     fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
                    "popsize": popsize, "seed": seed, "budget": budget, "lookahead": window, "top_k": top_k,
+                   "race": None if race is None else asdict(race),
                    "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
     store = _open_journal(journal, fingerprint, config, resume, force)
     pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
@@ -121,7 +130,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
             run = StageRun(stage, stage_space, stage_budget,
                            lambda sp, s=stage, b=stage_budget: make_optimizer(
                                optimizer, sp, seed=seed + 1000 * s, popsize=popsize, budget=b, **options),
-                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize)
+                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split)
             trials = run.run()
             all_trials.extend(trials)
             top = shortlist(trials, top_k)

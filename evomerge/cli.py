@@ -22,6 +22,8 @@ def _search(args: argparse.Namespace) -> int:
         overrides["executor"] = "ray"
     if args.api_base is not None:
         overrides["api"] = {"base": args.api_base}
+    if args.race is not None:
+        overrides["race"] = {"fraction": args.race}
     config = load_config(args.config, overrides)
     result, report = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
     fit = result.best_loss
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fitness", help="python backend: MODULE:CALLABLE returning a loss (default: built-in demo)")
     s.add_argument("--repository", type=Path, help="local/api backends: the repository directory")
     s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
+    s.add_argument("--race", type=float, metavar="FRACTION",
+                   help="score candidates on this fraction of the fit examples first; finish only the promising")
     s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML and config")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_search)

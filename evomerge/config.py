@@ -49,6 +49,15 @@ class ApiConfig(_Frozen):
     mode: Literal["logprobs", "session"] = "logprobs"
 
 
+class RaceConfig(_Frozen):
+    """Racing: score on a minibatch of `fraction` of the fit examples first (see scheduler/race.py)."""
+
+    fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    quantile: float = Field(0.5, gt=0.0, le=1.0)
+    window: int | None = Field(None, ge=1)
+    warmup: int = Field(10, ge=1)
+
+
 class SearchConfig(_Frozen):
     backend: Literal["python", "local", "api"] = "python"
     budget: int = Field(500, gt=0)
@@ -73,6 +82,7 @@ class SearchConfig(_Frozen):
     task: TaskConfig = Field(default_factory=TaskConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    race: RaceConfig | None = None
     device: str | None = None
     dtype: str | None = None
 
@@ -112,7 +122,9 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
             raise ConfigError(f"{path}: the config must be a YAML mapping of settings, not a {type(loaded).__name__}")
         data = dict(loaded or {})
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}  # a flag overrides one field of a section
+        elif value is not None:
             data[key] = value
     try:
         return SearchConfig.model_validate(data)

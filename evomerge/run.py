@@ -19,6 +19,7 @@ from evomerge.errors import ConfigError
 from evomerge.export import write_exports
 from evomerge.journal import Journal
 from evomerge.repository import Repository
+from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Example, Splits, load_jsonl, split_search
 
@@ -145,7 +146,8 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
                     workers=config.workers, executor=config.executor, ray_address=config.ray_address,
                     eval_timeout=config.eval_timeout, max_retries=config.max_retries, popsize=config.popsize,
                     optimizer_options=config.optimizer_options, top_k=config.top_k, max_queries=config.max_queries,
-                    max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"))
+                    max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"),
+                    race=None if config.race is None else Race(**config.race.model_dump()))
     report = None
     if prepared.splits is not None and prepared.splits.test:
         evaluate = prepared.evaluator()

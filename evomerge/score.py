@@ -8,6 +8,8 @@ from typing import Any, Mapping
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+STATUS_STOPPED = "stopped"
+"""Scored on a minibatch only and stopped there by racing (its loss is the minibatch loss)."""
 
 
 @dataclass(frozen=True)

@@ -82,9 +82,12 @@ class Splits:
             raise TaskError("the fit split is empty; give the search more examples or a smaller validation fraction")
 
     def get(self, split: str) -> tuple[Example, ...]:
-        if split not in SPLITS:
-            raise TaskError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        return getattr(self, split)
+        """The examples of a split; ``NAME:K`` is its first K examples (racing's minibatch)."""
+        name, _, count = split.partition(":")
+        if name not in SPLITS or (count and not count.isdigit()):
+            raise TaskError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} (or NAME:K for the first K)")
+        examples = getattr(self, name)
+        return examples[: int(count)] if count else examples
 
     @property
     def tasks(self) -> tuple[str, ...]:

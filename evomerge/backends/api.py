@@ -235,6 +235,8 @@ class ApiBackend(Backend):
         if not self.caps.fits(len(chunks), _token_bound([e.prompt + e.answer for e in examples])):
             raise BudgetExhausted(f"the caps leave too little for a {len(chunks)}-query evaluation; "
                                   "raise --max-queries / --max-tokens to go on")
+        if len(chunks) == 1:
+            return await self._score_chunk(recipe, chunks[0], tally)
         # no cancellation of siblings: a request once sent is answered and counted, or released
         results = await asyncio.gather(*(self._score_chunk(recipe, c, tally) for c in chunks), return_exceptions=True)
         for r in results:
@@ -244,18 +246,22 @@ class ApiBackend(Backend):
 
     async def _score_chunk(self, recipe: MergeRecipe, chunk: list[Example], tally: _Tally) -> list[float]:
         texts = [e.prompt + e.answer for e in chunk]
+        body = {"model": self.model or "base", "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0,
+                "temperature": 0.0, MERGE_FIELD: recipe.to_dict()}
 
         def parse(resp: Any) -> tuple[list[float], int]:
-            choices = sorted(resp.choices, key=lambda c: c.index)
-            if len(choices) != len(chunk) or any(c.logprobs is None or not c.logprobs.token_logprobs for c in choices):
+            choices = sorted(resp["choices"], key=lambda c: c["index"])
+            if len(choices) != len(chunk) or any(not (c.get("logprobs") or {}).get("token_logprobs") for c in choices):
                 raise ValueError("the provider's answer lacks a choice or its logprobs")
-            out = [answer_nll(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.text_offset, len(e.prompt))
-                   for c, e in zip(choices, chunk)]
-            return out, _tokens(resp, sum(len(c.logprobs.tokens) for c in choices))
+            lps = [c["logprobs"] for c in choices]
+            out = [answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(e.prompt))
+                   for lp, e in zip(lps, chunk)]
+            return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))
 
-        return await self._request(lambda: self._client.completions.create(
-            model=self.model or "base", prompt=texts, max_tokens=0, echo=True, logprobs=0, temperature=0.0,
-            extra_body={MERGE_FIELD: recipe.to_dict()}), parse, _token_bound(texts), tally)
+        # the openai client's raw post: the same request as completions.create(extra_body={"merge": ...}),
+        # answered as a dict, which skips building typed models (a third of the client's time per query)
+        return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
+                                   _json_object(parse), _token_bound(texts), tally)
 
     async def _score_session(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> list[float]:
         fingerprint = (recipe.experts, tuple((e.id, e.prompt, e.answer) for e in examples))
@@ -265,7 +271,7 @@ class ApiBackend(Backend):
             session_id, tokens = self._sessions[fingerprint]
 
             def parse(resp: Any) -> tuple[list[float], int]:
-                per = resp.get("per_example") if isinstance(resp, dict) else None
+                per = resp.get("per_example")
                 if not isinstance(per, list) or len(per) != len(examples):
                     raise ValueError("the provider's session answer lacks per_example losses")
                 return [math.nan if v is None else float(v) for v in per], _tokens(resp, tokens)
@@ -273,7 +279,7 @@ class ApiBackend(Backend):
             try:
                 return await self._request(lambda: self._client.post(
                     f"/sessions/{session_id}/evaluate", body={MERGE_FIELD: recipe.to_dict()}, cast_to=object),
-                    parse, tokens, tally)
+                    _json_object(parse), tokens, tally)
             except BackendError as exc:
                 if not str(exc).startswith("provider answered 404"):
                     raise
@@ -285,11 +291,12 @@ class ApiBackend(Backend):
                 "examples": [{"prompt": e.prompt, "answer": e.answer, "id": e.id} for e in examples]}
 
         def parse(resp: Any) -> tuple[tuple[str, int], int]:
-            if not isinstance(resp, dict) or "id" not in resp:
+            if "id" not in resp:
                 raise ValueError("the provider's session answer lacks an id")
             return (str(resp["id"]), int(resp.get("tokens_per_evaluation", 0))), 0
 
-        return await self._request(lambda: self._client.post("/sessions", body=body, cast_to=object), parse, 0, tally)
+        return await self._request(lambda: self._client.post("/sessions", body=body, cast_to=object),
+                                   _json_object(parse), 0, tally)
 
     # -- preflight -------------------------------------------------------------------------------------------
 
@@ -322,6 +329,20 @@ class ApiBackend(Backend):
             except BackendError as exc:
                 raise BackendError(f"{where} cannot score by logprobs: {exc}; use the session mode or "
                                    "a provider that supports echo+logprobs") from None
+
+
+def _json_object(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap `parse` so an answer that is not a JSON object (truncated, HTML) is a retryable ValueError."""
+
+    def checked(resp: Any) -> Any:
+        if not isinstance(resp, dict):
+            raise ValueError(f"the provider answered {type(resp).__name__}, not a JSON object")
+        try:
+            return parse(resp)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"the provider's answer is malformed ({type(exc).__name__}: {exc})") from None
+
+    return checked
 
 
 def _parse_probe(resp: Any) -> tuple[None, int]:

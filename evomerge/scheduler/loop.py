@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import pickle
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -29,7 +29,8 @@ from evomerge.optimizers._base import Optimizer
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.caps import Caps
-from evomerge.score import Score
+from evomerge.scheduler.race import Race
+from evomerge.score import STATUS_STOPPED, Score
 from evomerge.search_spaces._base import SearchSpace
 
 STALL_LIMIT = 200
@@ -52,6 +53,9 @@ class Shared:
 class _Pending:
     z: np.ndarray
     recipe: MergeRecipe
+    threshold: float | None = None
+    """Racing's bar for this trial's minibatch objective (None: evaluate it fully at once)."""
+    minibatch: Score | None = None
 
 
 class StageRun:
@@ -59,8 +63,10 @@ class StageRun:
     query/token cap or convergence stops it)."""
 
     def __init__(self, stage: int, space: SearchSpace, budget: int, make_optimizer: Callable[[SearchSpace], Optimizer],
-                 shared: Shared, lookahead: int, checkpoint_every: int) -> None:
+                 shared: Shared, lookahead: int, checkpoint_every: int, race: Race | None = None,
+                 race_split: str | None = None) -> None:
         self.stage, self.space, self.budget, self.shared = stage, space, budget, shared
+        self.race, self.race_split = race, race_split
         self.journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == "fit"}
         self.results: dict[int, Trial] = {}
         self.pending: dict[int, _Pending] = {}
@@ -73,7 +79,7 @@ class StageRun:
             self.opt = make_optimizer(space)
             self.k_ask = self.k_tell = self.paid = self.stalled = 0
             self.worst = -math.inf
-            restored: list[tuple[int, list[float]]] = []
+            restored: list[tuple[int, list[float], float | None]] = []
         else:
             state = pickle.loads(saved[1])
             self.opt = state["optimizer"]
@@ -81,9 +87,10 @@ class StageRun:
             self.stalled, self.worst = state["stalled"], state["worst"]
             restored = state["pending"]
             self.trials = [t for k, t in sorted(self.journaled.items()) if k < self.k_tell]
+        self.full_told = [t.objective for t in self.trials if t.ok]
         self.lookahead = max(1, lookahead)
-        for k, z in restored:  # asked before the checkpoint: already counted
-            self._dispatch(k, np.asarray(z, dtype=float), count=False)
+        for k, z, threshold in restored:  # asked before the checkpoint: already counted
+            self._dispatch(k, np.asarray(z, dtype=float), threshold, count=False)
 
     # -- asking ---------------------------------------------------------------------------------
     def _can_ask(self) -> bool:
@@ -95,20 +102,21 @@ class StageRun:
 
     def _ask_window(self) -> None:
         while self._can_ask():
-            self._dispatch(self.k_ask, self.opt.ask())
+            threshold = self.race.threshold(self.full_told, self.opt.popsize) if self.race is not None else None
+            self._dispatch(self.k_ask, self.opt.ask(), threshold)
             self.k_ask += 1
 
-    def _dispatch(self, k: int, z: np.ndarray, count: bool = True) -> None:
+    def _dispatch(self, k: int, z: np.ndarray, threshold: float | None, count: bool = True) -> None:
         """Route trial k to its journaled result, a cached result, an identical one in flight,
         or a new paid evaluation; `count` updates the paid and stall counters."""
         paid, stalled = self.paid, self.stalled
-        self._route(k, z)
+        self._route(k, z, threshold)
         if not count:
             self.paid, self.stalled = paid, stalled
 
-    def _route(self, k: int, z: np.ndarray) -> None:
+    def _route(self, k: int, z: np.ndarray, threshold: float | None) -> None:
         recipe = self.space.decode(z)
-        self.pending[k] = _Pending(z, recipe)
+        self.pending[k] = _Pending(z, recipe, threshold)
         key = (recipe.key(), "fit")
         old = self.journaled.get(k)
         if old is not None:
@@ -131,15 +139,15 @@ class StageRun:
             self.stalled = 0
             self.paid += 1
             self.waiters[key] = [k]
-            self.futures[self.shared.executor.submit(recipe, "fit")] = (k, "fit")
+            split = self.race_split if threshold is not None else "fit"
+            self.futures[self.shared.executor.submit(recipe, split)] = (k, split)
 
     # -- results --------------------------------------------------------------------------------
     def _complete(self, k: int, score: Score, cached: bool) -> None:
         p = self.pending[k]
-        objective = score.loss + self.space.penalty(p.z) if score.ok else math.nan
+        finite = score.ok or (score.status == STATUS_STOPPED and math.isfinite(score.loss))
+        objective = score.loss + self.space.penalty(p.z) if finite else math.nan
         trial = self.shared.journal.record(self.stage, k, "fit", p.z, p.recipe, score, objective, cached)
-        if not cached:
-            self.shared.caps.observe(score.cost)
         self.shared.by_key.setdefault((p.recipe.key(), "fit"), trial)
         self.results[k] = trial
         self.shared.on_result(trial)
@@ -150,11 +158,29 @@ class StageRun:
             for fut in sorted(done, key=lambda f: self.futures[f][0]):
                 k, split = self.futures.pop(fut)
                 score = _result(fut)
-                key = (self.pending[k].recipe.key(), split)
-                first, *rest = self.waiters.pop(key)
+                self.shared.caps.observe(score.cost)
+                if split != "fit":
+                    score = self._raced(k, score)
+                    if score is None:
+                        continue
+                elif self.pending[k].minibatch is not None:
+                    score = replace(score, cost=score.cost + self.pending[k].minibatch.cost)
+                first, *rest = self.waiters.pop((self.pending[k].recipe.key(), "fit"))
                 self._complete(first, score, cached=False)
                 for other in rest:
                     self._complete(other, score, cached=True)
+
+    def _raced(self, k: int, mini: Score) -> Score | None:
+        """Decide a minibatch result: the final score if the trial stops here, or None once its
+        full evaluation is submitted."""
+        p = self.pending[k]
+        if not mini.ok:
+            return mini
+        if mini.loss + self.space.penalty(p.z) > p.threshold:
+            return replace(mini, status=STATUS_STOPPED)
+        p.minibatch = mini
+        self.futures[self.shared.executor.submit(p.recipe, "fit")] = (k, "fit")
+        return None
 
     def _tell_ready(self) -> bool:
         """Tell the next result in ask order, then refill the window; False if it is not ready."""
@@ -164,6 +190,8 @@ class StageRun:
         if math.isfinite(trial.objective):
             told = trial.objective
             self.worst = max(self.worst, told)
+            if trial.ok:
+                self.full_told.append(told)
         else:  # failed: worse than anything seen, so the optimizer moves away from it
             told = self.worst + max(1.0, abs(self.worst)) if math.isfinite(self.worst) else 1e6
         self.opt.tell(self.pending.pop(self.k_tell).z, told)
@@ -177,7 +205,7 @@ class StageRun:
     def _checkpoint(self) -> None:
         state = {"optimizer": self.opt, "k_ask": self.k_ask, "k_tell": self.k_tell, "paid": self.paid,
                  "stalled": self.stalled, "worst": self.worst,
-                 "pending": [(k, p.z.tolist()) for k, p in sorted(self.pending.items())]}
+                 "pending": [(k, p.z.tolist(), p.threshold) for k, p in sorted(self.pending.items())]}
         self.shared.journal.save_checkpoint(self.stage, self.k_tell, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     def run(self) -> list[Trial]:

@@ -128,7 +128,11 @@ def actor_resources(workers: int, num_gpus: float | None, num_cpus: float | None
 
 class RayExecutor:
     """Runs evaluations on `workers` Ray actors. Invariant: every submitted future resolves to a
-    Score (failures included); only `shutdown` cancels the futures still queued."""
+    Score (failures included); only `shutdown` cancels the futures still queued.
+
+    Each actor takes one GPU where the cluster has GPUs, unless `num_gpus_per_worker` says
+    otherwise or the factory declares ``uses_gpu = False`` (a provider client needs none).
+    """
 
     def __init__(self, factory: EvaluatorFactory, workers: int, eval_timeout: float | None = None,
                  max_retries: int = 2, address: str | None = None,
@@ -144,9 +148,15 @@ class RayExecutor:
         self.eval_timeout = eval_timeout
         self.max_retries = max_retries
         self._owns_ray = connect(address)
+        if num_gpus_per_worker is None and not getattr(factory, "uses_gpu", True):
+            num_gpus_per_worker = 0.0  # an api client or a plain fitness leaves the GPUs free
         cpus, gpus = actor_resources(workers, num_gpus_per_worker, num_cpus_per_worker)
         self._actor_class = self._ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
                                              max_task_retries=0)(_EvalActor)
+        errors = self._ray.exceptions
+        self._lost = (errors.RayActorError, errors.OutOfMemoryError, errors.NodeDiedError,
+                      errors.WorkerCrashedError, errors.ObjectLostError)
+        """What a dead worker raises (killed, out of memory, its node gone): replace and retry."""
         self._factory = factory
         self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
         self._lock = threading.Lock()
@@ -253,7 +263,7 @@ class RayExecutor:
                 self._replace(index, "timed out")
                 return Score.failed(f"timed out after {self.eval_timeout:g}s; the worker was restarted",
                                     Cost(seconds=float(self.eval_timeout or 0.0)))
-            except self._ray.exceptions.RayActorError as exc:
+            except self._lost as exc:
                 self._replace(index, "died")
                 errors.append(f"the worker died: {_reason(exc)}")
             except self._ray.exceptions.RayError as exc:  # e.g. a Score that cannot be unpickled

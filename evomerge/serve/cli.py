@@ -28,6 +28,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     p.add_argument("--max-batch", type=int, default=Limits.max_batch, help="prompts per request")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (1 is fastest for small models "
+                                                       "on a busy CPU)")
     p.add_argument("--cache-size", type=int, default=256, help="merged states kept (LRU by recipe key)")
     p.set_defaults(func=serve)
     return p
@@ -36,7 +38,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     from evomerge._imports import require
     from evomerge.serve.app import create_app
-    from evomerge.serve.embedded import load_host
+    from evomerge.serve.embedded import bind, load_host, uvicorn_server
 
     key = None
     if args.api_key_env:
@@ -49,11 +51,13 @@ def serve(args: argparse.Namespace) -> int:
         from evomerge.zoo import ensure_tiny
 
         repository = ensure_tiny()
+    if args.torch_threads:
+        require("torch", "evomerge serve").set_num_threads(args.torch_threads)
+    sock = bind(args.host, args.port)  # fail fast on a taken port, before loading the model
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
     app = create_app(load_host(repository, args.device, args.dtype), api_key=key, limits=limits,
                      cache_size=args.cache_size)
     print(f"evomerge serve: {repository} on http://{args.host}:{args.port}/v1"
           f" (auth {'on' if key else 'off'})", flush=True)
-    require("uvicorn", "evomerge serve").run(app, host=args.host, port=args.port, log_level="warning",
-                                             access_log=False)
+    uvicorn_server(app).run(sockets=[sock])
     return 0

@@ -134,3 +134,14 @@ def test_topk_ties_go_to_lower_index():
     y = torch.randn(50, 40).round(decimals=1)
     for k in (1, 17, 999, 1999):
         np.testing.assert_array_equal(topk_mask(y, k).numpy(), ref.top_mask(y.numpy(), k))
+
+
+@pytest.mark.parametrize("k", [1, 1000, 40000, 69999, 70000])
+def test_radix_cutoff_matches_sorting_on_large_tensors(k):
+    from evomerge.merging.sparsify import RADIX_MIN, topk_mask
+
+    gen = torch.Generator().manual_seed(k)
+    x = (torch.randn(70000, generator=gen) * 3).round(decimals=2)  # many ties
+    x[:5] = 0.0
+    assert x.numel() >= RADIX_MIN
+    np.testing.assert_array_equal(topk_mask(x, k).numpy(), ref.top_mask(x.numpy(), k))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+import ray
 
 from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost, Score
@@ -34,18 +37,21 @@ def squares_where(recipe: MergeRecipe) -> dict[str, float]:
 
 class ProbeFactory:
     """Builds a `Probe`; with `crash_once` (a file path), the first evaluation anywhere exits
-    its worker process mid-candidate (the path is claimed atomically, so exactly once)."""
+    its worker process mid-candidate (the path is claimed atomically, so exactly once).
+    `uses_gpu` is the executor's hint whether a worker needs a GPU."""
 
-    def __init__(self, crash_once: str | None = None, sleep: float = 0.0) -> None:
+    def __init__(self, crash_once: str | None = None, sleep: float = 0.0, uses_gpu: bool = True) -> None:
         self.crash_once = crash_once
         self.sleep = sleep
+        self.uses_gpu = uses_gpu
 
     def __call__(self) -> "Probe":
         return Probe(self.crash_once, self.sleep)
 
 
 class Probe:
-    """Scores Σw², records when and where it ran (metrics: start, end, pid, calls)."""
+    """Scores Σw², records when and where it ran (metrics: start, end, pid, calls, and gpu:
+    the Ray GPU id the worker holds, -1 for none)."""
 
     def __init__(self, crash_once: str | None, sleep: float) -> None:
         self.crash_once = crash_once
@@ -63,8 +69,10 @@ class Probe:
             os._exit(1)
         time.sleep(float(meta.get("sleep", self.sleep)))
         end = time.time()
+        gpus = ray.get_gpu_ids()
         return Score(loss=squares(recipe), cost=Cost(queries=1, seconds=end - start),
-                     metrics={"start": start, "end": end, "pid": float(os.getpid()), "calls": float(self.calls)})
+                     metrics={"start": start, "end": end, "pid": float(os.getpid()), "calls": float(self.calls),
+                              "gpu": float(gpus[0]) if gpus else -1.0})
 
 
 def _claim(path: str) -> bool:
@@ -107,16 +115,18 @@ class HttpEvaluator:
 
 
 class DelayServer:
-    """A loopback HTTP endpoint that answers Σw² after a delay (the request's, else `delay`)."""
+    """A loopback HTTP endpoint that answers Σw² after a delay: the request's, else `delay`, or
+    with `spread` = (low, high) a delay drawn uniformly per recipe (the same recipe, the same delay)."""
 
-    def __init__(self, delay: float) -> None:
-        default = delay
+    def __init__(self, delay: float, spread: tuple[float, float] | None = None) -> None:
+        def default(weights: str) -> float:
+            return random.Random(weights).uniform(*spread) if spread else delay
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 query = parse_qs(urlparse(self.path).query)
                 wait = float(query.get("delay", ["-1"])[0])
-                time.sleep(wait if wait >= 0 else default)
+                time.sleep(wait if wait >= 0 else default(query["w"][0]))
                 weights = [float(w) for w in query["w"][0].split(",")]
                 body = json.dumps({"loss": sum(w * w for w in weights)}).encode()
                 self.send_response(200)

