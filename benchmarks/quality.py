@@ -28,13 +28,15 @@ import numpy as np
 
 from evomerge.baselines import single
 
-from benchmarks.quality_methods import (DEFAULT, FIXED, SEARCHES, Outcome, base_recipe, candidates, race_supported,
-                                        run_fixed, run_search)
+from benchmarks.quality_methods import (DEFAULT, FIXED, SEARCHES, Outcome, base_recipe, candidates, run_fixed,
+                                        run_search)
 from benchmarks.quality_report import curve_png, markdown
 from benchmarks.quality_setup import SETTINGS, Scorer, Setting, load_setting
 
-QUICK = {"budget": 60, "search_per_task": 16, "test_per_task": 24, "references": 3}
-FULL = {"budget": 500, "search_per_task": 48, "test_per_task": 100, "references": None}
+QUICK = {"budget": 60, "search_per_task": (24, 6), "test_per_task": (24, 8), "references": 3}
+FULL = {"budget": 500, "search_per_task": (48, 12), "test_per_task": (100, 40), "references": None}
+"""Examples per task as (one target task, several tasks): a multi-task merge scores every task on
+each evaluation, so it takes fewer per task to keep an evaluation's cost near the single-task one."""
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,14 +53,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=5, help="candidates re-scored on validation before choosing")
     ap.add_argument("--dtype", default=None, help="merge/eval dtype (e.g. bfloat16); default the model's")
     ap.add_argument("--race", action="store_true", help="also run the default search in racing mode (query efficiency)")
+    ap.add_argument("--race-factor", type=float, default=2.0,
+                    help="the raced run's budget of candidates, as a multiple of --budget (stopped ones are cheap)")
     ap.add_argument("--out", default="benchmarks", help="folder for quality_<tag>.md/.json and the PNGs")
     ap.add_argument("--tag", default=None, help="name of the outputs (default: zoo preset, + -quick)")
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.budget = args.budget or preset["budget"]
-    args.search_per_task = args.search_per_task or preset["search_per_task"]
-    args.test_per_task = args.test_per_task or preset["test_per_task"]
+    args.search_per_task = (args.search_per_task,) * 2 if args.search_per_task else preset["search_per_task"]
+    args.test_per_task = (args.test_per_task,) * 2 if args.test_per_task else preset["test_per_task"]
     args.references = preset["references"]
     args.methods = args.methods or [*SEARCHES, *FIXED]
     unknown = [m for m in args.methods if m not in SEARCHES and m not in FIXED]
@@ -97,6 +101,10 @@ def _race_efficiency(full: Outcome, raced: Outcome, n_fit: int) -> dict[str, Any
             "race_total_evals_worth": raced.queries / n_fit}
 
 
+def _race_budget(args: argparse.Namespace) -> int:
+    return max(1, round(args.race_factor * args.budget))
+
+
 def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int], None]) -> dict[str, Any]:
     repo = str(args.repository)
     scorer = Scorer(repo, setting, args.dtype)
@@ -108,8 +116,8 @@ def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int]
             out = run_search(name, SEARCHES[name], setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
             rows.append(_row(scorer, out, seed, time.perf_counter() - start))
             curves.setdefault(name, []).append(_curve(scorer, out, SEARCHES[name].budget or args.budget))
-            if args.race and name == DEFAULT and race_supported():
-                raced = run_search(name + "_race", replace(SEARCHES[name], race=True), setting, repo, args.dtype,
+            if args.race and name == DEFAULT:
+                raced = run_search(name + "_race", replace(SEARCHES[name], race=True, budget=_race_budget(args)), setting, repo, args.dtype,
                                    args.budget, seed, args.top_k, tick)
                 rows.append(_row(scorer, raced, seed, 0.0))
                 races.append({"seed": seed, **_race_efficiency(out, raced, len(setting.splits.fit))})
@@ -133,7 +141,8 @@ def _total_ticks(args: argparse.Namespace, settings: list[Setting]) -> int:
     for s in settings:
         for m in args.methods:
             if m in SEARCHES:
-                total += len(args.seeds) * (SEARCHES[m].budget or args.budget) * (2 if args.race and m == DEFAULT else 1)
+                total += len(args.seeds) * ((SEARCHES[m].budget or args.budget)
+                                            + (_race_budget(args) if args.race and m == DEFAULT else 0))
             elif m != "uniform":
                 total += len(candidates(m, s.experts, args.quick))
     return total
@@ -150,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.repository = Path(args.repository).resolve()
     preset = json.loads((args.repository / "zoo.json").read_text()).get("preset", args.repository.name)
     tag = args.tag or f"{preset}{'-quick' if args.quick else ''}"
-    settings = [load_setting(args.repository, s, args.search_per_task, args.test_per_task, args.validation)
-                for s in args.settings]
+    settings = [load_setting(args.repository, s, args.search_per_task[s != "ood"], args.test_per_task[s != "ood"],
+                             args.validation) for s in args.settings]
     started = time.perf_counter()
     bar = tqdm(total=_total_ticks(args, settings), desc="quality", unit="eval", dynamic_ncols=True)
     results = []
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = {"command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
            "repository": str(args.repository), "preset": preset, "seeds": args.seeds, "budget": args.budget,
-           "default": DEFAULT, "race_supported": race_supported(), "wall_seconds": round(time.perf_counter() - started),
+           "default": DEFAULT, "wall_seconds": round(time.perf_counter() - started),
            "settings": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

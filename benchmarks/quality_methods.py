@@ -8,7 +8,6 @@ a practitioner tunes them by hand; they never see test.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -18,6 +17,7 @@ from evomerge.baselines import single
 from evomerge.journal import Trial
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe, uniform
+from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space, grid
 
 from benchmarks.quality_setup import BenchFactory, Setting, search_loss
@@ -40,6 +40,7 @@ class SearchMethod:
     budget: int | None = None
     """A fixed budget of its own (LoraHub's 40 steps); None: the benchmark's budget."""
     race: bool = False
+    """Score candidates on a quarter of fit first and stop the clearly worse (`evomerge.scheduler.race`)."""
 
 
 SEARCHES: dict[str, SearchMethod] = {
@@ -76,58 +77,38 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def race_supported() -> bool:
-    """Whether this evomerge has the racing (minibatch early-stop) mode."""
-    return "race" in inspect.signature(evomerge.search).parameters
-
-
 def run_search(name: str, method: SearchMethod, setting: Setting, repository: str, dtype: str | None,
                budget: int, seed: int, top_k: int, tick: Callable[[int], None]) -> Outcome:
     """Run one search and record its paid evaluations and the incumbent after each one."""
     factory = BenchFactory(repository, setting.splits, method.objective, dtype)
     if not method.validation:
         factory = factory.without_validation()
-    n_fit, n_val = len(factory.splits.fit), len(factory.splits.validation)
     out = Outcome(name, uniform(setting.experts))
-    best, scored, fit_curve = [math.inf], [0], []
+    best, fit_curve = [math.inf], []
 
     def seen(trial: Trial) -> None:
         if trial.cached:
             return
         if trial.split != "fit":
-            out.val_evals += 1
             return
         out.fit_evals += 1
         tick(1)
-        size = len(trial.score.example_ids) or n_fit
-        scored[0] += size
-        fit_curve.append((scored[0], trial.loss if trial.ok and size == n_fit else math.inf))
+        fit_curve.append((factory.meter.examples, trial.loss if trial.ok else math.inf))
         if trial.ok and trial.loss < best[0]:
             best[0] = trial.loss
             out.trace.append((out.fit_evals, trial.recipe))
 
     space = build_space(method.space, list(setting.experts), **method.options)
-    extra = {"race": True} if method.race else {}
+    extra = {"race": Race()} if method.race else {}
     result = evomerge.search(space=space, evaluator=factory, budget=method.budget or budget,
                              optimizer=method.optimizer, seed=seed, top_k=top_k if method.validation else 1,
                              on_trial=seen, **extra)
     out.recipe = result.best_recipe
-    out.queries = _queries(result, n_fit, n_val)
+    out.queries = factory.meter.examples
+    out.val_evals = factory.meter.calls.get("validation", 0)
     out.extra = {"fit_loss": result.best_loss, "validation_loss": result.validation_loss, "fit_curve": fit_curve,
                  "stages": [(s.name, s.evaluations, None if s.best is None else s.best.loss) for s in result.stages]}
     return out
-
-
-def _queries(result: Any, n_fit: int, n_val: int) -> int:
-    """Examples scored: from the journal's query counts where the backend reports them (racing
-    scores fewer examples), else evaluations × split size."""
-    total = 0
-    for t in result.trials:
-        if t.cached:
-            continue
-        counted = t.score.cost.queries or len(t.score.example_ids) or (n_fit if t.split == "fit" else n_val)
-        total += counted
-    return total
 
 
 def candidates(name: str, experts: Sequence[str], quick: bool) -> list[MergeRecipe]:

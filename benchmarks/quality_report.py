@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality_methods import DEFAULT, SEARCHES
+from benchmarks.quality_methods import DEFAULT
 
 BASELINES = ("paper_two_stage", "lorahub_40", "lorahub_full", "random", "uniform", "task_arithmetic_grid",
              "ties_grid", "dare_grid", "best_single")
@@ -104,7 +104,7 @@ def markdown(run: dict[str, Any], tag: str) -> str:
     lines = [f"# Search quality: {tag}", "",
              f"- command: `{run['command']}`", f"- date: {run['date']}; machine: {run['machine']}",
              f"- repository: {run['repository']} (preset {run['preset']}); seeds {run['seeds']}; budget {run['budget']}",
-             f"- wall time: {run['wall_seconds']} s; racing mode available: {run['race_supported']}", ""]
+             f"- wall time: {run['wall_seconds']} s", ""]
     for r in run["settings"]:
         groups = by_method(r["rows"])
         lines += [f"## {r['setting']}", "",

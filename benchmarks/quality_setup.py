@@ -23,7 +23,7 @@ from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
 from evomerge.score import Score
-from evomerge.tasks import Splits, load_jsonl, split_search
+from evomerge.tasks import Example, Splits, load_jsonl, split_search
 
 SETTINGS = ("ood", "indomain", "indomain_distractors")
 REPORT = Objective({"ce": 1.0, "exact_match": 1.0})
@@ -70,7 +70,16 @@ def load_setting(repository: Path, name: str, search_per_task: int, test_per_tas
         search += load_jsonl(repository / files["search"], task=task)[:search_per_task]
         test += load_jsonl(repository / files["test"], task=task)[:test_per_task]
     fit, val = split_search(search, validation, SPLIT_SEED)
-    return Setting(name, tasks, pool, Splits(fit, val, tuple(test)), own)
+    return Setting(name, tasks, pool, Splits(_interleave(fit), val, tuple(test)), own)
+
+
+def _interleave(examples: Sequence[Example]) -> tuple[Example, ...]:
+    """Round-robin over tasks, so racing's minibatch (the first K fit examples) spans every task."""
+    by_task: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_task.setdefault(ex.task, []).append(ex)
+    rounds = max((len(v) for v in by_task.values()), default=0)
+    return tuple(group[i] for i in range(rounds) for group in by_task.values() if i < len(group))
 
 
 _BACKENDS: dict[tuple[str, str | None], LocalBackend] = {}
@@ -84,6 +93,25 @@ def shared_backend(repository: str, dtype: str | None) -> LocalBackend:
     return _BACKENDS[key]
 
 
+class Meter:
+    """Examples scored through a factory's evaluators: the queries a provider would bill."""
+
+    def __init__(self) -> None:
+        self.examples = 0
+        self.calls: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class _Metered:
+    inner: _SplitEvaluator
+    meter: Meter
+
+    def __call__(self, recipe: MergeRecipe, split: str) -> Score:
+        self.meter.examples += len(self.inner.splits.get(split))
+        self.meter.calls[split] = self.meter.calls.get(split, 0) + 1
+        return self.inner(recipe, split)
+
+
 @dataclass(frozen=True)
 class BenchFactory:
     """An evaluator factory over the shared engine with a method's own objective and splits."""
@@ -92,6 +120,7 @@ class BenchFactory:
     splits: Splits
     objective: Objective
     dtype: str | None = None
+    meter: Meter = field(default_factory=Meter, compare=False)
 
     @property
     def has_validation(self) -> bool:
@@ -101,11 +130,11 @@ class BenchFactory:
         return {"repository": self.repository, "objective": repr(self.objective), "fit": len(self.splits.fit),
                 "validation": len(self.splits.validation)}
 
-    def __call__(self) -> _SplitEvaluator:
+    def __call__(self) -> _Metered:
         backend = copy.copy(shared_backend(self.repository, self.dtype))
         backend.objective = self.objective
         backend._references = {}
-        return _SplitEvaluator(backend, self.splits)
+        return _Metered(_SplitEvaluator(backend, self.splits), self.meter)
 
     def without_validation(self) -> "BenchFactory":
         return replace(self, splits=replace(self.splits, validation=()))

@@ -16,16 +16,16 @@ def run(tmp_path_factory):
     from evomerge.zoo import ensure_tiny
 
     out = tmp_path_factory.mktemp("quality")
-    result = quality.main(["--repository", str(ensure_tiny()), "--quick", "--budget", "6", "--settings", "indomain",
-                           "--methods", DEFAULT, "paper_two_stage", "uniform", "best_single",
-                           "--search-per-task", "4", "--test-per-task", "3", "--out", str(out), "--tag", "smoke"])
+    result = quality.main(["--repository", str(ensure_tiny()), "--quick", "--budget", "5", "--settings", "indomain",
+                           "--methods", DEFAULT, "paper_two_stage", "best_single",
+                           "--search-per-task", "3", "--test-per-task", "2", "--top-k", "2", "--out", str(out), "--tag", "smoke"])
     return out, result
 
 
 def test_searches_pay_their_budget_and_default_selects_on_validation(run):
     _, result = run
     rows = {r["method"]: r for r in result["settings"][0]["rows"]}
-    assert rows[DEFAULT]["fit_evals"] == 6 and rows["paper_two_stage"]["fit_evals"] == 6
+    assert rows[DEFAULT]["fit_evals"] == 5 and rows["paper_two_stage"]["fit_evals"] == 5
     assert rows[DEFAULT]["val_evals"] >= 1, "the default search must re-score its top candidates on validation"
     assert rows["paper_two_stage"]["val_evals"] == 0, "the paper-faithful search selects by fit loss alone"
     for r in rows.values():
