@@ -10,7 +10,7 @@ Builds (once, under --workdir) a model of SmolLM2-135M's shape with random weigh
    (what a mergekit user does with adapters; α=1 evo_tv is the same merge);
 2. the TIES merge's bytes/s (read base + N experts, write one model) against torch.clone of the
    same number of bytes;
-3. peak memory of a full-task-vector TIES merge as the expert count grows (each count in a fresh
+3. peak memory of a full-task-vector merge (--scan-method) as the expert count grows (each count in a fresh
    process): anonymous memory (the real cost) and file-backed pages of the memory-mapped experts
    (reclaimable page cache that counts in RSS).
 
@@ -159,8 +159,8 @@ class PeakMemory:
         self._sample()
 
 
-def rss_child(work: Path, n: int) -> None:
-    """One TIES merge over n full experts in this fresh process; prints a JSON line."""
+def rss_child(work: Path, n: int, method: str) -> None:
+    """One merge over n full experts in this fresh process; prints a JSON line."""
     from evomerge.merging import MergeEngine
 
     names = [f"f{k}" for k in range(n)]
@@ -169,9 +169,9 @@ def rss_child(work: Path, n: int) -> None:
         engine = MergeEngine(repo, device="cpu", dtype="float32")
     with PeakMemory() as peak:
         start = time.perf_counter()
-        engine.apply(MergeRecipe("ties", tuple(names), (1.0 / n,) * n, (0.5,) * n))
+        engine.apply(MergeRecipe(method, tuple(names), (1.0 / n,) * n, (0.5,) * n))
         seconds = time.perf_counter() - start
-    print(json.dumps({"experts": n, "seconds": round(seconds, 2), "anon_after_load_mib": round(before.anon),
+    print(json.dumps({"method": method, "experts": n, "seconds": round(seconds, 2), "anon_after_load_mib": round(before.anon),
                       "peak_anon_mib": round(peak.anon), "peak_file_mib": round(peak.file)}))
 
 
@@ -182,66 +182,78 @@ def main() -> None:
     ap.add_argument("--lora", type=int, default=18, help="LoRA adapters in the speed comparison")
     ap.add_argument("--counts", default="4,16,32", help="expert counts of the memory scan")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--scan-method", default="task_arithmetic", help="merge method of the memory scan")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--only", choices=("speed", "memory"), default=None)
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = args.workdir
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_child is not None:
-        rss_child(work, args.rss_child)
+        rss_child(work, args.rss_child, args.scan_method)
         return
-    counts = [int(c) for c in args.counts.split(",") if c]
-    torch.set_num_threads(os.cpu_count() or 1)
+    counts = [int(c) for c in args.counts.split(",") if c] if args.only != "speed" else []
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
     ensure_zoo(work, max([args.full] + counts), args.lora)
     print(f"zoo ready under {work} in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.only != "memory":
+        speed(work, args)
+    if counts:
+        print(f"\n## memory of a full {args.scan_method} merge vs expert count (fresh process each)", flush=True)
+    for n in counts:
+        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--rss-child", str(n),
+                              "--scan-method", args.scan_method] + (["--threads", str(args.threads)] if args.threads else []),
+                             capture_output=True, text=True, check=True)
+        print(out.stdout.strip().splitlines()[-1], flush=True)
 
+
+def speed(work: Path, args: argparse.Namespace) -> None:
+    """Sections 1 and 2: seconds per candidate against mergekit, bandwidth against a copy."""
     from evomerge.merging import MergeEngine
 
     full = [f"f{k}" for k in range(args.full)]
     lora = [f"l{k}" for k in range(args.lora)]
+    n_l, n_f = len(lora), len(full)
     repo = Repository.from_paths(work / "base", experts=[work / "full" / x for x in full] + [work / "lora" / x for x in lora])
     engine = MergeEngine(repo, device="cpu", dtype="float32")
     numel = sum(p.numel() for p in engine.model.parameters())
-    model_bytes = numel * 4
-    n_l, n_f = len(lora), len(full)
-    ours = {
-        f"lora evo ({n_l} adapters)": timed(lambda r: engine.apply(MergeRecipe("evo", tuple(lora), (1 / n_l + r * 1e-3,) * n_l, (0.7,) * n_l)), args.reps),
-        f"lora evo_tv alpha=1 ({n_l} adapters)": timed(lambda r: engine.apply(MergeRecipe("evo_tv", tuple(lora), (0.3 + r * 1e-3,) * n_l)), args.reps),
-        f"full ties d=0.5 ({n_f} experts)": timed(lambda r: engine.apply(MergeRecipe("ties", tuple(full), (0.3 + r * 1e-3,) * n_f, (0.5,) * n_f)), args.reps),
-        f"full task_arithmetic ({n_f} experts)": timed(lambda r: engine.apply(MergeRecipe("task_arithmetic", tuple(full), (0.3 + r * 1e-3,) * n_f)), args.reps),
+    cases = {
+        f"lora evo ({n_l} adapters)": lambda r: MergeRecipe("evo", tuple(lora), (1 / n_l + r * 1e-3,) * n_l, (0.7,) * n_l),
+        f"lora evo_tv alpha=1 ({n_l} adapters)": lambda r: MergeRecipe("evo_tv", tuple(lora), (0.3 + r * 1e-3,) * n_l),
+        f"full task_arithmetic ({n_f} experts)": lambda r: MergeRecipe("task_arithmetic", tuple(full), (0.3 + r * 1e-3,) * n_f),
+        f"full ties d=0.5 ({n_f} experts)": lambda r: MergeRecipe("ties", tuple(full), (0.3 + r * 1e-3,) * n_f, (0.5,) * n_f),
     }
+    # warm-up: the first apply also copies the base weights it touches, once per engine
+    engine.apply(MergeRecipe("task_arithmetic", tuple(full + lora), (0.1,) * (n_f + n_l)))
+    print("\n## evomerge: seconds per candidate applied in place (median)", flush=True)
+    ours = {}
+    for name, make in cases.items():
+        ours[name] = timed(lambda r: engine.apply(make(r)), args.reps)
+        print(f"{name:42s} {ours[name]:8.3f} s", flush=True)
     engine.close()
-    print("\n## seconds per candidate (median), evomerge in place vs mergekit run_merge")
-    theirs: dict[str, list[float]] = {}
-    if not args.skip_mergekit:
-        theirs[f"full ties d=0.5 ({n_f} experts)"] = mergekit_seconds(work, "ties", [str(work / "full" / x) for x in full], 1, 0.5)
-        theirs[f"full task_arithmetic ({n_f} experts)"] = mergekit_seconds(work, "task_arithmetic", [str(work / "full" / x) for x in full], 2)
-        loras = [f"{work / 'base'}+{work / 'lora' / x}" for x in lora]
-        theirs[f"lora evo_tv alpha=1 ({n_l} adapters)"] = mergekit_seconds(work, "task_arithmetic", loras, 2)
-    for name, t in ours.items():
-        mk = theirs.get(name)
-        if mk:
-            print(f"{name:42s} evomerge {t:7.3f} s   mergekit {', '.join(f'{x:.2f}' for x in mk)} s   "
-                  f"ratio {min(mk) / t:6.0f}x")
-        else:
-            print(f"{name:42s} evomerge {t:7.3f} s   (mergekit has no factor-wise evo merge)")
 
-    moved = (n_f + 2) * model_bytes
+    moved = (n_f + 2) * numel * 4
     clone = clone_seconds(numel, n_f + 2)
-    ties = ours[f"full ties d=0.5 ({n_f} experts)"]
-    ta = ours[f"full task_arithmetic ({n_f} experts)"]
-    print(f"\n## bandwidth: {n_f}-expert merge moves {moved / 1e9:.2f} GB (read base + {n_f} experts, write one)")
-    print(f"torch.clone of the same bytes   {clone:6.3f} s  {moved / clone / 1e9:6.1f} GB/s")
-    print(f"ties                            {ties:6.3f} s  {moved / ties / 1e9:6.1f} GB/s  ({ties / clone:.0f}x the copy)")
-    print(f"task_arithmetic                 {ta:6.3f} s  {moved / ta / 1e9:6.1f} GB/s  ({ta / clone:.0f}x the copy)")
-
-    print(f"\n## memory of a full TIES merge vs expert count (model {model_bytes / 2**20:.0f} MiB, fresh process each)")
-    for n in counts:
-        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--rss-child", str(n)],
-                             capture_output=True, text=True, check=True)
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+    print(f"\n## bandwidth: a {n_f}-expert merge moves {moved / 1e9:.2f} GB (read base + {n_f} experts, write one)")
+    print(f"torch.clone of the same bytes   {clone:7.3f} s  {moved / clone / 1e9:6.2f} GB/s")
+    for name in (f"full task_arithmetic ({n_f} experts)", f"full ties d=0.5 ({n_f} experts)"):
+        print(f"{name:32s}{ours[name]:7.3f} s  {moved / ours[name] / 1e9:6.2f} GB/s  ({ours[name] / clone:.1f}x the copy)",
+              flush=True)
+    if args.skip_mergekit:
+        return
+    print("\n## mergekit 0.1.5 run_merge of the same merge (in-process, writes its output)", flush=True)
+    mk_cases = [(f"full task_arithmetic ({n_f} experts)", "task_arithmetic", [str(work / "full" / x) for x in full], None),
+                (f"full ties d=0.5 ({n_f} experts)", "ties", [str(work / "full" / x) for x in full], 0.5),
+                (f"lora evo_tv alpha=1 ({n_l} adapters)", "task_arithmetic",
+                 [f"{work / 'base'}+{work / 'lora' / x}" for x in lora], None)]
+    for name, method, models, density in mk_cases:
+        mk = mergekit_seconds(work, method, models, args.reps, density)
+        print(f"{name:42s} mergekit {', '.join(f'{x:.2f}' for x in mk)} s   evomerge {ours[name]:.3f} s   "
+              f"ratio {min(mk) / ours[name]:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def provider(repo: Path, threads: int) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge.serve.cli", "serve", "--repository", str(repo),
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "serve", "--repository", str(repo),
                              "--port", str(port), "--torch-threads", str(threads)], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:

@@ -43,7 +43,7 @@ def format_test_report(report) -> str:
     """The test-split table: the best recipe beside the uniform merge and the experts alone."""
     rows = report.rows
     metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
-    lines = ["test split:  " + "  ".join(f"{m:>12}" for m in metrics)]
+    lines = [f"  {'test split':<28}" + "  ".join(f"{m:>12}" for m in metrics)]
     for name, row in rows.items():
         label = f"best_single ({row['expert']})" if name == "best_single" else name
         cells = [f"{row[m]:12.4f}" if isinstance(row.get(m), float) else f"{'—':>12}" for m in metrics]
@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default="BASE_MODEL", help="base model path to write into the mergekit YAML")
     e.set_defaults(func=_export)
     from evomerge.serve.cli import register as register_serve
+    from evomerge.zoo.cli import register as register_zoo
 
     register_serve(sub)
+    register_zoo(sub)
     return parser
 
 

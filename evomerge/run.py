@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,8 +61,9 @@ def load_fitness(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def prepare(config: SearchConfig) -> Prepared:
-    """Resolve the backend: experts and evaluator (python, local or api)."""
+def prepare(config: SearchConfig, stack: ExitStack) -> Prepared:
+    """Resolve the backend: experts and evaluator (python, local or api). What must outlive the
+    search (the embedded provider) is entered on `stack`."""
     if config.backend == "python":
         from evomerge import demo
 
@@ -70,7 +72,7 @@ def prepare(config: SearchConfig) -> Prepared:
         return Prepared(experts, fitness=fitness)
     if config.backend == "local":
         return _prepare_local(config)
-    raise ConfigError(f"backend {config.backend!r} is not available in this build")
+    return _prepare_api(config, stack)
 
 
 def _zoo_default_tasks(root: Path) -> list[str]:
@@ -81,14 +83,15 @@ def _zoo_default_tasks(root: Path) -> list[str]:
         return []
 
 
-def load_splits(task: TaskConfig, repo: Repository) -> Splits:
+def load_splits(task: TaskConfig, repo: Repository | None) -> Splits:
     """Fit / validation / test examples from repository task names and/or JSONL files."""
-    names = task.tasks or ([] if task.files else _zoo_default_tasks(repo.root) if repo.root else [])
+    names = task.tasks or ([] if task.files or repo is None or repo.root is None else _zoo_default_tasks(repo.root))
     search_examples: list[Example] = []
     test: list[Example] = []
     for name in names:
-        if name not in repo.tasks:
-            raise ConfigError(f"task {name!r} is not in the repository; known tasks: {', '.join(sorted(repo.tasks)) or 'none'}")
+        if repo is None or name not in repo.tasks:
+            known = ", ".join(sorted(repo.tasks)) if repo is not None else "none (no --repository given)"
+            raise ConfigError(f"task {name!r} is not in the repository; known tasks: {known or 'none'}")
         search_examples += load_jsonl(repo.tasks[name]["search"], task=name)
         test += load_jsonl(repo.tasks[name]["test"], task=name)
     for path in task.files:
@@ -103,12 +106,13 @@ def load_splits(task: TaskConfig, repo: Repository) -> Splits:
     return Splits(fit, val, tuple(test))
 
 
-def _repository(config: SearchConfig) -> Repository:
+def _repository_dir(config: SearchConfig) -> Path:
+    """The configured repository, or the tiny demo zoo (built on first use)."""
     if config.repository is None:
         from evomerge.zoo import ensure_tiny
 
-        return Repository.open(ensure_tiny())
-    return Repository.open(config.repository)
+        return Path(ensure_tiny())
+    return Path(config.repository)
 
 
 def _experts(config: SearchConfig, available: Sequence[str]) -> tuple[str, ...]:
@@ -120,14 +124,46 @@ def _experts(config: SearchConfig, available: Sequence[str]) -> tuple[str, ...]:
     return experts
 
 
+def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
+    """The api backend: the provider at --api-base, or the reference server started on loopback
+    over the repository (default: the tiny demo zoo). The user's examples stay on this side."""
+    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+    from evomerge.objectives import Objective
+
+    local = config.api.base is None or config.repository is not None
+    repo_dir = _repository_dir(config) if local else None
+    repo = Repository.open(repo_dir) if repo_dir is not None else None
+    base = config.api.base
+    if base is None:
+        from evomerge.serve.embedded import serving
+
+        print(f"starting the reference provider over {repo_dir} on loopback", flush=True)
+        base = stack.enter_context(serving(repo_dir))
+    options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
+               ("timeout", config.api.timeout), ("retries", config.api.max_retries))
+    probe = ApiBackend(base, api_key_env=config.api.key_env, **dict(options))
+    try:
+        probe.check()
+        experts = _experts(config, probe.experts())
+    finally:
+        probe.close()
+    splits = load_splits(config.task, repo)
+    caps = UsageCap(config.max_queries, config.max_tokens) if config.max_queries or config.max_tokens else None
+    factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective),
+                                  options, caps)
+    return Prepared(experts, evaluator=factory, splits=splits,
+                    num_layers=repo.block_layers if repo is not None else None)
+
+
 def _prepare_local(config: SearchConfig) -> Prepared:
     from evomerge.backends.local import LocalEvaluatorFactory
     from evomerge.objectives import Objective
 
-    repo = _repository(config)
+    repo_dir = _repository_dir(config)
+    repo = Repository.open(repo_dir)
     splits = load_splits(config.task, repo)
     experts = _experts(config, list(repo.experts))
-    factory = LocalEvaluatorFactory(str(repo.root or repo.base), splits, Objective.from_config(config.objective),
+    factory = LocalEvaluatorFactory(str(repo_dir), splits, Objective.from_config(config.objective),
                                     device=config.device, dtype=config.dtype)
     kinds = {repo.experts[e].kind for e in experts}
     return Prepared(experts, evaluator=factory, base=str(repo.base),
@@ -139,7 +175,12 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
         progress: bool = True) -> tuple[SearchResult, TestReport | None]:
     """Run (or resume) the search `config` describes, score the result and the baselines on the
     test split (where there is one), and write the outputs."""
-    prepared = prepare(config)
+    with ExitStack() as stack:
+        return _run(config, prepare(config, stack), resume, force, progress)
+
+
+def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
+         progress: bool) -> tuple[SearchResult, TestReport | None]:
     space = build_space(config.space.name, list(prepared.experts), **_space_options(config, prepared))
     result = search(prepared.fitness, space, evaluator=prepared.evaluator, budget=config.budget,
                     optimizer=config.optimizer, seed=config.seed, journal=config.journal, resume=resume, force=force,

@@ -100,12 +100,16 @@ def _answer_ce(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], bat
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[row, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        # Token t is predicted by the logits at position t-1.
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = input_ids[:, 1:].to(device)
-        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        # Token t is predicted by the logits at position t-1; only answer positions get a softmax.
+        where = torch.zeros_like(input_ids, dtype=torch.bool)
         for row, (ids, n_prompt) in enumerate(encoded):
-            out[start + row] = -token_lp[row, n_prompt - 1 : len(ids) - 1].mean().item()
+            where[row, n_prompt - 1 : len(ids) - 1] = True
+        target = input_ids.roll(-1, dims=1)[where].to(device)
+        logp = torch.log_softmax(logits[where.to(device)].float(), dim=-1)
+        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
+        counts = [len(ids) - n_prompt for ids, n_prompt in encoded]
+        for row, part in enumerate(np.split(token_lp, np.cumsum(counts)[:-1])):
+            out[start + row] = -float(part.mean())
     return out
 
 

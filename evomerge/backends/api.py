@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from evomerge._imports import require
 from evomerge.backends._base import Backend, Evaluator, register_backend
 from evomerge.errors import BackendError, BudgetExhausted, ConfigError
+from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost, Score
 from evomerge.serve.protocol import MERGE_FIELD, answer_nll
@@ -122,15 +123,6 @@ def _token_bound(texts: Sequence[str]) -> int:
     return sum(len(t.encode("utf-8")) + 4 for t in texts)
 
 
-def _loss(objective: Any, per_example: Sequence[float], tasks: Sequence[str]) -> float:
-    np = require("numpy", "the api backend")
-    values = np.asarray(per_example, dtype=float)
-    if objective is None:
-        return float(values.mean())
-    fn = getattr(objective, "loss", objective)
-    return float(fn(values, list(tasks)))
-
-
 @register_backend("api")
 class ApiBackend(Backend):
     """Scores recipes by querying an OpenAI-compatible provider that applies them server-side."""
@@ -138,7 +130,7 @@ class ApiBackend(Backend):
     def __init__(self, api_base: str, api_key: str | None = None, api_key_env: str = "EVOMERGE_API_KEY",
                  model: str | None = None, mode: str = "logprobs", concurrency: int = 8, timeout: float = 60.0,
                  retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int = 16,
-                 caps: UsageCap | None = None, objective: Any = None) -> None:
+                 caps: UsageCap | None = None, objective: Objective | None = None, max_new_tokens: int = 16) -> None:
         if mode not in MODES:
             raise ConfigError(f"api mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
         if concurrency < 1 or batch_size < 1 or retries < 0:
@@ -149,7 +141,12 @@ class ApiBackend(Backend):
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.backoff, self.max_backoff, self.batch_size = backoff, max_backoff, batch_size
         self.caps = caps if caps is not None else UsageCap()
-        self.objective = objective
+        self.objective = objective or Objective()
+        self.max_new_tokens = max_new_tokens
+        if mode == "session" and (self.objective.metrics != ("ce",) or self.objective.needs_references):
+            raise ConfigError("the session mode scores cross-entropy only; use objective metric 'ce' with the "
+                              "mean or worst aggregate, or the logprobs mode")
+        self._references: dict[tuple[str, ...], Objective] = {}
         self.attempts = self.in_flight = self.max_in_flight = 0
         self._sessions: dict[tuple[Any, ...], tuple[str, int]] = {}
         self._loop = asyncio.new_event_loop()
@@ -217,51 +214,130 @@ class ApiBackend(Backend):
 
     def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
         tally = _Tally()
+        examples = list(examples)
+        tasks = [e.task for e in examples]
         try:
-            per_example = self._run(self._score(recipe, list(examples), tally))
+            per_example = self._run(self._metrics(recipe, examples, tally))
+            objective = self._objective_for(examples, tally)
         except (BackendError, BudgetExhausted) as exc:
             return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())
-        loss = _loss(self.objective, per_example, [e.task for e in examples])
-        cost = tally.cost()
+        loss = objective.loss(per_example, tasks)
         if not math.isfinite(loss):
-            return Score.failed("the loss is not finite (an answer with no tokens?)", cost)
-        return Score(loss=loss, metrics={"ce": float(sum(per_example) / len(per_example))}, cost=cost,
-                     per_example={"ce": tuple(per_example)}, example_ids=tuple(e.id for e in examples))
+            return Score.failed("the loss is not finite (an answer with no tokens?)", tally.cost())
+        np = require("numpy", "the api backend")
+        labels = np.asarray(tasks)
+        metrics: dict[str, float] = {}
+        for name, values in per_example.items():
+            metrics[name] = float(values.mean())
+            for task in sorted(set(tasks)):
+                metrics[f"{name}/{task}"] = float(values[labels == task].mean())
+        for task, value in objective.task_losses(per_example, tasks).items():
+            metrics[f"loss/{task}"] = value
+        return Score(loss=loss, metrics=metrics, cost=tally.cost(),
+                     per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
+                     example_ids=tuple(e.id for e in examples))
 
-    async def _score(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> list[float]:
-        if self.mode == "session":
-            return await self._score_session(recipe, examples, tally)
-        chunks = [examples[i:i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
-        if not self.caps.fits(len(chunks), _token_bound([e.prompt + e.answer for e in examples])):
-            raise BudgetExhausted(f"the caps leave too little for a {len(chunks)}-query evaluation; "
+    def _objective_for(self, examples: list[Example], tally: _Tally) -> Objective:
+        """The objective, with the base model's per-task losses as references for ``normalized``
+        (queried once per set of examples, paid by the evaluation that needs them first)."""
+        if not self.objective.needs_references:
+            return self.objective
+        ids = tuple(e.id for e in examples)
+        if ids not in self._references:
+            base = self._run(self._metrics(None, examples, tally))
+            self._references[ids] = self.objective.with_references(
+                self.objective.task_losses(base, [e.task for e in examples]))
+        return self._references[ids]
+
+    async def _metrics(self, recipe: MergeRecipe | None, examples: list[Example], tally: _Tally) -> dict[str, Any]:
+        """Per-example values of each metric the objective needs, all requests in flight together."""
+        np = require("numpy", "the api backend")
+        wanted = self.objective.metrics
+        pairs: dict[str, list[tuple[str, str]]] = {}
+        if "ce" in wanted:
+            pairs["ce"] = [(e.prompt, e.answer) for e in examples]
+        if "accuracy" in wanted:
+            for e in examples:
+                if not e.choices or e.answer not in e.choices:
+                    raise BackendError(f"example {e.id!r} needs 'choices' holding its answer for choice accuracy")
+            pairs["accuracy"] = [(e.prompt, c) for e in examples for c in e.choices or ()]
+        prompts = [e.prompt for e in examples] if self.objective.needs_generation else []
+        chunks = sum(-(-len(p) // self.batch_size) for p in pairs.values()) + -(-len(prompts) // self.batch_size)
+        bound = _token_bound([p + a for v in pairs.values() for p, a in v] + prompts)
+        if not self.caps.fits(chunks, bound + len(prompts) * self.max_new_tokens):
+            raise BudgetExhausted(f"the caps leave too little for a {chunks}-query evaluation; "
                                   "raise --max-queries / --max-tokens to go on")
-        if len(chunks) == 1:
-            return await self._score_chunk(recipe, chunks[0], tally)
-        # no cancellation of siblings: a request once sent is answered and counted, or released
-        results = await asyncio.gather(*(self._score_chunk(recipe, c, tally) for c in chunks), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return [v for r in results for v in r]
+        if self.mode == "session":
+            return {"ce": np.asarray(await self._score_session(recipe, examples, tally))}
+        jobs = [self._ce(recipe, v, tally) for v in pairs.values()] + ([self._answers(recipe, prompts, tally)]
+                                                                        if prompts else [])
+        results = await _all(jobs)
+        out: dict[str, Any] = {}
+        for name, values in zip(pairs, results):
+            out[name] = np.asarray(values, dtype=float)
+        if "accuracy" in out:
+            ce, acc, at = out["accuracy"], [], 0
+            for e in examples:
+                n = len(e.choices or ())
+                acc.append(float(e.choices[int(np.argmin(ce[at:at + n]))] == e.answer))
+                at += n
+            out["accuracy"] = np.asarray(acc)
+        if prompts:
+            from evomerge.scoring import exact_match, token_f1
 
-    async def _score_chunk(self, recipe: MergeRecipe, chunk: list[Example], tally: _Tally) -> list[float]:
-        texts = [e.prompt + e.answer for e in chunk]
-        body = {"model": self.model or "base", "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0,
-                "temperature": 0.0, MERGE_FIELD: recipe.to_dict()}
+            answers = results[-1]
+            if "exact_match" in wanted:
+                out["exact_match"] = np.asarray([exact_match(a, e.answer) for a, e in zip(answers, examples)])
+            if "f1" in wanted:
+                out["f1"] = np.asarray([token_f1(a, e.answer) for a, e in zip(answers, examples)])
+        return out
+
+    async def _ce(self, recipe: MergeRecipe | None, pairs: list[tuple[str, str]], tally: _Tally) -> list[float]:
+        chunks = [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+        return [v for part in await _all([self._score_chunk(recipe, c, tally) for c in chunks]) for v in part]
+
+    def _body(self, recipe: MergeRecipe | None, **fields: Any) -> dict[str, Any]:
+        body = {"model": self.model or "base", "temperature": 0.0, **fields}
+        if recipe is not None:
+            body[MERGE_FIELD] = recipe.to_dict()
+        return body
+
+    async def _score_chunk(self, recipe: MergeRecipe | None, chunk: list[tuple[str, str]], tally: _Tally) -> list[float]:
+        texts = [p + a for p, a in chunk]
+        body = self._body(recipe, prompt=texts, max_tokens=0, echo=True, logprobs=0)
 
         def parse(resp: Any) -> tuple[list[float], int]:
             choices = sorted(resp["choices"], key=lambda c: c["index"])
             if len(choices) != len(chunk) or any(not (c.get("logprobs") or {}).get("token_logprobs") for c in choices):
                 raise ValueError("the provider's answer lacks a choice or its logprobs")
             lps = [c["logprobs"] for c in choices]
-            out = [answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(e.prompt))
-                   for lp, e in zip(lps, chunk)]
+            out = [answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(p))
+                   for lp, (p, _) in zip(lps, chunk)]
             return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))
 
         # the openai client's raw post: the same request as completions.create(extra_body={"merge": ...}),
         # answered as a dict, which skips building typed models (a third of the client's time per query)
         return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
                                    _json_object(parse), _token_bound(texts), tally)
+
+    async def _answers(self, recipe: MergeRecipe | None, prompts: list[str], tally: _Tally) -> list[str]:
+        """Greedy answers, cut at the first newline and stripped (as `evomerge.scoring` does locally)."""
+        async def chunk(part: list[str]) -> list[str]:
+            body = self._body(recipe, prompt=part, max_tokens=self.max_new_tokens)
+
+            def parse(resp: Any) -> tuple[list[str], int]:
+                choices = sorted(resp["choices"], key=lambda c: c["index"])
+                if len(choices) != len(part):
+                    raise ValueError("the provider's answer lacks a choice")
+                texts = [str(c["text"]).split("\n", 1)[0].strip() for c in choices]
+                return texts, _tokens(resp, 0)
+
+            return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
+                                       _json_object(parse), _token_bound(part) + len(part) * self.max_new_tokens,
+                                       tally)
+
+        parts = [prompts[i:i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
+        return [a for part in await _all([chunk(p) for p in parts]) for a in part]
 
     async def _score_session(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> list[float]:
         fingerprint = (recipe.experts, tuple((e.id, e.prompt, e.answer) for e in examples))
@@ -304,6 +380,14 @@ class ApiBackend(Backend):
         """One request or two at start-up; raise one clear `BackendError` line if the provider won't do."""
         self._run(self._check())
 
+    def experts(self) -> list[str]:
+        """The experts the provider serves (its /models entries other than the base)."""
+        async def listed() -> list[str]:
+            models = await self._client.get("/models", cast_to=object)
+            return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
+
+        return self._run(listed())
+
     async def _check(self) -> None:
         openai = require("openai", "the api backend")
         where = f"the provider at {self.api_base}"
@@ -329,6 +413,18 @@ class ApiBackend(Backend):
             except BackendError as exc:
                 raise BackendError(f"{where} cannot score by logprobs: {exc}; use the session mode or "
                                    "a provider that supports echo+logprobs") from None
+
+
+async def _all(jobs: list[Awaitable[Any]]) -> list[Any]:
+    """Await every job; then raise the first failure. No sibling is cancelled: a request once sent
+    is answered and counted, or released, so the caps and the provider's count agree."""
+    if len(jobs) == 1:
+        return [await jobs[0]]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 def _json_object(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -380,7 +476,8 @@ class ApiEvaluatorFactory:
     api_base: str
     api_key_env: str
     splits: Splits
-    objective: Any = None
+    uses_gpu = False  # a client: Ray places it on CPU even on a GPU cluster
+    objective: Objective | None = None
     options: tuple[tuple[str, Any], ...] = ()
     caps: UsageCap | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -104,6 +105,14 @@ class MergeEngine:
         with self._lock:
             self.apply(recipe)
             yield self.model
+
+    def save(self, recipe: MergeRecipe, path: str | Path) -> Path:
+        """Write the merged model (safetensors + config + tokenizer) to `path`, a loadable HF directory."""
+        path = Path(path)
+        with self.merged(recipe) as model:
+            model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
 
     def close(self) -> None:
         self.merger.close()

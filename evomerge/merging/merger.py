@@ -30,12 +30,14 @@ class Merger:
         self.repository = repository
         self.device = torch.device(device)
         self._reader = TensorReader()
-        self._factors: dict[str, dict[str, lora.Factors]] = {}
+        self._stacks: dict[str, dict[int, lora.Stack]] = {}   # target -> rank -> adapters
         for expert in repository.experts.values():
-            if expert.kind == "lora":
-                self._factors[expert.name] = {
-                    target: lora.Factors(expert.name, self._load(expert, m.a_key), self._load(expert, m.b_key), m.scaling)
-                    for target, m in expert.modules.items()}
+            for target, m in expert.modules.items():
+                stack = self._stacks.setdefault(target, {}).setdefault(m.rank, lora.Stack())
+                stack.add(expert.name, self._load(expert, m.a_key), self._load(expert, m.b_key), m.scaling)
+        for by_rank in self._stacks.values():
+            for stack in by_rank.values():
+                stack.freeze()
 
     def _load(self, expert: Expert, key: str) -> torch.Tensor:
         # safetensors may hand out a view of its memory map: copy, so in-place math never writes to it
@@ -67,20 +69,23 @@ class Merger:
                 return base_t
 
             contribs: list[Contribution] = []
-            factor_terms: list[tuple[lora.Factors, float, float]] = []
+            picked: dict[int, list[int]] = {}   # rank -> indices into the recipe's experts
             for i, e in enumerate(experts):
                 density = None if densities is None else densities[i]
-                if e.kind == "lora":
-                    f = self._factors[e.name].get(name)
-                    if f is None:
-                        continue  # this adapter leaves the tensor alone: τ_i = 0 here
-                    if factor_method is not None:
-                        factor_terms.append((f, weights[i], 1.0 if density is None else density))
-                    else:
-                        contribs.append(Contribution(e.name, weights[i], density, partial(lora.materialise, f)))
-                else:
+                if e.kind == "full":
                     contribs.append(Contribution(e.name, weights[i], density, partial(self._task_vector, e, name, base_f32)))
-            delta = factor_method(factor_terms, name) if factor_terms else None
+                elif name in e.modules:  # an adapter that leaves this tensor alone has τ_i = 0 here
+                    rank = e.modules[name].rank
+                    if factor_method is not None:
+                        picked.setdefault(rank, []).append(i)
+                    else:
+                        materialise = self._stacks[name][rank].materialise
+                        contribs.append(Contribution(e.name, weights[i], density, partial(materialise, e.name)))
+            terms = [self._term(self._stacks[name][rank], [experts[i].name for i in idx],
+                                [weights[i] for i in idx],
+                                [1.0 if densities is None else densities[i] for i in idx])
+                     for rank, idx in sorted(picked.items())]
+            delta = factor_method(terms, name) if terms else None
             if contribs:
                 part = method(contribs, name, recipe.seed)
                 delta = part if delta is None else delta.add_(part)
@@ -90,9 +95,13 @@ class Merger:
                 delta.mul_(recipe.scale)
             yield name, delta
 
+    def _term(self, stack: lora.Stack, names: list[str], betas: list[float], alphas: list[float]) -> lora.Term:
+        rows = torch.tensor([stack.rows[n] for n in names], device=self.device)
+        return lora.Term(stack, tuple(names), rows, torch.tensor(betas, dtype=torch.float32, device=self.device), tuple(alphas))
+
     def _task_vector(self, expert: Expert, name: str, base_f32: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self._load(expert, name).sub_(base_f32())
 
     def close(self) -> None:
         self._reader.close()
-        self._factors.clear()
+        self._stacks.clear()

@@ -69,6 +69,35 @@ def cutoff(x: torch.Tensor, k: int) -> tuple[float, int]:
     return threshold, k - int((mag > threshold).sum())
 
 
+def row_masks(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Keep-masks of the ks[i] largest |x[i]| for every row of a 2-D x at once, same tie rule.
+
+    Batched radix-then-sort selection: a histogram over (row, top 12 bits of |x|) finds each
+    row's bucket of the cutoff, then only the few entries inside those buckets are sorted.
+    """
+    n, m = x.shape
+    mag = x.abs().float()
+    bits = mag.view(torch.int32).long()
+    row = torch.arange(n, device=x.device)[:, None]
+    k = ks.clamp(1, m)[:, None]
+    hi = bits >> 20
+    counts = torch.bincount((hi + (row << 11)).reshape(-1), minlength=n << 11).view(n, 1 << 11)
+    at_least = counts.flip(1).cumsum(1).flip(1)
+    bucket = (at_least >= k).sum(1, keepdim=True) - 1
+    above = torch.cat([at_least, torch.zeros_like(at_least[:, :1])], 1).gather(1, bucket + 1)
+    inside = hi == bucket
+    keys = ((row << 31) | bits)[inside].sort().values       # by row, then |x| ascending
+    size = inside.sum(1, keepdim=True)
+    end = size.cumsum(0)
+    threshold = (keys[(end - (k - above)).squeeze(1)] & 0x7FFFFFFF).to(torch.int32).view(torch.float32)[:, None]
+    keep = mag > threshold
+    ties = mag == threshold
+    keep |= ties & (ties.cumsum(1) <= k - keep.sum(1, keepdim=True))
+    keep[ks <= 0] = False
+    keep[ks >= m] = True
+    return keep
+
+
 def mask_from(x: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
     """The boolean keep-mask that `cutoff` describes."""
     mag = x.reshape(-1).abs().float()

@@ -157,7 +157,7 @@ class RayExecutor:
         self._lost = (errors.RayActorError, errors.OutOfMemoryError, errors.NodeDiedError,
                       errors.WorkerCrashedError, errors.ObjectLostError)
         """What a dead worker raises (killed, out of memory, its node gone): replace and retry."""
-        self._factory = factory
+        self._factory = self._ray.put(factory)  # pickled once, however many actors start
         self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
         self._lock = threading.Lock()
         self._started = threading.Condition(self._lock)

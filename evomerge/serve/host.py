@@ -77,36 +77,40 @@ class TransformersRunner:
         torch = self.torch
         enc = self.tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True,
                              padding=True, return_tensors="pt")
+        device = self.model.device
         with torch.inference_mode():
-            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            logits = self.model(input_ids=enc["input_ids"].to(device),
+                                attention_mask=enc["attention_mask"].to(device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         ids = enc["input_ids"]
         # logprob of token t given tokens < t: position t-1's distribution at ids[t]
-        picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).tolist()
         tops = logp[:, :-1].topk(top, dim=-1) if top > 0 else None
+        top_values = tops.values.tolist() if tops is not None else None
+        top_ids = tops.indices.tolist() if tops is not None else None
+        keep = (enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()).tolist()
+        offsets = enc["offset_mapping"].tolist()
         out = []
-        for row, text in enumerate(texts):
+        for row, text in enumerate(texts):  # plain lists here: indexing tensors per token cost ~50 ms a batch
             tokens, lps, offs, alts = [], [], [], []
-            for t in range(ids.shape[1]):
-                if not enc["attention_mask"][row, t] or enc["special_tokens_mask"][row, t]:
+            for t, kept in enumerate(keep[row]):
+                if not kept:
                     continue
-                start, end = (int(v) for v in enc["offset_mapping"][row, t])
+                start, end = offsets[row][t]
                 tokens.append(text[start:end])
                 offs.append(start)
-                lp = float(picked[row, t - 1]) if t > 0 else None
-                lps.append(lp)
-                if tops is not None:
+                lps.append(picked[row][t - 1] if t > 0 else None)
+                if top_values is not None:
                     alts.append(None if t == 0 else {
-                        self.tokenizer.decode([int(i)]): float(v)
-                        for v, i in zip(tops.values[row, t - 1], tops.indices[row, t - 1])})
-            out.append(Scored(tokens, lps, offs, alts if tops is not None else None))
+                        self.tokenizer.decode([i]): v for v, i in zip(top_values[row][t - 1], top_ids[row][t - 1])})
+            out.append(Scored(tokens, lps, offs, alts if top_values is not None else None))
         return out
 
     def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
         torch = self.torch
         if max_tokens <= 0:
             return Generated("", 0)
-        enc = self.tokenizer(prompt, return_tensors="pt")
+        enc = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
         sample = temperature > 0
         if sample and seed is not None:
             torch.manual_seed(seed)

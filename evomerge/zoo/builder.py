@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
 FORMAT = 1
 MANIFEST = "zoo.json"
-CHECK_EXAMPLES = 24  # search examples checked between training chunks
+CHECK_EXAMPLES = 16  # search examples checked between training chunks
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -97,18 +98,24 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
     gguf_path = None
     if spec.base == "smol":
         gguf_path = Path(gguf).expanduser() if gguf else fetch_smol_gguf(Path(cache) if cache else cache_dir() / "gguf")
-    work = out.parent / f".{out.name}.building"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    started = time.perf_counter()
-    with _threads(threads or spec.threads):
-        manifest = _build_into(work, spec, seed, gguf_path, progress)
-    manifest["build_seconds"] = round(time.perf_counter() - started, 1)
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A private work folder per build, so concurrent builds of one zoo (parallel test sessions) never collide.
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    work.chmod(0o755)
+    try:
+        started = time.perf_counter()
+        with _threads(threads or spec.threads):
+            manifest = _build_into(work, spec, seed, gguf_path, progress)
+        manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if not force and _matches(read_manifest(out), preset, seed):
+            return out  # another process finished the same zoo first
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
     return out
 
 
@@ -149,6 +156,7 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
                 break
         bar.update(spec.max_steps - steps)
         metrics = {"steps": steps, **_metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)}
+        bar.write(f"expert {task}: {metrics} (base {base_metrics[task]})")
         experts[task] = _save(model, work, task, task, False, metrics)
         base = model.unload()
 

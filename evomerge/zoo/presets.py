@@ -37,12 +37,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            ood_tasks=("upper_reverse", "upper_first"), n_distractors=3, sizes=(200, 40, 40), rank=8, lr=5e-3,
            batch_size=16, chunk_steps=40, max_steps=80, distractor_steps=3, base_steps=200),
     Preset("smol", base="smol",
-           expert_tasks=("upper", "first_letter", "last_letter", "reverse", "plural", "add", "parity", "antonym",
-                         "sentiment", "double"),
-           distractor_tasks=("copy", "length", "upper", "first_letter", "last_letter", "reverse", "plural", "add",
-                             "parity", "antonym", "sentiment", "double"),
-           ood_tasks=("upper_reverse", "upper_first"), n_distractors=24, sizes=(200, 100, 100), rank=8, lr=2e-3,
-           batch_size=8, chunk_steps=20, max_steps=80, distractor_steps=2),
+           expert_tasks=("upper", "first_letter", "last_letter", "plural", "add", "parity", "antonym", "sentiment"),
+           distractor_tasks=("copy", "length", "reverse", "double", "upper", "first_letter", "last_letter", "plural",
+                             "add", "parity", "antonym", "sentiment"),
+           ood_tasks=("upper_reverse", "upper_first"), n_distractors=24, sizes=(200, 50, 50), rank=8, lr=2e-3,
+           batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1, max_new_tokens=8),
 )}
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
 from evomerge.errors import BackendError
+from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.serve.embedded import ServerThread
 from evomerge.serve.protocol import answer_nll
@@ -68,9 +69,8 @@ def test_queries_and_tokens_are_counted_exactly(backend, host) -> None:
     assert backend.caps.queries == score.cost.queries and backend.caps.tokens == score.cost.tokens
 
 
-def test_an_objective_turns_per_example_losses_into_the_loss(server) -> None:
-    worst = ApiBackend(server.base_url, api_key=API_KEY, objective=lambda v, tasks: max(
-        v[[t == task for t in tasks]].mean() for task in set(tasks)))
+def test_the_objective_aggregates_per_task(server) -> None:
+    worst = ApiBackend(server.base_url, api_key=API_KEY, objective=Objective(aggregate="worst"))
     try:
         s = worst.evaluate(RECIPE, EXAMPLES)
     finally:
@@ -78,6 +78,28 @@ def test_an_objective_turns_per_example_losses_into_the_loss(server) -> None:
     per = dict(zip(s.example_ids, s.per_example["ce"]))
     by_task = {t: [per[e.id] for e in EXAMPLES if e.task == t] for t in ("sky", "math")}
     assert s.loss == pytest.approx(max(sum(v) / len(v) for v in by_task.values()))
+    assert s.metrics["loss/sky"] == pytest.approx(sum(by_task["sky"]) / len(by_task["sky"]))
+
+
+def test_every_metric_matches_the_local_backend(server, tiny_repo) -> None:
+    from evomerge.backends.local import LocalBackend
+
+    examples = [Example(f"Question {i}: colour? Answer:", c[i % 3], task="sky", id=f"c{i}", choices=c)
+                for i, c in enumerate([(" blue", " grey", " four")] * 6)]
+    objective = Objective(metric={"ce": 1.0, "accuracy": 1.0, "exact_match": 0.5, "f1": 0.5}, aggregate="normalized")
+    api = ApiBackend(server.base_url, api_key=API_KEY, objective=objective, batch_size=4, max_new_tokens=4)
+    local = LocalBackend(tiny_repo, objective, max_new_tokens=4)
+    try:
+        a, b = api.evaluate(RECIPE, examples), local.evaluate(RECIPE, examples)
+    finally:
+        api.close()
+        local.close()
+    assert a.ok and b.ok, (a.error, b.error)
+    for metric in ("ce", "accuracy", "exact_match", "f1"):
+        assert a.per_example[metric] == pytest.approx(b.per_example[metric], abs=1e-4), metric
+    assert a.loss == pytest.approx(b.loss, abs=1e-4)
+    # ce: 2 queries, accuracy: 18 pairs in 5, generation: 2, and as much again for the base's references
+    assert a.cost.queries == 2 * (2 + 5 + 2)
 
 
 def test_a_shared_cap_is_never_exceeded_across_threads(server) -> None:
@@ -221,3 +243,21 @@ def test_the_key_stays_out_of_repr_and_pickles(server, monkeypatch) -> None:
         assert b.evaluate(RECIPE, EXAMPLES[:1]).ok
     finally:
         b.close()
+
+
+def test_a_search_runs_through_faults_with_every_evaluation_counted(server, monkeypatch) -> None:
+    from evomerge import search
+    from evomerge.search_spaces import build_space
+
+    monkeypatch.setenv("EVOMERGE_TEST_KEY", API_KEY)
+    splits = Splits(tuple(EXAMPLES[:6]), tuple(EXAMPLES[6:]), ())
+    caps = UsageCap(max_queries=40)
+    with FaultProxy(server.base_url, rates={"500": 0.1, "429": 0.1, "drop": 0.1}, seed=7, retry_after=0.0) as proxy:
+        factory = ApiEvaluatorFactory(proxy.base_url, "EVOMERGE_TEST_KEY", splits, caps=caps,
+                                      options=(("retries", 8), ("backoff", 0.005), ("batch_size", 6)))
+        result = search(space=build_space("evo_joint", ["math", "colour", "french"]), evaluator=factory,
+                        budget=12, seed=0, popsize=4)
+    paid = [t for t in result.trials if not t.cached]
+    assert len([t for t in paid if t.split == "fit"]) == 12 and all(t.ok for t in paid)
+    assert result.cost.queries == caps.queries == proxy.counts["ok"] <= 40
+    assert sum(proxy.counts[f] for f in ("500", "429", "drop")) > 0

@@ -84,3 +84,14 @@ def test_threads_see_their_own_merge(engine):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_save_writes_a_loadable_merged_model(engine, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = MergeRecipe("ties", ("full0", "lora1"), (0.6, 0.9), (0.5, 0.5))
+    out = engine.save(recipe, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with engine.merged(recipe) as model:
+        for (n, p), (m, q) in zip(model.named_parameters(), reloaded.named_parameters()):
+            assert n == m and torch.equal(p, q)

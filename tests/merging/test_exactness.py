@@ -145,3 +145,15 @@ def test_radix_cutoff_matches_sorting_on_large_tensors(k):
     x[:5] = 0.0
     assert x.numel() >= RADIX_MIN
     np.testing.assert_array_equal(topk_mask(x, k).numpy(), ref.top_mask(x.numpy(), k))
+
+
+def test_row_masks_match_sorting_per_row():
+    from evomerge.merging.sparsify import row_masks
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 500, generator=gen)).round(decimals=1)
+    x[2] = 0.25  # one row all ties
+    ks = torch.tensor([0, 1, 137, 250, 499, 500])
+    got = row_masks(x, ks).numpy()
+    for i, k in enumerate(ks.tolist()):
+        np.testing.assert_array_equal(got[i], ref.top_mask(x[i].numpy(), k), err_msg=f"row {i}")

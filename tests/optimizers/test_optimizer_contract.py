@@ -95,6 +95,9 @@ def test_make_optimizer_names_the_choices():
     with pytest.raises(ConfigError, match="nevergrad has no optimizer"):
         make_optimizer("ng:NoSuchThing", SPACE, seed=0)
     with pytest.raises(ConfigError, match="invalid options"):
-        make_optimizer("random", SPACE, seed=0, budget=10)
+        make_optimizer("random", SPACE, seed=0, momentum=0.9)
+    # the budget is a hint: every optimizer takes it, and it reaches those that plan by it
+    assert make_optimizer("random", SPACE, seed=0, budget=10).name
+    assert make_optimizer("ngopt", SPACE, seed=0, budget=37).ng.budget == 37
     assert make_optimizer("CMA", SPACE, seed=0).popsize == 4 + int(3 * np.log(SPACE.dim))
     assert make_optimizer("ng:DiscreteLenglerOnePlusOne", SPACE, seed=0).name == "ng:DiscreteLenglerOnePlusOne"
