@@ -52,6 +52,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--validation", type=float, default=0.33, help="fraction of the search examples held out")
     ap.add_argument("--top-k", type=int, default=5, help="candidates re-scored on validation before choosing")
     ap.add_argument("--dtype", default=None, help="merge/eval dtype (e.g. bfloat16); default the model's")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared CPU more threads spin-wait and run slower)")
     ap.add_argument("--race", action="store_true", help="also run the default search in racing mode (query efficiency)")
     ap.add_argument("--race-factor", type=float, default=2.0,
                     help="the raced run's budget of candidates, as a multiple of --budget (stopped ones are cheap)")
@@ -117,9 +119,10 @@ def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int]
             rows.append(_row(scorer, out, seed, time.perf_counter() - start))
             curves.setdefault(name, []).append(_curve(scorer, out, SEARCHES[name].budget or args.budget))
             if args.race and name == DEFAULT:
-                raced = run_search(name + "_race", replace(SEARCHES[name], race=True, budget=_race_budget(args)), setting, repo, args.dtype,
-                                   args.budget, seed, args.top_k, tick)
-                rows.append(_row(scorer, raced, seed, 0.0))
+                start = time.perf_counter()
+                raced = run_search(name + "_race", replace(SEARCHES[name], race=True, budget=_race_budget(args)),
+                                   setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
+                rows.append(_row(scorer, raced, seed, time.perf_counter() - start))
                 races.append({"seed": seed, **_race_efficiency(out, raced, len(setting.splits.fit))})
     ranking: list[tuple[str, float]] = []
     for name in (m for m in args.methods if m in FIXED):
@@ -150,7 +153,10 @@ def _total_ticks(args: argparse.Namespace, settings: list[Setting]) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    import torch
     from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
 
     if args.repository is None:
         from evomerge.zoo import ensure_tiny
