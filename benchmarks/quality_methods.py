@@ -48,6 +48,8 @@ SEARCHES: dict[str, SearchMethod] = {
     "evo_joint": SearchMethod("evo_joint", {}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
+    # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.
+    "evo_joint_wide": SearchMethod("evo_joint", {"sigma0": 0.3}),
     # The paper, faithfully: two stages, CE, the lowest fit loss wins; and each stage alone.
     "paper_two_stage": SearchMethod("evo", {"schedule": "two_stage"}, objective=CE, validation=False),
     "paper_alpha_only": SearchMethod("evo", {"schedule": "alpha"}, objective=CE, validation=False),
