@@ -49,6 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join([*SEARCHES, *FIXED])}")
     ap.add_argument("--search-per-task", type=int, default=None, help="search examples per task (fit + validation)")
     ap.add_argument("--test-per-task", type=int, default=None)
+    ap.add_argument("--ood-task", default=None, help="out-of-domain target (default: the zoo's first ood task)")
     ap.add_argument("--validation", type=float, default=0.33, help="fraction of the search examples held out")
     ap.add_argument("--top-k", type=int, default=5, help="candidates re-scored on validation before choosing")
     ap.add_argument("--dtype", default=None, help="merge/eval dtype (e.g. bfloat16); default the model's")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = json.loads((args.repository / "zoo.json").read_text()).get("preset", args.repository.name)
     tag = args.tag or f"{preset}{'-quick' if args.quick else ''}"
     settings = [load_setting(args.repository, s, args.search_per_task[s != "ood"], args.test_per_task[s != "ood"],
-                             args.validation) for s in args.settings]
+                             args.validation, args.ood_task) for s in args.settings]
     started = time.perf_counter()
     bar = tqdm(total=_total_ticks(args, settings), desc="quality", unit="eval", dynamic_ncols=True)
     results = []

@@ -50,14 +50,18 @@ class Setting:
 
 
 def load_setting(repository: Path, name: str, search_per_task: int, test_per_task: int,
-                 validation: float) -> Setting:
-    """The examples and experts of setting `name` on a zoo (`zoo.json` with tasks and ood_tasks)."""
+                 validation: float, ood_task: str | None = None) -> Setting:
+    """The examples and experts of setting `name` on a zoo (`zoo.json` with tasks and ood_tasks);
+    `ood_task` picks the out-of-domain target (default: the zoo's first)."""
     zoo = json.loads((repository / "zoo.json").read_text())
     experts = zoo["experts"]
     own = {spec["task"]: e for e, spec in sorted(experts.items())
            if not spec.get("distractor") and spec.get("task") in zoo["tasks"]}
     if name == "ood":
-        tasks, pool = (zoo["ood_tasks"][0],), tuple(sorted(experts))
+        target = ood_task or zoo["ood_tasks"][0]
+        if target not in zoo["tasks"]:
+            raise SystemExit(f"unknown ood task {target!r}; the zoo has {', '.join(zoo['ood_tasks'])}")
+        tasks, pool = (target,), tuple(sorted(experts))
     elif name == "indomain":
         tasks, pool = tuple(sorted(own)), tuple(own[t] for t in sorted(own))
     elif name == "indomain_distractors":
