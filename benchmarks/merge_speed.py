@@ -11,8 +11,8 @@ Builds (once, under --workdir) a model of SmolLM2-135M's shape with random weigh
 2. the TIES merge's bytes/s (read base + N experts, write one model) against torch.clone of the
    same number of bytes;
 3. peak memory of a full-task-vector merge (--scan-method) as the expert count grows (each count in a fresh
-   process): anonymous memory (the real cost) and file-backed pages of the memory-mapped experts
-   (reclaimable page cache that counts in RSS).
+   process): anonymous memory and file-backed resident pages (what memory-mapped experts would
+   add; evomerge reads experts with positioned reads, so this stays flat).
 
 Usage: python benchmarks/merge_speed.py [--workdir /tmp/evobench] [--counts 4,16,32] [--lora 18]
 """

@@ -32,20 +32,21 @@ class TestReport:
 
 
 def _row(score: Any) -> dict[str, Any]:
-    return {"loss": score.loss if math.isfinite(score.loss) else None, "status": score.status,
-            **{k: v for k, v in score.metrics.items() if "/" not in k}}
+    """The metrics of a test score (the blended loss of the reported metrics means nothing alone)."""
+    return {"status": score.status, **{k: v for k, v in score.metrics.items() if "/" not in k}}
 
 
-def compare_on_test(evaluator: Evaluator, best: MergeRecipe, experts: Sequence[str], selection_split: str) -> TestReport:
-    """Score `best`, the uniform merge and each expert alone on test; pick the best single expert
-    by its loss on `selection_split`."""
-    rows = {"best": _row(evaluator(best, "test")), "uniform": _row(evaluator(uniform(experts), "test"))}
+def compare_on_test(search: Evaluator, test: Evaluator, best: MergeRecipe, experts: Sequence[str],
+                    selection_split: str) -> TestReport:
+    """Score `best`, the uniform merge and each expert alone on test with the `test` evaluator (the
+    reported metrics); pick the best single expert by the search loss on `selection_split`."""
+    rows = {"best": _row(test(best, "test")), "uniform": _row(test(uniform(experts), "test"))}
     chosen, low = None, math.inf
     for name in experts:
-        sel = evaluator(single(name), selection_split)
+        sel = search(single(name), selection_split)
         if sel.ok and sel.loss < low:
             chosen, low = name, sel.loss
-        rows[f"expert:{name}"] = _row(evaluator(single(name), "test"))
+        rows[f"expert:{name}"] = _row(test(single(name), "test"))
     if chosen is not None:
         rows["best_single"] = {"expert": chosen, **rows[f"expert:{chosen}"]}
     return TestReport(rows, chosen)

@@ -43,11 +43,12 @@ def format_test_report(report) -> str:
     """The test-split table: the best recipe beside the uniform merge and the experts alone."""
     rows = report.rows
     metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
-    lines = [f"  {'test split':<28}" + "  ".join(f"{m:>12}" for m in metrics)]
+    labels = {name: f"best_single ({row['expert']})" if name == "best_single" else name for name, row in rows.items()}
+    width = max(len("test split"), *map(len, labels.values()))
+    lines = [f"  {'test split':<{width}}  " + "  ".join(f"{m:>12}" for m in metrics)]
     for name, row in rows.items():
-        label = f"best_single ({row['expert']})" if name == "best_single" else name
         cells = [f"{row[m]:12.4f}" if isinstance(row.get(m), float) else f"{'—':>12}" for m in metrics]
-        lines.append(f"  {label:<28}" + "  ".join(cells))
+        lines.append(f"  {labels[name]:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -85,9 +86,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong and where to look), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"evomerge: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Black-box evolutionary model merging.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="evomerge", description="Black-box evolutionary model merging.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("search", help="search for the best merge of experts")
     s.add_argument("--config", type=Path, help="YAML config file; flags override its fields")
     s.add_argument("--backend", choices=["python", "local", "api"])

@@ -83,6 +83,8 @@ class SearchConfig(_Frozen):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     race: RaceConfig | None = None
+    test_metrics: list[str] = Field(default_factory=lambda: ["ce", "exact_match"], min_length=1)
+    """Metrics reported on the test split (configured apart from the search objective)."""
     device: str | None = None
     dtype: str | None = None
 
@@ -94,6 +96,16 @@ class SearchConfig(_Frozen):
         if name.lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
         return name.lower()
+
+    @field_validator("test_metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str]) -> list[str]:
+        from evomerge.objectives import METRICS
+
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown test metric(s) {unknown}; choose from {', '.join(METRICS)}")
+        return metrics
 
     @field_validator("space")
     @classmethod
@@ -114,6 +126,8 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file; give a YAML config") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""

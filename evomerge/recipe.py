@@ -26,6 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from numbers import Real
 from typing import Any, Mapping, Sequence
 
 from evomerge.errors import RecipeError
@@ -35,6 +36,9 @@ METHODS = ("evo", "evo_tv", "linear", "task_arithmetic", "ties", "dare", "unifor
 
 
 def _floats(values: Sequence[float], what: str) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or any(isinstance(v, (bool, str, bytes)) or not isinstance(v, Real)
+                                               for v in values):
+        raise RecipeError(f"{what} must hold numbers (not strings or booleans), got {list(values)!r:.80}")
     out = tuple(map(float, values))
     if not all(map(math.isfinite, out)):
         i, v = next((i, v) for i, v in enumerate(out) if not math.isfinite(v))

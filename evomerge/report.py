@@ -6,6 +6,7 @@ run still going or one that crashed.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ class RunView:
     finished: bool
     cost: Cost
     config: dict
+    test: dict | None
 
 
 def load_run(path: str | Path) -> RunView:
@@ -32,20 +34,20 @@ def load_run(path: str | Path) -> RunView:
         validation = {(t.stage, t.trial): t for t in journal.trials(split="validation")}
         result = journal.meta("result")
         cost, config = journal.totals(), journal.meta("config") or {}
+        test = journal.meta("test_report")
     if not fit:
         from evomerge.errors import JournalError
 
         raise JournalError(f"journal {path} holds no evaluations yet; nothing to report")
     chosen = None
     if result:
-        import json
-
         pick = json.loads(result) if isinstance(result, str) else result
         chosen = next((t for t in fit if (t.stage, t.trial) == (pick["stage"], pick["trial"])), None)
     if chosen is None:
         ok = [t for t in fit if t.ok]
         chosen = min(ok, key=lambda t: t.loss) if ok else fit[0]
-    return RunView(fit, validation, chosen, result is not None, cost, config)
+    return RunView(fit, validation, chosen, result is not None, cost, config,
+                   json.loads(test) if isinstance(test, str) else test)
 
 
 def _plot(run: RunView, path: Path) -> None:
@@ -114,6 +116,14 @@ def write_report(journal: str | Path, out: str | Path | None = None, top: int = 
     for t in sorted((t for t in paid if t.ok), key=lambda t: t.loss)[:top]:
         v = run.validation.get((t.stage, t.trial))
         lines.append(f"| {t.stage} | {t.trial} | {_fmt(t.loss)} | {_fmt(v.loss if v else None)} |")
+    if run.test:
+        rows = run.test["rows"]
+        metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
+        lines += ["", "## Test split (never seen by the search)", "",
+                  "| recipe | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for name, row in rows.items():
+            label = f"best single expert ({row['expert']})" if name == "best_single" else name
+            lines.append(f"| {label} | " + " | ".join(_fmt(row.get(m)) for m in metrics) + " |")
     if failed:
         lines += ["", "## Failures", "", "| stage | trial | error |", "|---|---|---|"]
         lines += [f"| {t.stage} | {t.trial} | {(t.score.error or '').replace('|', '/')[:200]} |" for t in failed[:50]]

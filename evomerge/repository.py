@@ -5,15 +5,18 @@ Layout written by `evomerge zoo` (``zoo.json`` beside ``base/``, ``experts/NAME/
 already has (`Repository.from_paths`). An expert is a PEFT LoRA adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``) or a full Hugging Face checkpoint (``*.safetensors``).
 
-Tensors stay on disk, memory-mapped through safetensors, and are read one at a time, so opening a
-repository of 100+ experts costs only their headers (plus one finiteness scan per tensor).
+Tensors stay on disk and are read one at a time (`TensorReader`), so opening a repository of 100+
+experts costs only their headers (plus one finiteness scan per tensor), and a merge holds a few
+tensors in memory whatever the number of experts.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import struct
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,28 +251,61 @@ def _check_full(name: str, path: Path, files: Mapping[str, Path], base_shapes: M
             raise RepositoryError(f"expert {name!r}: tensor {key} has shape {shape}, the base has {base_shapes[key]}")
 
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 class TensorReader:
-    """Reads tensors of many checkpoints lazily, keeping each file's memory map open once."""
+    """Reads single tensors of many safetensors files with positioned reads (``preadv``).
+
+    Not through a memory map on purpose: a merge streams every tensor of every expert once, and
+    pages touched through a map stay in the process's RSS until the map closes (measured: 8 GiB
+    of file-backed RSS for 16 experts of SmolLM2-135M). A positioned read copies the bytes into
+    the tensor that needs them and nothing stays mapped, so memory does not grow with the number
+    of experts. Headers are parsed once per file and file descriptors stay open.
+    """
 
     def __init__(self) -> None:
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+
+    def _open(self, f: Path) -> tuple[int, int, dict]:
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            self._headers[f] = (8 + size, json.loads(os.pread(fd, size, 8)))
+        start, header = self._headers[f]
+        return fd, start, header
 
     def get(self, files: Mapping[str, Path], key: str):
+        torch = require("torch", "reading checkpoints")
         f = files[key]
-        h = self._handles.get(f)
-        if h is None:
-            safe_open = require("safetensors", "reading checkpoints").safe_open
-            h = self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-        return h.get_tensor(key)
+        fd, start, header = self._open(f)
+        entry = header[key]
+        if entry["dtype"] not in _DTYPES:
+            raise RepositoryError(f"{f}: tensor {key} has dtype {entry['dtype']}, which evomerge cannot read")
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=getattr(torch, _DTYPES[entry["dtype"]]))
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        if len(view) != end - begin:
+            raise RepositoryError(f"{f}: tensor {key} claims {end - begin} bytes for shape {entry['shape']}; the file is corrupt")
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], start + begin + done)
+            if got <= 0:
+                raise RepositoryError(f"{f}: file ends inside tensor {key}; the file is truncated")
+            done += got
+        return out
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._headers.clear()
 
     def __enter__(self) -> "TensorReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -191,8 +191,10 @@ def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
                     race=None if config.race is None else Race(**config.race.model_dump()))
     report = None
     if prepared.splits is not None and prepared.splits.test:
-        evaluate = prepared.evaluator()
-        report = compare_on_test(evaluate, result.best_recipe, prepared.experts,
+        from evomerge.objectives import Objective
+
+        tester = replace(prepared.evaluator, objective=Objective({m: 1.0 for m in config.test_metrics}))
+        report = compare_on_test(prepared.evaluator(), tester(), result.best_recipe, prepared.experts,
                                  "validation" if prepared.splits.validation else "fit")
         if config.journal is not None:
             with Journal.open(config.journal) as journal:

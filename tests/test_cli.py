@@ -59,6 +59,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, words):
     assert len(lines) == 1 and lines[0].startswith("evomerge: error:") and words in lines[0], res.stderr
 
 
-def test_budget_must_be_positive(tmp_path):
-    res = run("search", "--budget", "0")
-    assert res.returncode == 2 and "positive" in res.stderr
+@pytest.mark.parametrize("args, words", [(["search", "--budget", "0"], "positive"),
+                                         (["search", "--budget", "abc"], "invalid"),
+                                         (["search", "--backend", "gpu"], "invalid choice"),
+                                         (["frobnicate"], "invalid choice")])
+def test_usage_errors_are_one_line(args, words):
+    res = run(*args)
+    assert res.returncode == 2 and words in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr

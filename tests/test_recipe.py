@@ -40,6 +40,12 @@ def test_bad_recipes_are_refused_with_a_reason(kwargs, words):
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("weights", [["1"], [True], "1", [None]])
+def test_weights_must_be_numbers(weights):
+    with pytest.raises(RecipeError, match="must hold numbers"):
+        MergeRecipe.from_dict({"method": "evo", "experts": ["a"], "weights": weights})
+
+
 def test_from_dict_rejects_unknown_and_missing_fields():
     with pytest.raises(RecipeError, match="unknown recipe field"):
         MergeRecipe.from_dict({"method": "evo", "experts": ["a"], "weights": [1], "alpha": [1]})

@@ -8,7 +8,8 @@ The user's optimizer sees only answers. Two modes:
 Requests run on one background event loop with the `openai` async client: at most ``concurrency``
 in flight, retries with exponential backoff and jitter on 429/5xx/connection errors (honouring
 ``Retry-After``), and a `UsageCap` reserved before every request, so a query or token cap is never
-exceeded. A query is a request the provider answered usably; its tokens are the provider's usage.
+exceeded. A query is a request the provider answered usably (its tokens are the provider's usage),
+or one it may have served without a usable answer (timed out, garbled: counted at its token bound).
 """
 
 from __future__ import annotations
@@ -202,6 +203,11 @@ class ApiBackend(Backend):
                                      _retry_after(exc.response.headers))
             except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as exc:
                 failure = _Retryable(f"{type(exc).__name__}: {exc}")
+                if _maybe_served(openai, exc):  # the provider may have done (and billed) the work
+                    used = token_bound
+                    if tally is not None:
+                        tally.queries += 1
+                        tally.tokens += used
             finally:
                 self.caps.settle(token_bound, used)
             if attempt == retries:
@@ -439,6 +445,13 @@ def _json_object(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
             raise ValueError(f"the provider's answer is malformed ({type(exc).__name__}: {exc})") from None
 
     return checked
+
+
+def _maybe_served(openai: Any, exc: Exception) -> bool:
+    """Whether a failed request may still have been served: it timed out, or its answer arrived
+    garbled. Such a request counts as a query (at its token bound), so a cap also bounds what the
+    provider served; a refused or dropped connection, or an error status, was not served."""
+    return isinstance(exc, openai.APITimeoutError) or not isinstance(exc, openai.APIConnectionError)
 
 
 def _parse_probe(resp: Any) -> tuple[None, int]:

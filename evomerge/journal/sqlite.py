@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -26,6 +27,17 @@ from evomerge.score import Cost, Score
 SCHEMA_VERSION = 1
 CHECKPOINT_VERSION = 1
 _MAGIC = "evomerge-journal"
+
+FAULT_COMMIT_DELAY = "EVOMERGE_FAULT_COMMIT_DELAY"
+FAULT_CHECKPOINT_DELAY = "EVOMERGE_FAULT_CHECKPOINT_DELAY"
+"""Fault hooks for the crash tests (tests/faults): seconds to sleep inside an open write
+transaction of an evaluation commit or a checkpoint, so a `kill -9` can land there. Unset: no-op."""
+
+
+def _fault_delay(variable: str) -> None:
+    delay = os.environ.get(variable)
+    if delay:
+        time.sleep(float(delay))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,8 +87,11 @@ class Journal:
         path = Path(path)
         if path.exists() and path.stat().st_size > 0:
             raise JournalError(f"journal {path} already exists; pass --resume to continue it or choose a new path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = cls._connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot create journal {path} ({exc}); choose a writable path") from None
         with conn:
             conn.executescript(_SCHEMA)
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -92,27 +107,33 @@ class Journal:
         if not path.is_file():
             raise JournalError(f"journal {path} does not exist; check the path or start a run without --resume")
         try:
-            conn = cls._connect(path)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            conn = sqlite3.connect(str(path), check_same_thread=False)  # WAL only once it is ours: a
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())  # foreign file stays as it is
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path} is not a readable evomerge journal ({exc}); point at the .sqlite file a search wrote") from None
+        refusal = None
         if meta.get("magic") != _MAGIC:
-            raise JournalError(f"{path} is an SQLite file but not an evomerge journal")
-        if int(meta.get("schema_version", "0")) > SCHEMA_VERSION:
-            raise JournalError(f"{path} was written by a newer evomerge (schema {meta['schema_version']}); upgrade evomerge")
-        journal = cls(path, conn)
-        if fingerprint is not None and not force:
+            refusal = f"{path} is an SQLite file but not an evomerge journal"
+        elif int(meta.get("schema_version", "0")) > SCHEMA_VERSION:
+            refusal = f"{path} was written by a newer evomerge (schema {meta['schema_version']}); upgrade evomerge"
+        elif fingerprint is not None and not force:
             stored = json.loads(meta["fingerprint"])
             theirs = json.loads(json.dumps(fingerprint, sort_keys=True))
             if stored != theirs:
                 diff = sorted(k for k in set(stored) | set(theirs) if stored.get(k) != theirs.get(k))
-                raise JournalError(f"journal {path} belongs to a different configuration (differs in: {', '.join(diff)}); "
-                                   "use the original settings, a new journal path, or --force")
-        return journal
+                refusal = (f"journal {path} belongs to a different configuration (differs in: {', '.join(diff)}); "
+                           "use the original settings, a new journal path, or --force")
+        if refusal is not None:
+            conn.close()
+            raise JournalError(refusal)
+        return cls(path, cls._configure(conn))
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(path), check_same_thread=False)
+        return Journal._configure(sqlite3.connect(str(path), check_same_thread=False))
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
@@ -134,6 +155,7 @@ class Journal:
             raise
         self._batch -= 1
         if not self._batch:
+            _fault_delay(FAULT_COMMIT_DELAY)
             self._conn.commit()
 
     def __enter__(self) -> "Journal":
@@ -206,6 +228,7 @@ class Journal:
             self._conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                                (stage, n_told, CHECKPOINT_VERSION, sqlite3.Binary(state), time.time()))
             self._conn.execute("DELETE FROM checkpoints WHERE stage = ? AND n_told < ?", (stage, n_told))
+            _fault_delay(FAULT_CHECKPOINT_DELAY)
 
     def latest_checkpoint(self, stage: int) -> tuple[int, bytes] | None:
         row = self._conn.execute(

@@ -1,7 +1,7 @@
 """Turn a recipe into merged deltas, one tensor at a time, without writing anything to disk.
 
 `Merger` holds every LoRA adapter's factors resident on the merge device (they are small) and
-reads full checkpoints tensor by tensor from their memory maps, so a merge over 32 full experts
+reads full checkpoints tensor by tensor (positioned reads, no memory map), so a merge over 32 full experts
 needs the memory of a few tensors, not of 32 models. It yields (tensor name, ΔW) in float32; the
 engine adds ΔW to the resident base weights, an export writes base + ΔW to a file.
 """
@@ -40,8 +40,7 @@ class Merger:
                 stack.freeze()
 
     def _load(self, expert: Expert, key: str) -> torch.Tensor:
-        # safetensors may hand out a view of its memory map: copy, so in-place math never writes to it
-        return self._reader.get(expert.files, key).to(self.device, torch.float32, copy=True)
+        return self._reader.get(expert.files, key).to(self.device, torch.float32)
 
     def targets(self, recipe: MergeRecipe) -> list[str]:
         """Names of the base tensors `recipe` changes, in the base checkpoint's order."""

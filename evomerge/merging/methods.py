@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from evomerge.errors import RecipeError
-from evomerge.merging.sparsify import cutoff, dare, keep_count, mask_from, prune
+from evomerge.merging.sparsify import dare, keep_count, mask_from, prune, select
 
 TIES_CACHE_BYTES = 256 << 20
 """TIES keeps trimmed deltas between its two passes while they fit in this; else it recomputes."""
@@ -121,8 +121,8 @@ def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> tor
     caching = True
     for c in contribs:
         d = c.delta()
-        cut = cutoff(d, keep_count(d.numel(), _density(c), "floor"))
-        trimmed = d.mul_(mask_from(d, *cut)).mul_(c.weight)
+        mask, cut = select(d, keep_count(d.numel(), _density(c), "floor"))
+        trimmed = d.mul_(mask).mul_(c.weight)
         cuts.append(cut)
         vote = trimmed.clone() if vote is None else vote.add_(trimmed)
         caching = caching and d.numel() * d.element_size() * len(contribs) <= TIES_CACHE_BYTES

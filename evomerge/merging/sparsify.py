@@ -50,23 +50,27 @@ def _kth_largest_radix(mag: torch.Tensor, k: int) -> float:
     return torch.tensor((bucket << 16) | lo, dtype=torch.int32).view(torch.float32).item()
 
 
-def cutoff(x: torch.Tensor, k: int) -> tuple[float, int]:
-    """(threshold, ties) such that `mask_from(x, ...)` keeps exactly the k largest |x|.
+def select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[float, int]]:
+    """The keep-mask of the k largest |x| and its description (threshold, ties).
 
-    Entries above the threshold are kept, plus the first ``ties`` entries equal to it. Computing
-    this once lets a second pass over the same tensor rebuild the mask without another selection.
+    Entries above the threshold are kept, plus the first ``ties`` entries equal to it; given the
+    description, `mask_from` rebuilds the mask in a second pass without another selection.
     """
     mag = x.reshape(-1).abs().float()
     n = mag.numel()
     if k >= n:
-        return -math.inf, 0
+        return torch.ones_like(x, dtype=torch.bool), (-math.inf, 0)
     if k <= 0:
-        return math.inf, 0
+        return torch.zeros_like(x, dtype=torch.bool), (math.inf, 0)
     if n >= RADIX_MIN:
         threshold = _kth_largest_radix(mag, k)
     else:
         threshold = float(torch.kthvalue(mag, n - k + 1).values)
-    return threshold, k - int((mag > threshold).sum())
+    mask = mag > threshold
+    ties = k - int(mask.sum())
+    if ties > 0:
+        mask[torch.nonzero(mag == threshold, as_tuple=True)[0][:ties]] = True
+    return mask.reshape(x.shape), (threshold, ties)
 
 
 def row_masks(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
@@ -99,7 +103,7 @@ def row_masks(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
 
 
 def mask_from(x: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
-    """The boolean keep-mask that `cutoff` describes."""
+    """The boolean keep-mask that `select` described."""
     mag = x.reshape(-1).abs().float()
     mask = mag > threshold
     if ties > 0:
@@ -109,7 +113,7 @@ def mask_from(x: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest-|x| entries; ties at the cutoff go to lower flat indices."""
-    return mask_from(x, *cutoff(x, k))
+    return select(x, k)[0]
 
 
 def prune(x: torch.Tensor, fraction: float, rule: str = "round") -> torch.Tensor:

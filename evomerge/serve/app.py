@@ -34,6 +34,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
     fastapi = require("fastapi", "evomerge serve")
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch)
 
@@ -59,6 +60,10 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first.get("loc", ())[1:] if not _TYPE_TAG.match(str(p))) or None
         return error(422, f"{param or 'body'}: {first.get('msg')}", param, "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Any, exc: StarletteHTTPException) -> Any:  # unknown route, unparsable body, ...
+        return error(exc.status_code, str(exc.detail), None, "invalid_request_error")
 
     @app.exception_handler(EvomergeError)
     async def _refused(_: Any, exc: EvomergeError) -> Any:  # raised while merging: the recipe cannot be served
@@ -90,8 +95,8 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         recipe = parse_merge(req.merge, req.model, host, limits)
         generated = [Generated("", 0)] * len(prompts)
         if req.max_tokens > 0:
-            generated = await worker.call(recipe, lambda h: [
-                h.generate(p, req.max_tokens, req.temperature, req.seed) for p in prompts])
+            generated = await worker.call(recipe, lambda h: h.generate(prompts, req.max_tokens, req.temperature,
+                                                                       req.seed))
         completions_ = [g.text for g in generated]
         scored: list[Scored | None] = [None] * len(prompts)
         if req.logprobs is not None:
@@ -115,7 +120,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         _check_batch([prompt], max_tokens, limits)
         recipe = parse_merge(req.merge, req.model, host, limits)
         out, prompt_tokens = await worker.call(recipe, lambda h: (
-            h.generate(prompt, max_tokens, req.temperature, req.seed), h.count_tokens(prompt)))
+            h.generate([prompt], max_tokens, req.temperature, req.seed)[0], h.count_tokens(prompt)))
         worker.stats.queries += 1
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or host.base_name,

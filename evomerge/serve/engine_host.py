@@ -77,8 +77,8 @@ class EngineHost:
     def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
         return self.runner.score(texts, top)
 
-    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
-        return self.runner.generate(prompt, max_tokens, temperature, seed)
+    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None) -> list[Generated]:
+        return self.runner.generate(prompts, max_tokens, temperature, seed)
 
     def count_tokens(self, text: str) -> int:
         return self.runner.count_tokens(text)

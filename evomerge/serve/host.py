@@ -51,8 +51,9 @@ class ModelHost(Protocol):
     def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
         """Log-probabilities of every token of each text under the active weights."""
 
-    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
-        """A continuation of `prompt` of at most `max_tokens` tokens under the active weights."""
+    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None) -> list[Generated]:
+        """A continuation of each prompt, at most `max_tokens` tokens, under the active weights
+        (one batched pass: a request's prompts share its merge)."""
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` costs (what usage reports)."""
@@ -106,11 +107,15 @@ class TransformersRunner:
             out.append(Scored(tokens, lps, offs, alts if top_values is not None else None))
         return out
 
-    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> Generated:
+    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None) -> list[Generated]:
         torch = self.torch
         if max_tokens <= 0:
-            return Generated("", 0)
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
+            return [Generated("", 0) for _ in prompts]
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"  # continuations line up
+        try:
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.model.device)
+        finally:
+            self.tokenizer.padding_side = side
         sample = temperature > 0
         if sample and seed is not None:
             torch.manual_seed(seed)
@@ -118,5 +123,8 @@ class TransformersRunner:
             out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
                                       temperature=temperature if sample else None, top_p=None, top_k=None,
                                       pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, enc["input_ids"].shape[1]:]
-        return Generated(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()))
+        done = []
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            stop = next((i + 1 for i, t in enumerate(row) if t == self.tokenizer.eos_token_id), len(row))
+            done.append(Generated(self.tokenizer.decode(row[:stop], skip_special_tokens=True), stop))
+        return done

@@ -7,7 +7,7 @@ OpenAI options the reference server does not use. `merge` is checked strictly: a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, description="sampling seed (a 64-bit integer)")]
+"""A seed torch accepts: a larger one made `torch.manual_seed` raise (a 500) before this bound."""
+
+
 class CompletionRequest(_Body):
     model: str | None = None
     prompt: str | list[str]
@@ -37,7 +41,7 @@ class CompletionRequest(_Body):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
-    seed: int | None = None
+    seed: Seed | None = None
     merge: dict[str, Any] | None = Field(None, description="a MergeRecipe dict; without one the model named answers")
 
 
@@ -53,7 +57,7 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     n: int = Field(1, ge=1, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     merge: dict[str, Any] | None = None
 
 

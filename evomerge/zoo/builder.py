@@ -47,8 +47,15 @@ def read_manifest(out: Path) -> dict | None:
         return None
 
 
-def _matches(manifest: dict | None, preset: str, seed: int) -> bool:
-    return bool(manifest) and (manifest.get("preset"), manifest.get("seed"), manifest.get("format")) == (preset, seed, FORMAT)
+def _matches(out: Path, manifest: dict | None, preset: str, seed: int) -> bool:
+    """A finished zoo of this preset and seed, every file its manifest lists present (an
+    interrupted or damaged one is rebuilt, not reused)."""
+    if not manifest or (manifest.get("preset"), manifest.get("seed"), manifest.get("format")) != (preset, seed, FORMAT):
+        return False
+    listed = [out / manifest.get("base", "base") / "config.json"]
+    listed += [out / e["path"] for e in manifest.get("experts", {}).values()]
+    listed += [out / f for splits in manifest.get("tasks", {}).values() for f in splits.values()]
+    return all(p.exists() for p in listed)
 
 
 @contextmanager
@@ -88,8 +95,10 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
         raise ConfigError("a zoo build needs an output folder; pass --out DIR")
     out = Path(out).expanduser().resolve()
     existing = read_manifest(out)
-    if not force and _matches(existing, preset, seed):
+    if not force and _matches(out, existing, preset, seed):
         return out
+    if existing is not None and (existing.get("preset"), existing.get("seed")) == (preset, seed):
+        force = True  # our own zoo, damaged: rebuild it in place
     if out.exists() and any(out.iterdir()) and not force:
         what = f"a zoo built with preset {existing.get('preset')!r} seed {existing.get('seed')}" if existing else "other files"
         raise ConfigError(f"{out} already holds {what}; choose another --out or pass --force to replace it")
@@ -108,7 +117,7 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
             manifest = _build_into(work, spec, seed, gguf_path, progress)
         manifest["build_seconds"] = round(time.perf_counter() - started, 1)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if not force and _matches(read_manifest(out), preset, seed):
+        if not force and _matches(out, read_manifest(out), preset, seed):
             return out  # another process finished the same zoo first
         if out.exists():
             shutil.rmtree(out)

@@ -146,7 +146,7 @@ def test_retries_ride_out_scripted_faults(server) -> None:
         finally:
             b.close()
     assert score.ok, score.error
-    assert score.cost.queries == 1 and b.attempts == 7
+    assert score.cost.queries == 3 and b.attempts == 7  # the truncated and corrupted answers were served too
     assert elapsed >= 0.6  # two Retry-After: 0.3 waits honoured
     assert {k: proxy.counts[k] for k in ("500", "429", "drop", "truncate", "corrupt", "503", "ok")} == dict.fromkeys(
         ("500", "429", "drop", "truncate", "corrupt", "503", "ok"), 1)
@@ -163,7 +163,8 @@ def test_random_faults_at_30_percent_lose_nothing(server, backend) -> None:
             b.close()
     assert sum(proxy.counts[f] for f in rates) > 0
     assert all(s.ok and s.loss == pytest.approx(clean.loss, abs=1e-5) for s in scores)
-    assert sum(s.cost.queries for s in scores) == 4 * 5 == proxy.counts["ok"]
+    assert proxy.counts["ok"] == 4 * 5  # each chunk answered usably once
+    assert sum(s.cost.queries for s in scores) == proxy.forwarded  # and every served request counted
 
 
 def test_timeouts_are_retried(server) -> None:

