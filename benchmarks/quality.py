@@ -1,0 +1,202 @@
+"""Search quality against the merges people use today, on one repository, budget and example set.
+
+    python -m benchmarks.quality [--repository DIR] [--quick] [--seeds 0 1 2] [--budget 500]
+                                 [--settings ood indomain indomain_distractors] [--methods ...]
+
+For each setting (see `benchmarks.quality_setup`) every method merges the same experts and sees the
+same fit / validation examples; searching methods get the same budget of fit evaluations. Reported:
+the test-split exact match (mean of per-task means) of the recipe each returns, mean ± sd over
+seeds, beside fit and validation, the evaluations and examples scored (queries) it used; a
+best-so-far test curve against evaluations (PNG); with the racing mode, the queries needed to reach
+the full-evaluation run's best fit loss. Writes quality_<tag>.{md,json} and PNGs to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from evomerge.baselines import single
+
+from benchmarks.quality_methods import (DEFAULT, FIXED, SEARCHES, Outcome, base_recipe, candidates, run_fixed,
+                                        run_search)
+from benchmarks.quality_report import curve_png, markdown
+from benchmarks.quality_setup import SETTINGS, Scorer, Setting, load_setting
+
+QUICK = {"budget": 60, "search_per_task": (24, 6), "test_per_task": (24, 8), "references": 3}
+FULL = {"budget": 500, "search_per_task": (48, 12), "test_per_task": (100, 40), "references": None}
+"""Examples per task as (one target task, several tasks): a multi-task merge scores every task on
+each evaluation, so it takes fewer per task to keep an evaluation's cost near the single-task one."""
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repository", help="zoo directory (default: the tiny zoo, built on first use)")
+    ap.add_argument("--quick", action="store_true", help="small budget and example counts: minutes, not hours")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="optimizer seeds (default 0 1 2; quick: 0)")
+    ap.add_argument("--budget", type=int, default=None, help="fit evaluations per search (default 500; quick 60)")
+    ap.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    ap.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join([*SEARCHES, *FIXED])}")
+    ap.add_argument("--search-per-task", type=int, default=None, help="search examples per task (fit + validation)")
+    ap.add_argument("--test-per-task", type=int, default=None)
+    ap.add_argument("--ood-task", default=None, help="out-of-domain target (default: the zoo's first ood task)")
+    ap.add_argument("--validation", type=float, default=0.33, help="fraction of the search examples held out")
+    ap.add_argument("--top-k", type=int, default=5, help="candidates re-scored on validation before choosing")
+    ap.add_argument("--dtype", default=None, help="merge/eval dtype (e.g. bfloat16); default the model's")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared CPU more threads spin-wait and run slower)")
+    ap.add_argument("--race", action="store_true", help="also run the default search in racing mode (query efficiency)")
+    ap.add_argument("--race-factor", type=float, default=2.0,
+                    help="the raced run's budget of candidates, as a multiple of --budget (stopped ones are cheap)")
+    ap.add_argument("--out", default="benchmarks", help="folder for quality_<tag>.md/.json and the PNGs")
+    ap.add_argument("--tag", default=None, help="name of the outputs (default: zoo preset, + -quick)")
+    args = ap.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.budget = args.budget or preset["budget"]
+    args.search_per_task = (args.search_per_task,) * 2 if args.search_per_task else preset["search_per_task"]
+    args.test_per_task = (args.test_per_task,) * 2 if args.test_per_task else preset["test_per_task"]
+    args.references = preset["references"]
+    args.methods = args.methods or [*SEARCHES, *FIXED]
+    unknown = [m for m in args.methods if m not in SEARCHES and m not in FIXED]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}")
+    return args
+
+
+def _row(scorer: Scorer, out: Outcome, seed: int | None, seconds: float) -> dict[str, Any]:
+    fit, val, test = (scorer(out.recipe, s) for s in ("fit", "validation", "test"))
+    return {"method": out.method, "seed": seed, "fit_em": fit.mean_em, "val_em": val.mean_em, "test_em": test.mean_em,
+            "test_ce": test.mean_ce, "test_em_tasks": test.em, "fit_evals": out.fit_evals, "val_evals": out.val_evals,
+            "queries": out.queries, "seconds": round(seconds, 1), "recipe": out.recipe.to_dict(), **out.extra}
+
+
+def _curve(scorer: Scorer, out: Outcome, budget: int) -> list[tuple[int, float]]:
+    """Test exact match of the best-by-fit recipe after c evaluations, at ~8 checkpoints."""
+    points = sorted({int(c) for c in np.round(np.geomspace(1, max(budget, 1), 8))} | {budget})
+    curve = []
+    for c in points:
+        incumbent = [r for n, r in out.trace if n <= c]
+        if incumbent:
+            curve.append((c, scorer(incumbent[-1], "test").mean_em))
+    return curve
+
+
+def _race_efficiency(full: Outcome, raced: Outcome, n_fit: int) -> dict[str, Any]:
+    """Evaluations-worth of queries each run needed to first reach the full run's best fit loss."""
+    target = min((loss for _, loss in full.extra["fit_curve"]), default=math.inf)
+
+    def reach(out: Outcome) -> float | None:
+        hit = next((q for q, loss in out.extra["fit_curve"] if loss <= target + 1e-12), None)
+        return None if hit is None else hit / n_fit
+
+    return {"target_fit_loss": target, "full_evals_worth": reach(full), "race_evals_worth": reach(raced),
+            "race_total_evals_worth": raced.queries / n_fit}
+
+
+def _race_budget(args: argparse.Namespace) -> int:
+    return max(1, round(args.race_factor * args.budget))
+
+
+def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int], None]) -> dict[str, Any]:
+    repo = str(args.repository)
+    scorer = Scorer(repo, setting, args.dtype)
+    rows, curves, races = [], {}, []
+    searches = [m for m in args.methods if m in SEARCHES]
+    for seed in args.seeds:
+        for name in searches:
+            start = time.perf_counter()
+            out = run_search(name, SEARCHES[name], setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
+            rows.append(_row(scorer, out, seed, time.perf_counter() - start))
+            curves.setdefault(name, []).append(_curve(scorer, out, SEARCHES[name].budget or args.budget))
+            if args.race and name == DEFAULT:
+                start = time.perf_counter()
+                raced = run_search(name + "_race", replace(SEARCHES[name], race=True, budget=_race_budget(args)),
+                                   setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
+                rows.append(_row(scorer, raced, seed, time.perf_counter() - start))
+                races.append({"seed": seed, **_race_efficiency(out, raced, len(setting.splits.fit))})
+    ranking: list[tuple[str, float]] = []
+    for name in (m for m in args.methods if m in FIXED):
+        start = time.perf_counter()
+        out = run_fixed(name, setting, repo, args.dtype, args.quick, tick)
+        ranking = out.extra.pop("ranking", ranking)
+        rows.append(_row(scorer, out, None, time.perf_counter() - start))
+    references = [_row(scorer, Outcome("base", base_recipe(setting.experts)), None, 0.0)]
+    chosen = [e for e, _ in ranking][: args.references] if ranking else []
+    for e in dict.fromkeys([*(setting.own[t] for t in setting.tasks if t in setting.own), *chosen]):
+        references.append(_row(scorer, Outcome(f"expert:{e}", single(e)), None, 0.0))
+    own = {t: scorer(single(setting.own[t]), "test").em[t] for t in setting.tasks if t in setting.own}
+    return {"setting": setting.name, **setting.describe(), "rows": rows, "references": references,
+            "curves": curves, "race": races, "experts_on_own_tasks": own, "best_single_ranking": ranking}
+
+
+def _total_ticks(args: argparse.Namespace, settings: list[Setting]) -> int:
+    total = 0
+    for s in settings:
+        for m in args.methods:
+            if m in SEARCHES:
+                total += len(args.seeds) * ((SEARCHES[m].budget or args.budget)
+                                            + (_race_budget(args) if args.race and m == DEFAULT else 0))
+            elif m != "uniform":
+                total += len(candidates(m, s.experts, args.quick))
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+
+    if args.repository is None:
+        from evomerge.zoo import ensure_tiny
+
+        args.repository = ensure_tiny()
+    args.repository = Path(args.repository).resolve()
+    preset = json.loads((args.repository / "zoo.json").read_text()).get("preset", args.repository.name)
+    tag = args.tag or f"{preset}{'-quick' if args.quick else ''}"
+    settings = [load_setting(args.repository, s, args.search_per_task[s != "ood"], args.test_per_task[s != "ood"],
+                             args.validation, args.ood_task) for s in args.settings]
+    started = time.perf_counter()
+    bar = tqdm(total=_total_ticks(args, settings), desc="quality", unit="eval", dynamic_ncols=True)
+    results = []
+    for setting in settings:
+        bar.set_postfix(setting=setting.name)
+        results.append(run_setting(setting, args, bar.update))
+    bar.close()
+    run = {"command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
+           "repository": str(args.repository), "preset": preset, "seeds": args.seeds, "budget": args.budget,
+           "default": DEFAULT, "wall_seconds": round(time.perf_counter() - started),
+           "settings": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality_{tag}.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+    for r in results:
+        curve_png(r, out / f"quality_{tag}_{r['setting']}.png", args.budget)
+    (out / f"quality_{tag}.md").write_text(markdown(run, tag))
+    print(f"wrote {out / f'quality_{tag}.md'} ({run['wall_seconds']} s)")
+    return run
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    return f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The methods the quality benchmark compares: searches (one budget for all) and fixed recipes.
+
+Searching methods differ in space, optimizer, objective and selection; everything else (experts,
+examples, budget, seed) comes from the benchmark. Fixed methods (uniform, the classic grids, the
+best single expert) pick among a handful of recipes by their loss on the whole search set, the way
+a practitioner tunes them by hand; they never see test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import evomerge
+from evomerge.baselines import single
+from evomerge.journal import Trial
+from evomerge.objectives import Objective
+from evomerge.recipe import MergeRecipe, uniform
+from evomerge.scheduler.race import Race
+from evomerge.search_spaces import build_space, grid
+
+from benchmarks.quality_setup import BenchFactory, Setting, search_loss
+
+CE = Objective("ce")
+ALIGNED = Objective({"ce": 1.0, "exact_match": 1.0}, "normalized")
+"""The default objective: CE plus (1 − exact match), each task normalised by the base model's loss."""
+LORAHUB_STEPS = 40
+
+
+@dataclass(frozen=True)
+class SearchMethod:
+    """A search: space (registered name + options), optimizer, objective, and how it selects."""
+
+    space: str
+    options: dict[str, Any]
+    optimizer: str = "cma"
+    objective: Objective = ALIGNED
+    validation: bool = True
+    budget: int | None = None
+    """A fixed budget of its own (LoraHub's 40 steps); None: the benchmark's budget."""
+    race: bool = False
+    """Score candidates on a quarter of fit first and stop the clearly worse (`evomerge.scheduler.race`)."""
+
+
+SEARCHES: dict[str, SearchMethod] = {
+    # Issue 8's stage-1 comparison, all with the default objective and validation selection.
+    # The task-vector form (ΔW = Σ β_i·B_i·S(A_i), linear in β): its start α=1, β=1/N is the uniform
+    # merge, where the factor form's start scales each expert's own term by 1/N².
+    "evo_tv_joint": SearchMethod("evo_joint", {"method": "evo_tv"}),
+    "evo_joint": SearchMethod("evo_joint", {}),
+    "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
+    "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
+    # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.
+    "evo_joint_wide": SearchMethod("evo_joint", {"sigma0": 0.3}),
+    # The paper, faithfully: two stages, CE, the lowest fit loss wins; and each stage alone.
+    "paper_two_stage": SearchMethod("evo", {"schedule": "two_stage"}, objective=CE, validation=False),
+    "paper_alpha_only": SearchMethod("evo", {"schedule": "alpha"}, objective=CE, validation=False),
+    "paper_beta_only": SearchMethod("evo", {"schedule": "beta"}, objective=CE, validation=False),
+    # LoraHub: NGOpt over signed scales only (α = 1), CE, at its own 40 steps and at the budget.
+    "lorahub_40": SearchMethod("evo", {"schedule": "beta"}, "ngopt", CE, False, budget=LORAHUB_STEPS),
+    "lorahub_full": SearchMethod("evo", {"schedule": "beta"}, "ngopt", CE, False),
+    "random": SearchMethod("evo_joint", {}, "random"),
+}
+DEFAULT = "evo_tv_joint"
+"""The proposed default search (QUALITY.md: it beat evo_joint and the paper's plan on smol in-domain)."""
+FIXED = ("uniform", "task_arithmetic_grid", "ties_grid", "dare_grid", "best_single")
+
+
+@dataclass
+class Outcome:
+    """What a method returned and what it paid."""
+
+    method: str
+    recipe: MergeRecipe
+    fit_evals: int = 0
+    val_evals: int = 0
+    queries: int = 0
+    """Examples scored (fit and validation): the provider queries the method would pay."""
+    trace: list[tuple[int, MergeRecipe]] = field(default_factory=list)
+    """(paid fit evaluations, best recipe by fit loss so far) at each improvement."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_search(name: str, method: SearchMethod, setting: Setting, repository: str, dtype: str | None,
+               budget: int, seed: int, top_k: int, tick: Callable[[int], None]) -> Outcome:
+    """Run one search and record its paid evaluations and the incumbent after each one."""
+    factory = BenchFactory(repository, setting.splits, method.objective, dtype)
+    if not method.validation:
+        factory = factory.without_validation()
+    out = Outcome(name, uniform(setting.experts))
+    best, fit_curve = [math.inf], []
+
+    def seen(trial: Trial) -> None:
+        if trial.cached:
+            return
+        if trial.split != "fit":
+            return
+        out.fit_evals += 1
+        tick(1)
+        fit_curve.append((factory.meter.examples, trial.loss if trial.ok else math.inf))
+        if trial.ok and trial.loss < best[0]:
+            best[0] = trial.loss
+            out.trace.append((out.fit_evals, trial.recipe))
+
+    space = build_space(method.space, list(setting.experts), **method.options)
+    extra = {"race": Race()} if method.race else {}
+    result = evomerge.search(space=space, evaluator=factory, budget=method.budget or budget,
+                             optimizer=method.optimizer, seed=seed, top_k=top_k if method.validation else 1,
+                             on_trial=seen, **extra)
+    out.recipe = result.best_recipe
+    out.queries = factory.meter.examples
+    out.val_evals = factory.meter.calls.get("validation", 0)
+    out.extra = {"fit_loss": result.best_loss, "validation_loss": result.validation_loss, "fit_curve": fit_curve,
+                 "stages": [(s.name, s.evaluations, None if s.best is None else s.best.loss) for s in result.stages]}
+    return out
+
+
+def candidates(name: str, experts: Sequence[str], quick: bool) -> list[MergeRecipe]:
+    """The recipes a fixed method chooses among."""
+    lambdas = (0.3, 0.6, 1.0) if quick else (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    densities = (0.3, 0.7) if quick else (0.2, 0.4, 0.6, 0.8)
+    if name == "uniform":
+        return [uniform(experts)]
+    if name == "task_arithmetic_grid":
+        return grid("task_arithmetic", experts, lambdas)
+    if name == "ties_grid":
+        return grid("ties", experts, (0.5, 1.0) if quick else (0.5, 0.75, 1.0, 1.5), densities)
+    if name == "dare_grid":
+        return grid("dare", experts, lambdas, densities)
+    if name == "best_single":
+        return [single(e) for e in experts]
+    raise SystemExit(f"unknown fixed method {name!r}")
+
+
+def run_fixed(name: str, setting: Setting, repository: str, dtype: str | None, quick: bool,
+              tick: Callable[[int], None]) -> Outcome:
+    """Score each candidate on the search set with the default objective and keep the best."""
+    options = candidates(name, setting.experts, quick)
+    if len(options) == 1:
+        return Outcome(name, options[0])
+    evaluate = BenchFactory(repository, setting.splits, ALIGNED, dtype)()
+    losses = []
+    for recipe in options:
+        losses.append(search_loss(evaluate, recipe, setting.splits))
+        tick(1)
+    chosen = min(range(len(options)), key=lambda i: (losses[i], i))
+    size = len(setting.splits.fit) + len(setting.splits.validation)
+    extra: dict[str, Any] = {"search_loss": losses[chosen]}
+    if name == "best_single":
+        extra["ranking"] = sorted(((r.experts[0], loss) for r, loss in zip(options, losses)), key=lambda el: el[1])
+    return Outcome(name, options[chosen], fit_evals=len(options), val_evals=len(options), queries=len(options) * size,
+                   extra=extra)
+
+
+def base_recipe(experts: Sequence[str]) -> MergeRecipe:
+    """The base model: any expert at weight 0."""
+    return MergeRecipe("task_arithmetic", (experts[0],), (0.0,))

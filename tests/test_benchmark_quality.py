@@ -1,0 +1,54 @@
+"""Smoke test of the quality benchmark on the tiny zoo: it runs end to end, every searching method
+pays exactly its budget, selection never looks at test, and the written table holds the numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import quality
+from benchmarks.quality_methods import DEFAULT
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from evomerge.zoo import ensure_tiny
+
+    out = tmp_path_factory.mktemp("quality")
+    result = quality.main(["--repository", str(ensure_tiny()), "--quick", "--budget", "5", "--settings", "indomain",
+                           "--methods", DEFAULT, "paper_two_stage", "best_single",
+                           "--search-per-task", "3", "--test-per-task", "2", "--top-k", "2", "--out", str(out), "--tag", "smoke"])
+    return out, result
+
+
+def test_searches_pay_their_budget_and_default_selects_on_validation(run):
+    _, result = run
+    rows = {r["method"]: r for r in result["settings"][0]["rows"]}
+    assert rows[DEFAULT]["fit_evals"] == 5 and rows["paper_two_stage"]["fit_evals"] == 5
+    assert rows[DEFAULT]["val_evals"] >= 1, "the default search must re-score its top candidates on validation"
+    assert rows["paper_two_stage"]["val_evals"] == 0, "the paper-faithful search selects by fit loss alone"
+    for r in rows.values():
+        assert 0.0 <= r["test_em"] <= 1.0 and 0.0 <= r["fit_em"] <= 1.0
+
+
+def test_best_single_is_the_lowest_search_loss(run):
+    _, result = run
+    setting = result["settings"][0]
+    row = next(r for r in setting["rows"] if r["method"] == "best_single")
+    losses = [r for r in setting["references"] if r["method"].startswith("expert:")]
+    assert len(losses) >= len(setting["tasks"])
+    ranking = setting["best_single_ranking"]
+    assert len(ranking) == setting["experts"]
+    assert row["recipe"]["experts"] == [ranking[0][0]]
+    assert row["search_loss"] == pytest.approx(min(loss for _, loss in ranking))
+
+
+def test_outputs_hold_the_table_and_curve(run):
+    out, result = run
+    md = (out / "quality_smoke.md").read_text()
+    data = json.loads((out / "quality_smoke.json").read_text())
+    assert (out / "quality_smoke_indomain.png").stat().st_size > 1000
+    default = next(r for r in data["settings"][0]["rows"] if r["method"] == DEFAULT)
+    assert f"| **{DEFAULT}** (default) | {default['test_em']:.3f} |" in md
+    assert data["settings"][0]["curves"][DEFAULT][0], "the default search has a best-so-far test curve"
