@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import zip_longest
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -95,13 +96,14 @@ class Splits:
 
 
 def split_search(examples: Sequence[Example], validation: float, seed: int = 0) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
-    """Divide search examples into fit and validation, stratified by task and seeded."""
+    """Divide search examples into fit and validation, stratified by task and seeded; fit comes
+    interleaved by task."""
     if not 0.0 <= validation < 1.0:
         raise TaskError(f"validation fraction {validation} must lie in [0, 1)")
     by_task: dict[str, list[Example]] = {}
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
-    fit: list[Example] = []
+    fits: list[list[Example]] = []
     val: list[Example] = []
     rng = random.Random(seed)
     for task in sorted(by_task):
@@ -111,5 +113,7 @@ def split_search(examples: Sequence[Example], validation: float, seed: int = 0) 
         if validation > 0 and len(group) > 1:
             k = max(1, min(k, len(group) - 1))
         val.extend(group[:k])
-        fit.extend(group[k:])
+        fits.append(group[k:])
+    # Tasks interleaved, so any prefix of fit ("fit:K", racing's minibatch) spans every task.
+    fit = [ex for row in zip_longest(*fits) for ex in row if ex is not None]
     return tuple(fit), tuple(val)

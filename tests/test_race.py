@@ -63,3 +63,13 @@ def test_racing_needs_examples():
         evomerge.search(lambda r: 1.0, ClassicSpace("task_arithmetic", ["a"]), budget=5, race=Race())
     with pytest.raises(ConfigError, match="fraction"):
         Race(fraction=1.5)
+
+
+def test_a_minibatch_spans_every_task():
+    from evomerge.tasks import split_search
+
+    examples = [Example(f"{t}{i}", "x", task=t, id=f"{t}{i}") for t in "abc" for i in range(12)]
+    fit, val = split_search(examples, 0.25, seed=3)
+    minibatch = Splits(fit, val, ()).get("fit:6")
+    assert sorted(e.task for e in minibatch) == ["a", "a", "b", "b", "c", "c"]
+    assert len(val) == 9 and not set(fit) & set(val)
