@@ -49,7 +49,8 @@ class CMAOptimizer(Optimizer):
         try:
             self.es = cma.CMAEvolutionStrategy(self.x0.tolist(), self.sigma0, opts)
         except ValueError as exc:
-            raise ConfigError(f"cma rejected its options {sorted(cma_options or {})}: {exc}") from None
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"cma rejected its options {sorted(cma_options or {})}: {reason}") from None
         self._queue: list[np.ndarray] = []
         self._open = False  # pycma has been asked since its last tell
         self._buffer: list[tuple[np.ndarray, float]] = []

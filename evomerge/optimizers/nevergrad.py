@@ -2,8 +2,8 @@
 
 The box is an `ng.p.Array` started at x0 with mutation σ0, bounded by clipping (as
 `SearchSpace.decode` does; with nevergrad's default "bouncing", its PSO stalls when x0 sits on a
-bound, as Evo-Merging's α = 1 does), seeded through its ``random_state``. Asked candidates are kept by value so `tell` hands nevergrad its own candidate
-back; a never-asked point (journal replay) becomes `parametrization.spawn_child(new_value=z)`,
+bound, as Evo-Merging's α = 1 does), seeded through its ``random_state``. Asked candidates are
+kept by value so `tell` hands nevergrad its own candidate back; a never-asked point (journal replay) becomes `parametrization.spawn_child(new_value=z)`,
 which nevergrad accepts as a "tell not asked". Some nevergrad optimizers (its CMA wraps pycma)
 draw from numpy's global generator; every call runs with a private copy of that state swapped in,
 so a run is reproducible from its seed and a pickle resumes exactly, whatever else uses numpy
@@ -53,7 +53,8 @@ def _guard_metamodel(ng: Any) -> None:
 class NevergradOptimizer(Optimizer):
     """One nevergrad optimizer over the box. `budget` is the number of evaluations it will get, a
     hint some algorithms plan with (NGOpt picks its algorithm by it and cannot run without one);
-    pass the stage's budget, else DEFAULT_BUDGET stands in."""
+    pass the stage's budget, else DEFAULT_BUDGET stands in. `num_workers` is how many candidates
+    the scheduler keeps in flight (default: the population size); asking beyond it still works."""
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float, seed: int,
                  popsize: int | None = None, *, algorithm: str, budget: int | None = None,

@@ -81,6 +81,8 @@ class CoefficientSpace(SearchSpace):
         if not self.sigma0 > 0:
             raise ConfigError(f"sigma0 must be positive, got {sigma0}")
         n = len(self.experts)
+        if "weights" not in [f.name for f in self.fields]:
+            raise ConfigError("a coefficient space needs a weights field (searched or fixed)")
         for f in self.fields:
             if len(f.start) != (n if f.name in PER_EXPERT else 1):
                 raise ConfigError(f"{f.name} start has {len(f.start)} values; expected {n if f.name in PER_EXPERT else 1}")
@@ -112,13 +114,11 @@ class CoefficientSpace(SearchSpace):
 
     def _decode(self, z: np.ndarray) -> MergeRecipe:
         v = self._split(z)
-        w, d = v.get("weights"), v.get("densities")
-        weights = tuple(w.mean(axis=0).tolist()) if w is not None else (1.0 / len(self.experts),) * len(self.experts)
-        densities = tuple(d.mean(axis=0).tolist()) if d is not None else None
-        blocks = tuple(
-            BlockOverride(name, tuple(w[b].tolist()), None if d is None else tuple(d[b].tolist()))
-            for b, name in enumerate(self.blocks)
-        ) if w is not None else ()
+        w, d = v["weights"], v.get("densities")
+        weights = tuple(w.mean(axis=0).tolist())
+        densities = None if d is None else tuple(d.mean(axis=0).tolist())
+        blocks = tuple(BlockOverride(name, tuple(w[b].tolist()), None if d is None else tuple(d[b].tolist()))
+                       for b, name in enumerate(self.blocks))
         scale = float(v["scale"][0, 0]) if "scale" in v else 1.0
         return MergeRecipe(self.method, self.experts, weights, densities, scale, blocks, self.seed)
 
