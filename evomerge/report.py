@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from evomerge.errors import JournalError
 from evomerge.journal import Journal, Trial
 from evomerge.score import Cost
 
@@ -36,8 +37,6 @@ def load_run(path: str | Path) -> RunView:
         cost, config = journal.totals(), journal.meta("config") or {}
         test = journal.meta("test_report")
     if not fit:
-        from evomerge.errors import JournalError
-
         raise JournalError(f"journal {path} holds no evaluations yet; nothing to report")
     chosen = None
     if result:

@@ -107,14 +107,16 @@ class StageRun:
             self.k_ask += 1
 
     def _dispatch(self, k: int, z: np.ndarray, threshold: float | None, count: bool = True) -> None:
-        """Route trial k to its journaled result, a cached result, an identical one in flight,
-        or a new paid evaluation; `count` updates the paid and stall counters."""
-        paid, stalled = self.paid, self.stalled
-        self._route(k, z, threshold)
-        if not count:
-            self.paid, self.stalled = paid, stalled
+        """Route trial k and, with `count`, update the counters: a paid trial resets the stall
+        count, one served without paying (journal cache hit, identical recipe) extends it."""
+        paid = self._route(k, z, threshold)
+        if count:
+            self.paid += paid
+            self.stalled = 0 if paid else self.stalled + 1
 
-    def _route(self, k: int, z: np.ndarray, threshold: float | None) -> None:
+    def _route(self, k: int, z: np.ndarray, threshold: float | None) -> bool:
+        """Send trial k to its journaled result, a cached result, an identical one in flight, or a
+        new evaluation; True when the trial is (or was, in the journal) paid for."""
         recipe = self.space.decode(z)
         self.pending[k] = _Pending(z, recipe, threshold)
         key = (recipe.key(), "fit")
@@ -125,22 +127,18 @@ class StageRun:
                                    "asks; it was written by another version or configuration (start a new journal)")
             self.results[k] = old
             self.shared.by_key.setdefault(key, old)
-            self.paid += 0 if old.cached else 1
-            self.stalled = self.stalled + 1 if old.cached else 0
-            return
+            return not old.cached
         hit = self.shared.by_key.get(key)
         if hit is not None:
-            self.stalled += 1
             self._complete(k, hit.score, cached=True)
-        elif key in self.waiters:
-            self.stalled += 1
+            return False
+        if key in self.waiters:
             self.waiters[key].append(k)
-        else:
-            self.stalled = 0
-            self.paid += 1
-            self.waiters[key] = [k]
-            split = self.race_split if threshold is not None else "fit"
-            self.futures[self.shared.executor.submit(recipe, split)] = (k, split)
+            return False
+        self.waiters[key] = [k]
+        split = self.race_split if threshold is not None else "fit"
+        self.futures[self.shared.executor.submit(recipe, split)] = (k, split)
+        return True
 
     # -- results --------------------------------------------------------------------------------
     def _complete(self, k: int, score: Score, cached: bool) -> None:
