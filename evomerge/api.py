@@ -106,6 +106,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     plan = as_plan(space)
     budgets = plan.budgets(budget)
     options = dict(optimizer_options or {})
+    # Built before the journal exists, so a bad optimizer name or option leaves no file behind;
+    # its population size sets the default lookahead and checkpoint interval.
     probe = make_optimizer(optimizer, plan.space(0, None), seed=seed, popsize=popsize, **options)
     window = lookahead or max(probe.popsize, 2 * workers)
     fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
