@@ -12,7 +12,7 @@ Builds (once, under --workdir) a model of SmolLM2-135M's shape with random weigh
    same number of bytes;
 3. peak memory of a full-task-vector merge (--scan-method) as the expert count grows (each count in a fresh
    process): anonymous memory and file-backed resident pages (what memory-mapped experts would
-   add; evomerge reads experts with positioned reads, so this stays flat).
+   add; anonymous memory stays flat, file-backed pages grow with what the maps page in).
 
 Usage: python benchmarks/merge_speed.py [--workdir /tmp/evobench] [--counts 4,16,32] [--lora 18]
 """
@@ -97,23 +97,32 @@ def ensure_zoo(work: Path, n_full: int, n_lora: int) -> None:
             build_lora(base, work / "lora" / f"l{k}", seed=200 + k)
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps: int) -> float:
+    """Median seconds of fn(rep), the device drained before each clock read."""
     times = []
     for r in range(reps):
+        sync()
         start = time.perf_counter()
         fn(r)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def mergekit_seconds(work: Path, method: str, models: list[str], reps: int, density: float | None = None) -> list[float]:
+def mergekit_seconds(work: Path, method: str, models: list[str], reps: int, density: float | None = None,
+                     cuda: bool = False) -> list[float]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
     entries = [{"model": m, "parameters": {"weight": 0.3, **({"density": density} if density else {})}} for m in models]
     config = MergeConfiguration.model_validate({"merge_method": method, "base_model": str(work / "base"),
                                                 "models": entries, "dtype": "float32"})
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, cuda=cuda,
                            lora_merge_cache=str(work / "mk_lora_cache"))
     out = []
     for r in range(reps):
@@ -123,8 +132,8 @@ def mergekit_seconds(work: Path, method: str, models: list[str], reps: int, dens
     return out
 
 
-def clone_seconds(numel: int, copies: int) -> float:
-    x = torch.randn(numel)
+def clone_seconds(numel: int, copies: int, device: str) -> float:
+    x = torch.randn(numel, device=device)
     x.clone()
     return timed(lambda r: [x.clone() for _ in range(copies)], 3)
 
@@ -183,6 +192,7 @@ def main() -> None:
     ap.add_argument("--counts", default="4,16,32", help="expert counts of the memory scan")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--device", default="cpu", help="merge device of evomerge and mergekit (cpu or cuda)")
     ap.add_argument("--scan-method", default="task_arithmetic", help="merge method of the memory scan")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--only", choices=("speed", "memory"), default=None)
@@ -195,8 +205,9 @@ def main() -> None:
         rss_child(work, args.rss_child, args.scan_method)
         return
     counts = [int(c) for c in args.counts.split(",") if c] if args.only != "speed" else []
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU"
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}", flush=True)
+          f"threads {torch.get_num_threads()}, device {args.device} ({gpu})", flush=True)
     start = time.perf_counter()
     ensure_zoo(work, max([args.full] + counts), args.lora)
     print(f"zoo ready under {work} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -219,7 +230,7 @@ def speed(work: Path, args: argparse.Namespace) -> None:
     lora = [f"l{k}" for k in range(args.lora)]
     n_l, n_f = len(lora), len(full)
     repo = Repository.from_paths(work / "base", experts=[work / "full" / x for x in full] + [work / "lora" / x for x in lora])
-    engine = MergeEngine(repo, device="cpu", dtype="float32")
+    engine = MergeEngine(repo, device=args.device, dtype="float32")
     numel = sum(p.numel() for p in engine.model.parameters())
     cases = {
         f"lora evo ({n_l} adapters)": lambda r: MergeRecipe("evo", tuple(lora), (1 / n_l + r * 1e-3,) * n_l, (0.7,) * n_l),
@@ -227,7 +238,8 @@ def speed(work: Path, args: argparse.Namespace) -> None:
         f"full task_arithmetic ({n_f} experts)": lambda r: MergeRecipe("task_arithmetic", tuple(full), (0.3 + r * 1e-3,) * n_f),
         f"full ties d=0.5 ({n_f} experts)": lambda r: MergeRecipe("ties", tuple(full), (0.3 + r * 1e-3,) * n_f, (0.5,) * n_f),
     }
-    # warm-up: the first apply also copies the base weights it touches, once per engine
+    # warm-up: the first apply also copies the base weights it touches (and, on a GPU, makes the
+    # full experts resident), once per engine
     engine.apply(MergeRecipe("task_arithmetic", tuple(full + lora), (0.1,) * (n_f + n_l)))
     print("\n## evomerge: seconds per candidate applied in place (median)", flush=True)
     ours = {}
@@ -237,7 +249,7 @@ def speed(work: Path, args: argparse.Namespace) -> None:
     engine.close()
 
     moved = (n_f + 2) * numel * 4
-    clone = clone_seconds(numel, n_f + 2)
+    clone = clone_seconds(numel, n_f + 2, args.device)
     print(f"\n## bandwidth: a {n_f}-expert merge moves {moved / 1e9:.2f} GB (read base + {n_f} experts, write one)")
     print(f"torch.clone of the same bytes   {clone:7.3f} s  {moved / clone / 1e9:6.2f} GB/s")
     for name in (f"full task_arithmetic ({n_f} experts)", f"full ties d=0.5 ({n_f} experts)"):
@@ -251,7 +263,7 @@ def speed(work: Path, args: argparse.Namespace) -> None:
                 (f"lora evo_tv alpha=1 ({n_l} adapters)", "task_arithmetic",
                  [f"{work / 'base'}+{work / 'lora' / x}" for x in lora], None)]
     for name, method, models, density in mk_cases:
-        mk = mergekit_seconds(work, method, models, args.reps, density)
+        mk = mergekit_seconds(work, method, models, args.reps, density, cuda=args.device == "cuda")
         print(f"{name:42s} mergekit {', '.join(f'{x:.2f}' for x in mk)} s   evomerge {ours[name]:.3f} s   "
               f"ratio {min(mk) / ours[name]:.1f}x", flush=True)
 

@@ -108,3 +108,29 @@ def test_rejects_other_architecture_and_wrong_kind(repo_dir):
     with pytest.raises(RepositoryError, match="listed as full but .* holds a lora"):
         Repository.open(repo_dir)
 
+
+
+def test_tensor_reader_views_equal_the_file_and_never_write_to_it(repo_dir):
+    from evomerge.repository import TensorReader
+
+    path = repo_dir / "experts" / "full" / "model.safetensors"
+    expected = load_file(str(path))
+    files = {k: path for k in expected}
+    with TensorReader() as reader:
+        for key, tensor in expected.items():
+            view = reader.get(files, key)
+            assert view.dtype == tensor.dtype and view.shape == tensor.shape and bool((view == tensor).all())
+        reader.get(files, key).fill_(7.0)  # a private map: the write copies the page, the file keeps its bytes
+    assert bool((load_file(str(path))[key] == expected[key]).all())
+
+
+def test_tensor_reader_names_a_truncated_file(repo_dir):
+    from evomerge.repository import TensorReader
+
+    path = repo_dir / "experts" / "full" / "model.safetensors"
+    keys = list(load_file(str(path)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 64])
+    with TensorReader() as reader, pytest.raises(RepositoryError, match="file ends inside tensor"):
+        for key in keys:
+            reader.get({k: path for k in keys}, key)

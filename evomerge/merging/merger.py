@@ -1,9 +1,12 @@
 """Turn a recipe into merged deltas, one tensor at a time, without writing anything to disk.
 
-`Merger` holds every LoRA adapter's factors resident on the merge device (they are small) and
-reads full checkpoints tensor by tensor (positioned reads, no memory map), so a merge over 32 full experts
-needs the memory of a few tensors, not of 32 models. It yields (tensor name, ΔW) in float32; the
-engine adds ΔW to the resident base weights, an export writes base + ΔW to a file.
+`Merger` holds every LoRA adapter's factors resident on the merge device (they are small). Full
+checkpoints are viewed tensor by tensor through memory maps: on the CPU a merge over 32 full
+experts reads their bytes from the page cache and needs the anonymous memory of a few tensors, not
+of 32 models; on a GPU each expert tensor is copied to the device the first time a merge reads it
+and stays there while the device has room (`resident_bytes`), so later candidates never cross
+the bus. It yields (tensor name, ΔW) in float32; the engine adds ΔW to the resident base weights,
+an export writes base + ΔW to a file.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ BaseTensor = Callable[[str], torch.Tensor]
 class Merger:
     """Computes merged deltas of recipes over one repository on one device."""
 
-    def __init__(self, repository: Repository, device: str | torch.device = "cpu") -> None:
+    def __init__(self, repository: Repository, device: str | torch.device = "cpu",
+                 resident_bytes: int | None = None) -> None:
         self.repository = repository
         self.device = torch.device(device)
         self._reader = TensorReader()
+        self._resident: dict[tuple[str, str], torch.Tensor] = {}
+        self._room = resident_bytes
         self._stacks: dict[str, dict[int, lora.Stack]] = {}   # target -> rank -> adapters
         for expert in repository.experts.values():
             for target, m in expert.modules.items():
@@ -98,9 +104,36 @@ class Merger:
         rows = torch.tensor([stack.rows[n] for n in names], device=self.device)
         return lora.Term(stack, tuple(names), rows, torch.tensor(betas, dtype=torch.float32, device=self.device), tuple(alphas))
 
+    def _expert_tensor(self, expert: Expert, name: str) -> torch.Tensor:
+        """A full expert's tensor on the merge device, kept there while it fits (never written to)."""
+        key = (expert.name, name)
+        tensor = self._resident.get(key)
+        if tensor is not None:
+            return tensor
+        tensor = self._reader.get(expert.files, name)
+        if self.device.type == "cpu":
+            return tensor
+        tensor = tensor.to(self.device)
+        if self._room is None:
+            self._room = default_resident_bytes(self.device)
+        if tensor.nbytes <= self._room:
+            self._resident[key] = tensor
+            self._room -= tensor.nbytes
+        return tensor
+
     def _task_vector(self, expert: Expert, name: str, base_f32: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return self._load(expert, name).sub_(base_f32())
+        return torch.sub(self._expert_tensor(expert, name), base_f32()).float()
 
     def close(self) -> None:
         self._reader.close()
         self._stacks.clear()
+        self._resident.clear()
+
+
+def default_resident_bytes(device: torch.device) -> int:
+    """Room for resident experts on an accelerator: what is free now, less a quarter of the card
+    (activations of the scoring passes, the merge's own temporaries)."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - total // 4)

@@ -59,7 +59,7 @@ def _weighted_sum(contribs: Sequence[Contribution],
         w = c.weight
         if w == 0.0:
             continue
-        term = transform(c, c.delta()).mul_(w) if total is None else transform(c, c.delta()) * w
+        term = transform(c, c.delta()).mul_(w)
         total = term if total is None else total.add_(term)
     if total is None:
         total = torch.zeros_like(contribs[0].delta())
@@ -142,5 +142,5 @@ def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> tor
         agree = torch.where(elected_positive, trimmed > 0, trimmed < 0)
         num.add_(trimmed * agree)
         den.add_(agree.to(den.dtype) * c.weight)
-    den[den == 0] = 1.0
+    den.masked_fill_(den == 0, 1.0)
     return num.div_(den)

@@ -67,3 +67,20 @@ def test_factory_pickles_and_builds_a_split_evaluator(local_repo_dir, examples):
     evaluator = factory()
     fit, val = evaluator(MIX, "fit"), evaluator(MIX, "validation")
     assert fit.ok and val.ok and len(fit.example_ids) == 5 and len(val.example_ids) == 2
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backend_scores_as_the_cpu_backend(local_repo_dir, examples):
+    gpu = LocalBackend(Repository.open(local_repo_dir), Objective({"ce": 1.0, "exact_match": 1.0}), device="cuda",
+                       dtype="float32", batch_size=3)
+    cpu = LocalBackend(Repository.open(local_repo_dir), Objective({"ce": 1.0, "exact_match": 1.0}), device="cpu",
+                       batch_size=3)
+    try:
+        for recipe in (MIX, ZERO):
+            a, b = gpu.evaluate(recipe, examples), cpu.evaluate(recipe, examples)
+            assert a.ok and b.ok
+            np.testing.assert_allclose(a.per_example["ce"], b.per_example["ce"], rtol=1e-4)
+            assert a.metrics["exact_match"] == b.metrics["exact_match"]
+    finally:
+        gpu.close()
+        cpu.close()
