@@ -63,7 +63,7 @@ def test_default_engine_device_is_cuda(tiny_repo):
 
 
 @pytest.mark.parametrize("k", [1, 1000, 40000, 69999, 70000])
-def test_sync_free_selection_on_the_device_matches_sorting(k):
+def test_selection_on_the_device_matches_sorting(k):
     import numpy as np
 
     from evomerge.merging.sparsify import RADIX_MIN, mask_from, select
