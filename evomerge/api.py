@@ -76,7 +76,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
            optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
            max_tokens: int | None = None, checkpoint_every: int | None = None, progress: bool = False,
            config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None,
-           race: Race | None = None) -> SearchResult:
+           race: Race | None = None, start: bool = True) -> SearchResult:
     """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
 
     Give either `fitness` (a callable: recipe -> loss or {"loss": ..., metric: ...}) or
@@ -84,6 +84,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     build; with a validation split, the returned recipe is chosen on it among the `top_k` best
     by fit loss). `resume=True` continues the run journaled at `journal`. `race` scores each
     candidate on a minibatch of the fit examples first and finishes only the promising ones.
+    `start` makes each stage's first trial its start point (the uniform merge for the evo spaces),
+    so the start competes in the final selection like any candidate.
     """
     if (fitness is None) == (evaluator is None):
         raise ConfigError("give exactly one of fitness= (a callable) or evaluator= (a backend's evaluator factory)")
@@ -112,7 +114,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     window = lookahead or max(probe.popsize, 2 * workers)
     fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
                    "popsize": popsize, "seed": seed, "budget": budget, "lookahead": window, "top_k": top_k,
-                   "race": None if race is None else asdict(race),
+                   "race": None if race is None else asdict(race), "start": start,
                    "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
     store = _open_journal(journal, fingerprint, config, resume, force)
     pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
@@ -132,7 +134,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
             run = StageRun(stage, stage_space, stage_budget,
                            lambda sp, s=stage, b=stage_budget: make_optimizer(
                                optimizer, sp, seed=seed + 1000 * s, popsize=popsize, budget=b, **options),
-                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split)
+                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split,
+                           start)
             trials = run.run()
             all_trials.extend(trials)
             top = shortlist(trials, top_k)

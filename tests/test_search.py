@@ -51,6 +51,22 @@ def test_search_improves_on_the_start():
     assert result.best_loss < start * 0.5
 
 
+def test_the_start_is_trial_zero_and_wins_when_nothing_beats_it():
+    sp = space("evo_joint").space(0, None)
+    start = sp.decode(sp.x0)
+
+    def loss(recipe):  # the start is the optimum: every other candidate is worse
+        return sum((a - b) ** 2 for a, b in zip(recipe.weights + recipe.densities, start.weights + start.densities))
+
+    result = evomerge.search(loss, sp, budget=20, seed=0)
+    assert result.trials[0].recipe == start and result.best_recipe == start and result.best_loss == 0.0
+    blind = evomerge.search(loss, sp, budget=20, seed=0, start=False)
+    assert blind.trials[0].recipe != start and blind.best_loss > 0.0
+    two_stage = evomerge.search(loss, space("evo"), budget=20, seed=0)
+    stage2 = [t for t in two_stage.trials if t.stage == 1]
+    assert stage2[0].cached and stage2[0].recipe == two_stage.stages[0].best.recipe  # stage 2 starts at stage 1's best, free
+
+
 def test_failures_are_recorded_and_the_search_goes_on(tmp_path):
     calls = []
 

@@ -60,13 +60,19 @@ class _Pending:
 
 class StageRun:
     """Runs stage `stage` of a search with exactly `budget` paid evaluations (fewer only if a
-    query/token cap or convergence stops it)."""
+    query/token cap or convergence stops it).
+
+    With `start`, trial 0 is the space's start point itself (then told to the optimizer like any
+    result): the start is a sane merge by design (the uniform merge; a later stage's start is the
+    previous stage's best, served from the cache), so it always competes in the final selection,
+    and a search that only finds worse candidates returns it instead of one of them.
+    """
 
     def __init__(self, stage: int, space: SearchSpace, budget: int, make_optimizer: Callable[[SearchSpace], Optimizer],
                  shared: Shared, lookahead: int, checkpoint_every: int, race: Race | None = None,
-                 race_split: str | None = None) -> None:
+                 race_split: str | None = None, start: bool = False) -> None:
         self.stage, self.space, self.budget, self.shared = stage, space, budget, shared
-        self.race, self.race_split = race, race_split
+        self.race, self.race_split, self.start = race, race_split, start
         self.journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == "fit"}
         self.results: dict[int, Trial] = {}
         self.pending: dict[int, _Pending] = {}
@@ -103,7 +109,8 @@ class StageRun:
     def _ask_window(self) -> None:
         while self._can_ask():
             threshold = self.race.threshold(self.full_told, self.opt.popsize) if self.race is not None else None
-            self._dispatch(self.k_ask, self.opt.ask(), threshold)
+            z = self.space.x0.copy() if self.start and self.k_ask == 0 else self.opt.ask()
+            self._dispatch(self.k_ask, z, threshold)
             self.k_ask += 1
 
     def _dispatch(self, k: int, z: np.ndarray, threshold: float | None, count: bool = True) -> None:
