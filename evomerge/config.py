@@ -20,7 +20,10 @@ class _Frozen(BaseModel):
 
 
 class SpaceConfig(_Frozen):
-    name: str = "evo"
+    """Default: α and β searched together in the task-vector form, from the uniform merge (issue 8:
+    the paper's two stages at β = 1/N barely move α when N is large). The paper's plan: name "evo"."""
+
+    name: str = "evo_joint"
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -36,8 +39,11 @@ class TaskConfig(_Frozen):
 
 
 class ObjectiveConfig(_Frozen):
-    metric: str | dict[str, float] = "ce"
-    aggregate: Literal["mean", "normalized", "worst"] = "mean"
+    """Default: cross-entropy plus (1 − exact match), each task divided by the base model's loss:
+    CE alone falls while the metric users read gets worse (issue 8), and several tasks weigh alike."""
+
+    metric: str | dict[str, float] = Field(default_factory=lambda: {"ce": 1.0, "exact_match": 1.0})
+    aggregate: Literal["mean", "normalized", "worst"] = "normalized"
 
 
 class ApiConfig(_Frozen):

@@ -8,11 +8,13 @@ Registered names:
 - ``evo``: the paper-faithful two-stage plan (α from 1 with β = 1/N, a third of the budget; then β
   from the stage-1 best, two thirds). ``schedule`` picks "alpha", "beta" or "joint" instead,
   ``beta_init="1"`` runs stage 1 with every β = 1.
-- ``evo_joint``: one stage over z = [α; β] from α = 1, β = 1/N. Why: with a large repository,
+- ``evo_joint`` (evomerge's default): one stage over z = [α; β] from α = 1, β = 1/N, merged in
+  the task-vector form ``evo_tv`` unless ``method`` says otherwise. Why: with a large repository,
   stage 1 at β = 1/N barely moves the loss (every expert's update is scaled by 1/N, and the
-  LoRA-factor merge is quadratic in β), so α is chosen almost blind; searching α and β together
-  lets α matter as soon as an expert's β grows. The start is the uniform merge (a sane model for any
-  N), where β = 1 for every expert would add N full updates at once.
+  LoRA-factor merge is quadratic in β, so each expert's own term is scaled by 1/N²), so α is
+  chosen almost blind; searching α and β together, linear in β, lets α matter as soon as an
+  expert's β grows. The start is the uniform merge (a sane model for any N), where β = 1 for every
+  expert would add N full updates at once.
 """
 
 from __future__ import annotations
@@ -116,5 +118,6 @@ def evo(experts: Sequence[str], schedule: str = "two_stage", **options: Any) -> 
 
 @register_space("evo_joint")
 def evo_joint(experts: Sequence[str], **options: Any) -> EvoPlan:
-    """α and β searched together from α = 1, β = 1/N (see the module docstring for why)."""
-    return EvoPlan(experts, "joint", **options)
+    """α and β searched together from α = 1, β = 1/N, task-vector form by default (see the module
+    docstring for why)."""
+    return EvoPlan(experts, "joint", **{"method": "evo_tv", **options})
