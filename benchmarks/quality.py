@@ -60,7 +60,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the raced run's budget of candidates, as a multiple of --budget (stopped ones are cheap)")
     ap.add_argument("--out", default="benchmarks", help="folder for quality_<tag>.md/.json and the PNGs")
     ap.add_argument("--tag", default=None, help="name of the outputs (default: zoo preset, + -quick)")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="PART.json",
+                    help="merge the JSON of runs of parts of the suite (say one process per setting and seed "
+                         "sharing a GPU) into one report named --tag, and run nothing")
     args = ap.parse_args(argv)
+    if args.combine:
+        return args
     preset = QUICK if args.quick else FULL
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.budget = args.budget or preset["budget"]
@@ -154,6 +159,8 @@ def _total_ticks(args: argparse.Namespace, settings: list[Setting]) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.combine:
+        return write(combine([json.loads(p.read_text()) for p in args.combine]), Path(args.out), args.tag or "combined")
     import torch
     from tqdm import tqdm
 
@@ -180,14 +187,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "repository": str(args.repository), "preset": preset, "seeds": args.seeds, "budget": args.budget,
            "default": DEFAULT, "wall_seconds": round(time.perf_counter() - started),
            "settings": results}
-    out = Path(args.out)
+    return write(run, Path(args.out), tag)
+
+
+def write(run: dict[str, Any], out: Path, tag: str) -> dict[str, Any]:
+    """quality_<tag>.json, .md and one PNG per setting under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{tag}.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
-    for r in results:
-        curve_png(r, out / f"quality_{tag}_{r['setting']}.png", args.budget)
+    for r in run["settings"]:
+        curve_png(r, out / f"quality_{tag}_{r['setting']}.png", run["budget"])
     (out / f"quality_{tag}.md").write_text(markdown(run, tag))
     print(f"wrote {out / f'quality_{tag}.md'} ({run['wall_seconds']} s)")
     return run
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run from runs of parts of the suite on one repository and budget: rows, curves and
+    racing records are pooled per setting; references are taken once each."""
+    if len({(p["repository"], p["budget"]) for p in parts}) > 1:
+        raise SystemExit("--combine needs parts run on one repository with one budget")
+    settings: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for r in part["settings"]:
+            into = settings.setdefault(r["setting"], {**r, "rows": [], "references": [], "curves": {}, "race": []})
+            into["rows"] += r["rows"]
+            into["race"] += r["race"]
+            for method, curves in r["curves"].items():
+                into["curves"].setdefault(method, []).extend(curves)
+            known = {ref["method"] for ref in into["references"]}
+            into["references"] += [ref for ref in r["references"] if ref["method"] not in known]
+            into["best_single_ranking"] = into["best_single_ranking"] or r["best_single_ranking"]
+    return {**parts[0], "command": " ; ".join(p["command"] for p in parts),
+            "date": max(p["date"] for p in parts), "seeds": sorted({s for p in parts for s in p["seeds"]}),
+            "wall_seconds": max(p["wall_seconds"] for p in parts), "settings": list(settings.values())}
 
 
 def _machine() -> str:

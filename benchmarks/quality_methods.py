@@ -41,6 +41,8 @@ class SearchMethod:
     """A fixed budget of its own (LoraHub's 40 steps); None: the benchmark's budget."""
     race: bool = False
     """Score candidates on a quarter of fit first and stop the clearly worse (`evomerge.scheduler.race`)."""
+    start: bool = True
+    """Score the start point as trial 0 (evomerge's default); the paper and LoraHub do not."""
 
 
 SEARCHES: dict[str, SearchMethod] = {
@@ -48,19 +50,19 @@ SEARCHES: dict[str, SearchMethod] = {
     # The task-vector form (ΔW = Σ β_i·B_i·S(A_i), linear in β): its start α=1, β=1/N is the uniform
     # merge, where the factor form's start scales each expert's own term by 1/N².
     "evo_tv_joint": SearchMethod("evo_joint", {"method": "evo_tv"}),
-    "evo_joint": SearchMethod("evo_joint", {}),
+    "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
     # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.
-    "evo_joint_wide": SearchMethod("evo_joint", {"sigma0": 0.3}),
+    "evo_joint_wide": SearchMethod("evo_joint", {"method": "evo", "sigma0": 0.3}),
     # The paper, faithfully: two stages, CE, the lowest fit loss wins; and each stage alone.
-    "paper_two_stage": SearchMethod("evo", {"schedule": "two_stage"}, objective=CE, validation=False),
-    "paper_alpha_only": SearchMethod("evo", {"schedule": "alpha"}, objective=CE, validation=False),
-    "paper_beta_only": SearchMethod("evo", {"schedule": "beta"}, objective=CE, validation=False),
+    "paper_two_stage": SearchMethod("evo", {"schedule": "two_stage"}, objective=CE, validation=False, start=False),
+    "paper_alpha_only": SearchMethod("evo", {"schedule": "alpha"}, objective=CE, validation=False, start=False),
+    "paper_beta_only": SearchMethod("evo", {"schedule": "beta"}, objective=CE, validation=False, start=False),
     # LoraHub: NGOpt over signed scales only (α = 1), CE, at its own 40 steps and at the budget.
-    "lorahub_40": SearchMethod("evo", {"schedule": "beta"}, "ngopt", CE, False, budget=LORAHUB_STEPS),
-    "lorahub_full": SearchMethod("evo", {"schedule": "beta"}, "ngopt", CE, False),
-    "random": SearchMethod("evo_joint", {}, "random"),
+    "lorahub_40": SearchMethod("evo", {"schedule": "beta"}, "ngopt", CE, False, budget=LORAHUB_STEPS, start=False),
+    "lorahub_full": SearchMethod("evo", {"schedule": "beta"}, "ngopt", CE, False, start=False),
+    "random": SearchMethod("evo_joint", {"method": "evo_tv"}, "random"),
 }
 DEFAULT = "evo_tv_joint"
 """The proposed default search (QUALITY.md: it beat evo_joint and the paper's plan on smol in-domain)."""
@@ -107,7 +109,7 @@ def run_search(name: str, method: SearchMethod, setting: Setting, repository: st
     extra = {"race": Race()} if method.race else {}
     result = evomerge.search(space=space, evaluator=factory, budget=method.budget or budget,
                              optimizer=method.optimizer, seed=seed, top_k=top_k if method.validation else 1,
-                             on_trial=seen, **extra)
+                             on_trial=seen, start=method.start, **extra)
     out.recipe = result.best_recipe
     out.queries = factory.meter.examples
     out.val_evals = factory.meter.calls.get("validation", 0)

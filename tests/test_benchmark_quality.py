@@ -52,3 +52,20 @@ def test_outputs_hold_the_table_and_curve(run):
     default = next(r for r in data["settings"][0]["rows"] if r["method"] == DEFAULT)
     assert f"| **{DEFAULT}** (default) | {default['test_em']:.3f} |" in md
     assert data["settings"][0]["curves"][DEFAULT][0], "the default search has a best-so-far test curve"
+
+
+def test_combine_pools_parts_into_one_report(run, tmp_path):
+    out, result = run
+    part = json.loads((out / "quality_smoke.json").read_text())
+    other = json.loads(json.dumps(part))
+    other["seeds"] = [1]
+    other["settings"][0]["rows"] = [dict(r, seed=1) for r in other["settings"][0]["rows"] if r["seed"] is not None]
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    combined = quality.main(["--combine", str(out / "quality_smoke.json"), str(tmp_path / "b.json"),
+                             "--out", str(tmp_path), "--tag", "both"])
+    setting = combined["settings"][0]
+    assert combined["seeds"] == [0, 1]
+    assert len(setting["rows"]) == len(part["settings"][0]["rows"]) + len(other["settings"][0]["rows"])
+    assert len(setting["curves"][DEFAULT]) == 2
+    assert len(setting["references"]) == len(part["settings"][0]["references"])
+    assert f"| **{DEFAULT}** (default) |" in (tmp_path / "quality_both.md").read_text()
