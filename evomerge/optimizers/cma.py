@@ -77,7 +77,35 @@ class CMAOptimizer(Optimizer):
         self._queue = []  # samples of the old distribution are not handed out any more
         self.generations += 1
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _rekey_archives(self.es)
+
     @property
     def step_size(self) -> float:
         """CMA-ES's current σ (in the units of z)."""
         return float(self.es.sigma)
+
+
+def _rekey_archives(es: Any) -> None:
+    """Re-key pycma's solution archives after unpickling, in this process's hash.
+
+    pycma files each asked solution under ``hash(x.tobytes())``, and Python salts bytes hashes per
+    process: in a resumed process every lookup of a pickled archive misses, the generation that
+    spans the checkpoint is told as if its points were foreign, and the run leaves the path an
+    uninterrupted one takes. Each archive keeps the arrays themselves, so the keys can be redone.
+    """
+    from cma.utilities.utils import SolutionDict
+
+    archives = [v for v in vars(es).values() if isinstance(v, SolutionDict)]
+    archives += [v for obj in vars(es).values() if hasattr(obj, "__dict__") and not isinstance(obj, SolutionDict)
+                 for v in vars(obj).values() if isinstance(v, SolutionDict)]
+    for archive in archives:
+        data, same, unhashed = {}, {}, {}
+        for old, value in archive.data.items():
+            x = archive._unhashed_keys.get(old, old)
+            key = archive.key(x)
+            data[key], unhashed[key] = value, x
+            if old in archive.data_with_same_key:
+                same[key] = archive.data_with_same_key[old]
+        archive.data, archive.data_with_same_key, archive._unhashed_keys = data, same, unhashed

@@ -38,3 +38,35 @@ def test_ask_ahead_replay_and_stale_points_raise_no_warning_and_keep_sigma_sane(
     width = float(np.max(SPACE.upper - SPACE.lower))
     assert 0 < opt.step_size < width
     assert opt.best_loss < 1e-3  # the optimum (α = 0, β = 0) is still found
+
+
+def _continue(opt) -> list[list[float]]:
+    zs = []
+    for _ in range(36):
+        z = opt.ask()
+        zs.append(z.tolist())
+        opt.tell(z, float(np.sum((z - 0.3) ** 2)))
+    return zs
+
+
+def test_a_pickle_resumes_identically_in_another_process():
+    """pycma keys its archives by a per-process salted hash; a resumed process must not diverge."""
+    import ast
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    opt = make_optimizer("cma", SPACE, seed=3, popsize=6)
+    for k in range(16):  # a checkpoint in mid-generation, with asked-but-untold points in pycma's archive
+        z = opt.ask()
+        if k % 4 != 3:
+            opt.tell(z, float(np.sum((z - 0.3) ** 2)))
+    blob = pickle.dumps(opt)
+    here = _continue(pickle.loads(blob))
+    code = ("import pickle, sys; from tests.optimizers.test_cma_async import _continue; "
+            "print(repr(_continue(pickle.loads(sys.stdin.buffer.read()))))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), PYTHONHASHSEED="random")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, env=env, check=True)
+    assert ast.literal_eval(out.stdout.decode()) == here
