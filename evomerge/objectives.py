@@ -1,6 +1,8 @@
 """What a search minimises: a metric (or a blend) per example, aggregated per task, then over tasks.
 
-Every loss is lower-is-better: cross-entropy as is, 1 − exact match, 1 − token F1, 1 − accuracy.
+Every loss is lower-is-better: cross-entropy as is, 1 − exact match, 1 − token F1, 1 − accuracy,
+1 − greedy match (whether greedy decoding would produce the answer's tokens, read off the same
+teacher-forced pass as the cross-entropy: the exact-match signal without generating).
 Several tasks are never pooled (a large task would drown a small one): the per-task mean losses
 are combined by their mean, by their mean after dividing each by a per-task reference loss
 (``normalized``, e.g. the base model's loss, so tasks of different difficulty weigh alike), or by
@@ -17,7 +19,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 
-METRICS = ("ce", "exact_match", "f1", "accuracy")
+METRICS = ("ce", "greedy_match", "exact_match", "f1", "accuracy")
 AGGREGATES = ("mean", "normalized", "worst")
 
 

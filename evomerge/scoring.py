@@ -83,9 +83,13 @@ def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def _answer_ce(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int) -> np.ndarray:
+def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: mean answer cross-entropy and whether every answer token is the argmax given its
+    prefix (lm-eval's ``is_greedy``), both from one forward pass."""
     torch = _torch()
-    out = np.empty(len(pairs), dtype=np.float64)
+    ce = np.empty(len(pairs), dtype=np.float64)
+    greedy = np.empty(len(pairs), dtype=np.float64)
     device = _device(model)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -105,19 +109,28 @@ def _answer_ce(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], bat
         for row, (ids, n_prompt) in enumerate(encoded):
             where[row, n_prompt - 1 : len(ids) - 1] = True
         target = input_ids.roll(-1, dims=1)[where].to(device)
-        logp = torch.log_softmax(logits[where.to(device)].float(), dim=-1)
-        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
-        counts = [len(ids) - n_prompt for ids, n_prompt in encoded]
-        for row, part in enumerate(np.split(token_lp, np.cumsum(counts)[:-1])):
-            out[start + row] = -float(part.mean())
-    return out
+        picked = logits[where.to(device)].float()
+        token_lp = torch.log_softmax(picked, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
+        token_greedy = (picked.argmax(-1) == target).cpu().numpy()
+        bounds = np.cumsum([len(ids) - n_prompt for ids, n_prompt in encoded])[:-1]
+        for row, (lp, hit) in enumerate(zip(np.split(token_lp, bounds), np.split(token_greedy, bounds))):
+            ce[start + row] = -float(lp.mean())
+            greedy[start + row] = float(hit.all())
+    return ce, greedy
 
 
 def answer_cross_entropy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
     """Per-example mean cross-entropy (nats per token) of the answer given the prompt."""
+    return answer_scores(model, tokenizer, examples, batch_size)[0]
+
+
+def answer_scores(model: Any, tokenizer: Any, examples: Sequence[Example],
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example answer cross-entropy and greedy match (1.0 when greedy decoding would produce
+    the answer's tokens), from one teacher-forced pass: the match costs no generation."""
     torch = _torch()
     with torch.no_grad(), _evaluating(model):
-        return _answer_ce(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size)
+        return _teacher_forced(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size)
 
 
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 16,
@@ -182,7 +195,7 @@ def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], bat
             raise TaskError(f"example {e.id or e.prompt[:30]!r}: answer {e.answer!r} is not among its choices")
         pairs.extend((e.prompt, c) for c in e.choices)
     with torch.no_grad(), _evaluating(model):
-        ce = _answer_ce(model, tokenizer, pairs, batch_size)
+        ce = _teacher_forced(model, tokenizer, pairs, batch_size)[0]
     out = np.empty(len(examples), dtype=np.float64)
     at = 0
     for i, e in enumerate(examples):

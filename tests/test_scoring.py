@@ -113,3 +113,27 @@ def test_exact_match_and_f1():
     assert scoring.token_f1("the big cat", "big cat") == pytest.approx(0.8)
     assert scoring.token_f1("dog", "cat") == 0.0
     assert scoring.token_f1("", "") == 1.0
+
+
+def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokenizer):
+    examples = list(EXAMPLES)
+    for i in range(200):  # prompts whose greedy continuation is text that re-encodes to the same ids
+        prompt = f"q{i} = "
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        text = tokenizer.decode(out)
+        if text.isprintable() and list(tokenizer(text, add_special_tokens=False)["input_ids"]) == out:
+            examples.append(Example(prompt, text))  # the model's own greedy continuation
+        if len(examples) == len(EXAMPLES) + 3:
+            break
+    ce, greedy = scoring.answer_scores(model, tokenizer, examples, batch_size=3)
+    for e, got in zip(examples, greedy):
+        ids, n_prompt = scoring.encode(tokenizer, e.prompt, e.answer)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        assert got == float(all(int(logits[t - 1].argmax()) == ids[t] for t in range(n_prompt, len(ids))))
+    assert greedy[len(EXAMPLES):].tolist() == [1.0] * (len(examples) - len(EXAMPLES)) and len(examples) > len(EXAMPLES)
+    assert greedy.min() == 0.0
+    np.testing.assert_allclose(ce, scoring.answer_cross_entropy(model, tokenizer, examples), rtol=1e-6)

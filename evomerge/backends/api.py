@@ -29,7 +29,7 @@ from evomerge.errors import BackendError, BudgetExhausted, ConfigError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost, Score
-from evomerge.serve.protocol import MERGE_FIELD, answer_nll
+from evomerge.serve.protocol import MERGE_FIELD, answer_greedy, answer_nll
 from evomerge.tasks import Example, Splits
 
 MODES = ("logprobs", "session")
@@ -260,7 +260,7 @@ class ApiBackend(Backend):
         np = require("numpy", "the api backend")
         wanted = self.objective.metrics
         pairs: dict[str, list[tuple[str, str]]] = {}
-        if "ce" in wanted:
+        if "ce" in wanted or "greedy_match" in wanted:  # both from one echoed-logprobs pass
             pairs["ce"] = [(e.prompt, e.answer) for e in examples]
         if "accuracy" in wanted:
             for e in examples:
@@ -275,12 +275,19 @@ class ApiBackend(Backend):
                                   "raise --max-queries / --max-tokens to go on")
         if self.mode == "session":
             return {"ce": np.asarray(await self._score_session(recipe, examples, tally))}
-        jobs = [self._ce(recipe, v, tally) for v in pairs.values()] + ([self._answers(recipe, prompts, tally)]
-                                                                        if prompts else [])
+        greedy = "greedy_match" in wanted
+        jobs = [self._ce(recipe, v, tally, top=greedy and name == "ce") for name, v in pairs.items()]
+        jobs += [self._answers(recipe, prompts, tally)] if prompts else []
         results = await _all(jobs)
         out: dict[str, Any] = {}
         for name, values in zip(pairs, results):
-            out[name] = np.asarray(values, dtype=float)
+            scored = np.asarray(values, dtype=float).reshape(-1, 2)  # (nll, greedy) per pair
+            if name != "ce" or "ce" in wanted:
+                out[name] = scored[:, 0]
+            if name == "ce" and greedy:
+                if np.isnan(scored[:, 1]).any():
+                    raise BackendError("the provider sent no top_logprobs; greedy_match needs logprobs >= 1")
+                out["greedy_match"] = scored[:, 1]
         if "accuracy" in out:
             ce, acc, at = out["accuracy"], [], 0
             for e in examples:
@@ -298,9 +305,11 @@ class ApiBackend(Backend):
                 out["f1"] = np.asarray([token_f1(a, e.answer) for a, e in zip(answers, examples)])
         return out
 
-    async def _ce(self, recipe: MergeRecipe | None, pairs: list[tuple[str, str]], tally: _Tally) -> list[float]:
+    async def _ce(self, recipe: MergeRecipe | None, pairs: list[tuple[str, str]], tally: _Tally,
+                  top: bool = False) -> list[tuple[float, float]]:
+        """(answer NLL, greedy match or NaN) per pair; `top` asks for the best alternative per token."""
         chunks = [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
-        return [v for part in await _all([self._score_chunk(recipe, c, tally) for c in chunks]) for v in part]
+        return [v for part in await _all([self._score_chunk(recipe, c, tally, top) for c in chunks]) for v in part]
 
     def _body(self, recipe: MergeRecipe | None, **fields: Any) -> dict[str, Any]:
         body = {"model": self.model or "base", "temperature": 0.0, **fields}
@@ -308,16 +317,19 @@ class ApiBackend(Backend):
             body[MERGE_FIELD] = recipe.to_dict()
         return body
 
-    async def _score_chunk(self, recipe: MergeRecipe | None, chunk: list[tuple[str, str]], tally: _Tally) -> list[float]:
+    async def _score_chunk(self, recipe: MergeRecipe | None, chunk: list[tuple[str, str]], tally: _Tally,
+                           top: bool) -> list[tuple[float, float]]:
         texts = [p + a for p, a in chunk]
-        body = self._body(recipe, prompt=texts, max_tokens=0, echo=True, logprobs=0)
+        body = self._body(recipe, prompt=texts, max_tokens=0, echo=True, logprobs=int(top))
 
-        def parse(resp: Any) -> tuple[list[float], int]:
+        def parse(resp: Any) -> tuple[list[tuple[float, float]], int]:
             choices = sorted(resp["choices"], key=lambda c: c["index"])
             if len(choices) != len(chunk) or any(not (c.get("logprobs") or {}).get("token_logprobs") for c in choices):
                 raise ValueError("the provider's answer lacks a choice or its logprobs")
             lps = [c["logprobs"] for c in choices]
-            out = [answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(p))
+            out = [(answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(p)),
+                    answer_greedy(lp["tokens"], lp["token_logprobs"], lp.get("top_logprobs"), lp["text_offset"], len(p))
+                    if top else math.nan)
                    for lp, (p, _) in zip(lps, chunk)]
             return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))
 

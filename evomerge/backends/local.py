@@ -46,8 +46,9 @@ class LocalBackend(Backend):
         with self.engine.merged(recipe) as model:
             tok = self.engine.tokenizer
             metrics = self.objective.metrics
-            if "ce" in metrics:
-                out["ce"] = scoring.answer_cross_entropy(model, tok, examples, self.batch_size)
+            if "ce" in metrics or "greedy_match" in metrics:
+                ce, greedy = scoring.answer_scores(model, tok, examples, self.batch_size)
+                out.update({k: v for k, v in (("ce", ce), ("greedy_match", greedy)) if k in metrics})
             if "accuracy" in metrics:
                 out["accuracy"] = scoring.choice_accuracy(model, tok, examples, self.batch_size)
             if self.objective.needs_generation:

@@ -38,6 +38,21 @@ def answer_token_mask(tokens: Sequence[str], text_offset: Sequence[int], prompt_
     return [off + len(tok) > prompt_chars for tok, off in zip(tokens, text_offset)]
 
 
+def answer_greedy(tokens: Sequence[str], token_logprobs: Sequence[float | None],
+                  top_logprobs: Sequence[dict[str, float] | None] | None, text_offset: Sequence[int],
+                  prompt_chars: int) -> float:
+    """1.0 when every answer token is its position's most likely one (its logprob is the best of
+    ``top_logprobs``), 0.0 when one is not, NaN when the provider sent no alternatives."""
+    if not top_logprobs:
+        return math.nan
+    mask = answer_token_mask(tokens, text_offset, prompt_chars)
+    hits = [lp >= max(top.values()) - 1e-6 for lp, top, m in zip(token_logprobs, top_logprobs, mask)
+            if m and lp is not None and top]
+    if not hits or len(hits) < sum(m and lp is not None for lp, m in zip(token_logprobs, mask)):
+        return math.nan
+    return float(all(hits))
+
+
 def answer_nll(tokens: Sequence[str], token_logprobs: Sequence[float | None], text_offset: Sequence[int],
                prompt_chars: int) -> float:
     """Mean negative log-probability of the answer tokens (NaN when the answer has no token)."""

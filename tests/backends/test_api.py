@@ -262,3 +262,28 @@ def test_a_search_runs_through_faults_with_every_evaluation_counted(server, monk
     assert len([t for t in paid if t.split == "fit"]) == 12 and all(t.ok for t in paid)
     assert result.cost.queries == caps.queries == proxy.counts["ok"] <= 40
     assert sum(proxy.counts[f] for f in ("500", "429", "drop")) > 0
+
+
+def test_greedy_match_comes_from_the_same_echoed_pass(server, host) -> None:
+    from evomerge.serve.protocol import answer_greedy
+
+    prompts = [e.prompt for e in EXAMPLES[:4]]
+    host.activate(host.merge(RECIPE))
+    continuations = host.generate(prompts, max_tokens=2, temperature=0.0, seed=None)
+    host.activate(None)
+    examples = EXAMPLES[:4] + [Example(p, g.text, id=f"g{i}") for i, (p, g) in enumerate(zip(prompts, continuations))
+                               if g.text.strip()]
+    greedy = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4, objective=Objective("greedy_match"))
+    try:
+        score = greedy.evaluate(RECIPE, examples)
+    finally:
+        greedy.close()
+    assert score.ok, score.error
+    assert score.cost.queries == math.ceil(len(examples) / 4)  # no generation requests
+    host.activate(host.merge(RECIPE))
+    scored = host.score([e.prompt + e.answer for e in examples], top=1)
+    host.activate(None)
+    expected = [answer_greedy(s.tokens, s.token_logprobs, s.top_logprobs, s.text_offset, len(e.prompt))
+                for s, e in zip(scored, examples)]
+    assert list(score.per_example["greedy_match"]) == expected
+    assert expected[4:] and all(x == 1.0 for x in expected[4:])  # the model's own continuations are greedy
