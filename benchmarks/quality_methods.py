@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import evomerge
 from evomerge.baselines import single
+from evomerge.config import ObjectiveConfig
 from evomerge.journal import Trial
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe, uniform
@@ -23,8 +24,8 @@ from evomerge.search_spaces import build_space, grid
 from benchmarks.quality_setup import BenchFactory, Setting, search_loss
 
 CE = Objective("ce")
-ALIGNED = Objective({"ce": 1.0, "exact_match": 1.0}, "normalized")
-"""The default objective: CE plus (1 − exact match), each task normalised by the base model's loss."""
+ALIGNED = Objective.from_config(ObjectiveConfig())
+"""evomerge's default objective (CE plus 1 − greedy match, each task normalised by the base model's)."""
 LORAHUB_STEPS = 40
 
 

@@ -24,7 +24,7 @@ def test_demo_search_report_export(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "best fit loss" in res.stdout
     recipe = json.loads((tmp_path / "out" / "best_recipe.json").read_text())
-    assert recipe["method"] == "evo" and len(recipe["weights"]) == 8
+    assert recipe["method"] == "evo_tv" and len(recipe["weights"]) == 8  # the default space: evo_joint, task-vector form
     assert "merge_method: task_arithmetic" in (tmp_path / "out" / "mergekit.yaml").read_text()
     rep = run("report", str(journal), "--out", str(tmp_path / "rep"))
     assert rep.returncode == 0, rep.stderr
