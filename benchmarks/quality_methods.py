@@ -25,7 +25,7 @@ from benchmarks.quality_setup import BenchFactory, Setting, search_loss
 
 CE = Objective("ce")
 ALIGNED = Objective.from_config(ObjectiveConfig())
-"""evomerge's default objective (CE plus 1 − greedy match, each task normalised by the base model's)."""
+"""evomerge's default objective (CE plus 1 − exact match, each task normalised by the base model's)."""
 LORAHUB_STEPS = 40
 
 

@@ -39,12 +39,13 @@ class TaskConfig(_Frozen):
 
 
 class ObjectiveConfig(_Frozen):
-    """Default: cross-entropy plus (1 − greedy match), each task divided by the base model's loss.
-    CE alone falls while the metric users read gets worse (issue 8); greedy match is exact match's
-    teacher-forced twin, read off the CE pass (no generation: no extra query or output token); and
-    normalising makes several tasks weigh alike."""
+    """Default: cross-entropy plus (1 − exact match), each task divided by the base model's loss.
+    CE alone falls while the metric users read gets worse (issue 8), and normalising makes several
+    tasks weigh alike. ``greedy_match`` is the cheap alternative (no generation), but it is exact at
+    the token level where exact match forgives case and spacing; measured on smol ``upper_first``,
+    a search on it lowered CE and lost exact match (benchmarks/QUALITY.md)."""
 
-    metric: str | dict[str, float] = Field(default_factory=lambda: {"ce": 1.0, "greedy_match": 1.0})
+    metric: str | dict[str, float] = Field(default_factory=lambda: {"ce": 1.0, "exact_match": 1.0})
     aggregate: Literal["mean", "normalized", "worst"] = "normalized"
 
 
