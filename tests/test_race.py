@@ -41,7 +41,7 @@ def run(race, workers=1, seed=0):
 
 def test_racing_stops_weak_candidates_and_scores_fewer_examples():
     full, full_cost = run(None)
-    raced, raced_cost = run(Race(fraction=0.25, quantile=0.3, warmup=8))
+    raced, raced_cost = run(Race(fraction=0.25, quantile=0.5, warmup=8))
     stopped = [t for t in raced.trials if t.score.status == STATUS_STOPPED]
     assert len(stopped) >= 10
     assert all(len(t.score.example_ids) == 10 for t in stopped)  # a quarter of 40 fit examples
@@ -73,21 +73,3 @@ def test_a_minibatch_spans_every_task():
     minibatch = Splits(fit, val, ()).get("fit:6")
     assert sorted(e.task for e in minibatch) == ["a", "a", "b", "b", "c", "c"]
     assert len(val) == 9 and not set(fit) & set(val)
-
-
-def test_the_bar_is_a_quantile_of_minibatch_objectives_and_stopped_ones_are_told_on_the_full_scale():
-    race = Race(quantile=0.5, warmup=3, window=4)
-    assert race.threshold([1.0, 2.0], popsize=8) == float("inf")  # warm-up: race, stop nothing
-    assert race.threshold([9.0, 1.0, 2.0, 3.0, 4.0], popsize=8) == 2.5  # the last `window` only
-    assert race.offset([], popsize=8) == 0.0
-    assert race.offset([5.0, 0.1, 0.3, 0.2, 0.4], popsize=8) == pytest.approx(0.25)
-
-
-def test_finished_raced_candidates_keep_their_minibatch_loss():
-    from evomerge.scheduler.race import MINIBATCH_METRIC
-
-    raced, _ = run(Race(fraction=0.25, quantile=0.5, warmup=8))
-    finished = [t for t in raced.trials if t.ok and MINIBATCH_METRIC in t.score.metrics]
-    assert len(finished) >= 8  # every candidate is raced, the warm-up ones finished
-    for t in finished:
-        assert t.score.metrics[MINIBATCH_METRIC] == pytest.approx(np.mean((t.recipe.weights[0] - TARGETS[:10]) ** 2))

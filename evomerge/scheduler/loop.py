@@ -29,7 +29,7 @@ from evomerge.optimizers._base import Optimizer
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.caps import Caps
-from evomerge.scheduler.race import MINIBATCH_METRIC, Race
+from evomerge.scheduler.race import Race
 from evomerge.score import STATUS_STOPPED, Score
 from evomerge.search_spaces._base import SearchSpace
 
@@ -93,10 +93,7 @@ class StageRun:
             self.stalled, self.worst = state["stalled"], state["worst"]
             restored = state["pending"]
             self.trials = [t for k, t in sorted(self.journaled.items()) if k < self.k_tell]
-        self.mini_told: list[float] = []  # racing: minibatch objectives, in ask order
-        self.gaps: list[float] = []       # racing: full − minibatch objective of finished candidates
-        for t in self.trials:
-            self._record_race(t)
+        self.full_told = [t.objective for t in self.trials if t.ok]
         self.lookahead = max(1, lookahead)
         for k, z, threshold in restored:  # asked before the checkpoint: already counted
             self._dispatch(k, np.asarray(z, dtype=float), threshold, count=False)
@@ -111,7 +108,7 @@ class StageRun:
 
     def _ask_window(self) -> None:
         while self._can_ask():
-            threshold = self.race.threshold(self.mini_told, self.opt.popsize) if self.race is not None else None
+            threshold = self.race.threshold(self.full_told, self.opt.popsize) if self.race is not None else None
             z = self.space.x0.copy() if self.start and self.k_ask == 0 else self.opt.ask()
             self._dispatch(self.k_ask, z, threshold)
             self.k_ask += 1
@@ -172,9 +169,7 @@ class StageRun:
                     if score is None:
                         continue
                 elif self.pending[k].minibatch is not None:
-                    mini = self.pending[k].minibatch
-                    score = replace(score, cost=score.cost + mini.cost,
-                                    metrics={**score.metrics, MINIBATCH_METRIC: mini.loss})
+                    score = replace(score, cost=score.cost + self.pending[k].minibatch.cost)
                 first, *rest = self.waiters.pop((self.pending[k].recipe.key(), "fit"))
                 self._complete(first, score, cached=False)
                 for other in rest:
@@ -199,30 +194,18 @@ class StageRun:
             return False
         if math.isfinite(trial.objective):
             told = trial.objective
-            if trial.score.status == STATUS_STOPPED and self.race is not None:
-                told += self.race.offset(self.gaps, self.opt.popsize)
             self.worst = max(self.worst, told)
+            if trial.ok:
+                self.full_told.append(told)
         else:  # failed: worse than anything seen, so the optimizer moves away from it
             told = self.worst + max(1.0, abs(self.worst)) if math.isfinite(self.worst) else 1e6
         self.opt.tell(self.pending.pop(self.k_tell).z, told)
         self.trials.append(trial)
-        self._record_race(trial)
         self.k_tell += 1
         self._ask_window()
         if self.k_tell % self.checkpoint_every == 0:
             self._checkpoint()
         return True
-
-    def _record_race(self, trial: Trial) -> None:
-        """Keep a told trial's minibatch objective and, when it was finished, its gap."""
-        if self.race is None:
-            return
-        if trial.score.status == STATUS_STOPPED and math.isfinite(trial.objective):
-            self.mini_told.append(trial.objective)
-        elif trial.ok and MINIBATCH_METRIC in trial.score.metrics:
-            mini = trial.score.metrics[MINIBATCH_METRIC] + self.space.penalty(np.asarray(trial.z, dtype=float))
-            self.mini_told.append(mini)
-            self.gaps.append(trial.objective - mini)
 
     def _checkpoint(self) -> None:
         state = {"optimizer": self.opt, "k_ask": self.k_ask, "k_tell": self.k_tell, "paid": self.paid,

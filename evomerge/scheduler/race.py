@@ -2,14 +2,12 @@
 
 Most candidates of an evolutionary search are clearly worse than the population; scoring them on
 every example buys nothing. A raced candidate is scored on the first `fraction` of the fit
-examples, and finished on all of them only if its minibatch objective is within the `quantile`
-of the *minibatch* objectives of the last `window` raced candidates (by default one population):
-the same examples, so the same level. (A bar made of full-fit objectives is biased by how easy
-the minibatch happens to be: measured, it stopped 2 of 30 candidates.) The first `warmup`
-candidates are raced with no bar, to learn that level. A stopped candidate is recorded as
-*stopped* and told to the optimizer as its minibatch objective plus the median (full − minibatch)
-gap of recently finished candidates, so stopped and finished candidates are ranked on one scale.
-Bars and gaps come from tells in ask order, so a raced run stays deterministic and resumable.
+examples; it is finished on all of them only if its minibatch objective is within the
+`quantile` of the full objectives told most recently (the last `window`, by default one
+population of the optimizer), else it
+is recorded as *stopped* and the optimizer is told its minibatch objective. The threshold is
+fixed when the candidate is asked, from tells that are themselves in ask order, so a raced run
+stays deterministic and resumable.
 """
 
 from __future__ import annotations
@@ -20,11 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.errors import ConfigError
-
-
-MINIBATCH_METRIC = "race/minibatch_loss"
-"""The metric under which a finished raced candidate keeps its minibatch loss (journaled, so a
-resumed run rebuilds the bar and the gaps)."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +40,8 @@ class Race:
         """The minibatch split name understood by `Splits.get` ("fit:K")."""
         return f"fit:{max(1, math.ceil(self.fraction * n_fit))}"
 
-    def threshold(self, minibatch_objectives: list[float], popsize: int) -> float:
-        """The bar a minibatch objective must clear (infinite until `warmup` raced results exist)."""
-        if len(minibatch_objectives) < self.warmup:
-            return math.inf
-        return float(np.quantile(minibatch_objectives[-(self.window or popsize):], self.quantile))
-
-    def offset(self, gaps: list[float], popsize: int) -> float:
-        """What a stopped candidate's minibatch objective is told plus: the recent median gap."""
-        return float(np.median(gaps[-(self.window or popsize):])) if gaps else 0.0
+    def threshold(self, full_objectives: list[float], popsize: int) -> float | None:
+        """The bar a minibatch objective must clear, or None while too few full results exist."""
+        if len(full_objectives) < self.warmup:
+            return None
+        return float(np.quantile(full_objectives[-(self.window or popsize):], self.quantile))
