@@ -97,10 +97,9 @@ def _rekey_archives(es: Any) -> None:
     """
     from cma.utilities.utils import SolutionDict
 
-    archives = [v for v in vars(es).values() if isinstance(v, SolutionDict)]
-    archives += [v for obj in vars(es).values() if hasattr(obj, "__dict__") and not isinstance(obj, SolutionDict)
-                 for v in vars(obj).values() if isinstance(v, SolutionDict)]
-    for archive in archives:
+    owners = [es, *(v for v in vars(es).values() if hasattr(v, "__dict__"))]  # es and its parts hold them
+    archives = {id(a): a for o in owners for a in vars(o).values() if isinstance(a, SolutionDict)}
+    for archive in archives.values():
         data, same, unhashed = {}, {}, {}
         for old, value in archive.data.items():
             x = archive._unhashed_keys.get(old, old)

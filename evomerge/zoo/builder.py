@@ -83,7 +83,7 @@ def _clearly_beats(expert: dict[str, float], base: dict[str, float]) -> bool:
 
 def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *, gguf: str | Path | None = None,
           force: bool = False, progress: bool = True, cache: str | Path | None = None,
-          threads: int | None = None, device: str | None = None) -> Path:
+          threads: int | None = None, device: str = "cpu") -> Path:
     """Build (or reuse) a zoo in `out` and return its path.
 
     `gguf` points at a local SmolLM2 GGUF for the smol preset; otherwise it is fetched from the
@@ -115,7 +115,7 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
     try:
         started = time.perf_counter()
         with _threads(threads or spec.threads):
-            manifest = _build_into(work, spec, seed, gguf_path, progress, device or "cpu")
+            manifest = _build_into(work, spec, seed, gguf_path, progress, device)
         manifest["build_seconds"] = round(time.perf_counter() - started, 1)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if not force and _matches(out, read_manifest(out), preset, seed):

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--gguf", default=None, help="local SmolLM2-135M-Instruct GGUF file (smol preset)")
     build.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
-    build.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
+    build.add_argument("--device", default="cpu", help="train on this torch device, e.g. cuda (default: cpu)")
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds a zoo")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=run_build)

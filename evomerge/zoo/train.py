@@ -23,6 +23,7 @@ def train_steps(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], st
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
+    device = next(model.parameters()).device
     order: list[int] = []
     model.train()
     for _ in range(steps):
@@ -32,7 +33,6 @@ def train_steps(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], st
             order.extend(extra)
         batch = [pairs[i] for i in order[:batch_size]]
         del order[:batch_size]
-        device = next(model.parameters()).device
         loss = model(**{k: v.to(device) for k, v in training_batch(tokenizer, batch).items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
