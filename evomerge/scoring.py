@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -133,12 +134,22 @@ def answer_scores(model: Any, tokenizer: Any, examples: Sequence[Example],
         return _teacher_forced(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size)
 
 
+@lru_cache(maxsize=8)
+def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """EOS and every token whose text holds a newline: an answer ends at the first of them, so
+    generation stops there instead of running to ``max_new_tokens`` on every row."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    newline = [i for i, text in enumerate(texts) if "\n" in text]
+    return tuple(([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]) + newline)
+
+
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 16,
                      batch_size: int = 64) -> list[str]:
     """Greedy answers to each prompt, cut at EOS or the first newline and stripped."""
     torch = _torch()
     device = _device(model)
-    eos = tokenizer.eos_token_id
+    stops = _stop_ids(tokenizer)
+    stop_set = set(stops)
     pad = _pad_id(tokenizer)
     answers: list[str] = []
     with torch.no_grad(), _evaluating(model):
@@ -153,11 +164,10 @@ def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], ma
                 attention[row, width - len(ids) :] = 1
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                       eos_token_id=eos, pad_token_id=pad)
+                                       eos_token_id=list(stops) or None, pad_token_id=pad)
             for row in generated[:, width:].tolist():
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                text = tokenizer.decode(row, skip_special_tokens=True)
+                end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+                text = tokenizer.decode(row[:end], skip_special_tokens=True)
                 answers.append(text.split("\n", 1)[0].strip())
     return answers
 

@@ -95,6 +95,28 @@ def test_generation_batched_equals_unbatched_and_follows_greedy(model, tokenizer
     assert batched[0] == expected
 
 
+def test_generation_stops_at_the_first_newline_token(model, tokenizer):
+    """A row ends at a token holding a newline, as at EOS: no further steps are paid for it."""
+    (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert newline in scoring._stop_ids(tokenizer) and tokenizer.eos_token_id in scoring._stop_ids(tokenizer)
+    calls = []
+
+    def favour_newline(module, args, output):
+        calls.append(output.shape[1])
+        if len(calls) > 1:  # the first generated token is free, every later one is a newline
+            output[..., newline] += 1e4
+        return output
+
+    plain = scoring.generate_answers(model, tokenizer, EXAMPLES[:2], max_new_tokens=8)
+    handle = model.lm_head.register_forward_hook(favour_newline)
+    try:
+        answers = scoring.generate_answers(model, tokenizer, EXAMPLES[:2], max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the prompt pass and one step, not eight
+    assert answers == [p[:1] for p in plain]
+
+
 def test_choice_accuracy_picks_lowest_cross_entropy(model, tokenizer):
     choices = ("CAT", "dog", "x")
     ce = scoring.answer_cross_entropy(model, tokenizer, [Example("upper: cat = ", c) for c in choices])
