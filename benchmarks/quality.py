@@ -113,13 +113,26 @@ def _race_budget(args: argparse.Namespace) -> int:
     return max(1, round(args.race_factor * args.budget))
 
 
-def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int], None]) -> dict[str, Any]:
+def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int], None],
+                save: Callable[[dict[str, Any]], None] = lambda partial: None) -> dict[str, Any]:
+    """Every method of `args` on `setting`, in the order given (searches over all seeds), then the
+    references; `save` gets the result so far after each method, so a run cut short keeps what
+    it finished."""
     repo = str(args.repository)
     scorer = Scorer(repo, setting, args.dtype)
-    rows, curves, races = [], {}, []
-    searches = [m for m in args.methods if m in SEARCHES]
-    for seed in args.seeds:
-        for name in searches:
+    result: dict[str, Any] = {"setting": setting.name, **setting.describe(), "rows": [], "references": [],
+                              "curves": {}, "race": [], "experts_on_own_tasks": {}, "best_single_ranking": [],
+                              "complete": False}
+    rows, curves, races = result["rows"], result["curves"], result["race"]
+    for name in args.methods:
+        if name in FIXED:
+            start = time.perf_counter()
+            out = run_fixed(name, setting, repo, args.dtype, args.quick, tick)
+            result["best_single_ranking"] = out.extra.pop("ranking", result["best_single_ranking"])
+            rows.append(_row(scorer, out, None, time.perf_counter() - start))
+            save(result)
+            continue
+        for seed in args.seeds:
             start = time.perf_counter()
             out = run_search(name, SEARCHES[name], setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
             rows.append(_row(scorer, out, seed, time.perf_counter() - start))
@@ -130,19 +143,16 @@ def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int]
                                    setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
                 rows.append(_row(scorer, raced, seed, time.perf_counter() - start))
                 races.append({"seed": seed, **_race_efficiency(out, raced, len(setting.splits.fit))})
-    ranking: list[tuple[str, float]] = []
-    for name in (m for m in args.methods if m in FIXED):
-        start = time.perf_counter()
-        out = run_fixed(name, setting, repo, args.dtype, args.quick, tick)
-        ranking = out.extra.pop("ranking", ranking)
-        rows.append(_row(scorer, out, None, time.perf_counter() - start))
+            save(result)
     references = [_row(scorer, Outcome("base", base_recipe(setting.experts)), None, 0.0)]
-    chosen = [e for e, _ in ranking][: args.references] if ranking else []
+    chosen = [e for e, _ in result["best_single_ranking"]][: args.references]
     for e in dict.fromkeys([*(setting.own[t] for t in setting.tasks if t in setting.own), *chosen]):
         references.append(_row(scorer, Outcome(f"expert:{e}", single(e)), None, 0.0))
-    own = {t: scorer(single(setting.own[t]), "test").em[t] for t in setting.tasks if t in setting.own}
-    return {"setting": setting.name, **setting.describe(), "rows": rows, "references": references,
-            "curves": curves, "race": races, "experts_on_own_tasks": own, "best_single_ranking": ranking}
+    result["references"] = references
+    result["experts_on_own_tasks"] = {t: scorer(single(setting.own[t]), "test").em[t]
+                                      for t in setting.tasks if t in setting.own}
+    result["complete"] = True
+    return result
 
 
 def _total_ticks(args: argparse.Namespace, settings: list[Setting]) -> int:
@@ -177,16 +187,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              args.validation, args.ood_task) for s in args.settings]
     started = time.perf_counter()
     bar = tqdm(total=_total_ticks(args, settings), desc="quality", unit="eval", dynamic_ncols=True)
-    results = []
+    results: list[dict[str, Any]] = []
+    run = {"command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "date": "", "machine": _machine(), "repository": str(args.repository), "preset": preset,
+           "seeds": args.seeds, "budget": args.budget, "default": DEFAULT, "wall_seconds": 0, "settings": results}
+
+    def save(settings_so_far: list[dict[str, Any]]) -> None:
+        """The JSON of the run so far (the report files come at the end)."""
+        run.update(settings=settings_so_far, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   wall_seconds=round(time.perf_counter() - started))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"quality_{tag}.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+
     for setting in settings:
         bar.set_postfix(setting=setting.name)
-        results.append(run_setting(setting, args, bar.update))
+        results.append(run_setting(setting, args, bar.update, lambda partial: save([*results, partial])))
     bar.close()
-    run = {"command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-           "repository": str(args.repository), "preset": preset, "seeds": args.seeds, "budget": args.budget,
-           "default": DEFAULT, "wall_seconds": round(time.perf_counter() - started),
-           "settings": results}
+    save(results)
     return write(run, Path(args.out), tag)
 
 
@@ -203,7 +220,8 @@ def write(run: dict[str, Any], out: Path, tag: str) -> dict[str, Any]:
 
 def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One run from runs of parts of the suite on one repository and budget: rows, curves and
-    racing records are pooled per setting; references are taken once each."""
+    racing records are pooled per setting; references are taken once each; a part cut short
+    (``complete`` false) adds the methods it finished."""
     if len({(p["repository"], p["budget"]) for p in parts}) > 1:
         raise SystemExit("--combine needs parts run on one repository with one budget")
     settings: dict[str, dict[str, Any]] = {}
@@ -217,6 +235,8 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
             known = {ref["method"] for ref in into["references"]}
             into["references"] += [ref for ref in r["references"] if ref["method"] not in known]
             into["best_single_ranking"] = into["best_single_ranking"] or r["best_single_ranking"]
+            into["experts_on_own_tasks"] = into["experts_on_own_tasks"] or r["experts_on_own_tasks"]
+            into["complete"] = into.get("complete", True) and r.get("complete", True)
     return {**parts[0], "command": " ; ".join(p["command"] for p in parts),
             "date": max(p["date"] for p in parts), "seeds": sorted({s for p in parts for s in p["seeds"]}),
             "wall_seconds": max(p["wall_seconds"] for p in parts), "settings": list(settings.values())}

@@ -110,6 +110,8 @@ def markdown(run: dict[str, Any], tag: str) -> str:
         lines += [f"## {r['setting']}", "",
                   f"tasks {', '.join(r['tasks'])}; {r['experts']} experts; fit {r['fit']}, validation "
                   f"{r['validation']}, test {r['test']} examples. EM = mean over tasks of exact match.", ""]
+        if not r.get("complete", True):
+            lines += ["A run of this setting was cut short: the rows are the methods it finished.", ""]
         lines += _table(groups) + ["", "References (not methods: nothing chosen):", ""]
         lines += _table(by_method(r["references"]))
         if r["experts_on_own_tasks"]:

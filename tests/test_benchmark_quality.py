@@ -69,3 +69,22 @@ def test_combine_pools_parts_into_one_report(run, tmp_path):
     assert len(setting["curves"][DEFAULT]) == 2
     assert len(setting["references"]) == len(part["settings"][0]["references"])
     assert f"| **{DEFAULT}** (default) |" in (tmp_path / "quality_both.md").read_text()
+
+
+def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    from evomerge.zoo import ensure_tiny
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the fault: the run dies in its second method (a device lease ending)
+
+    monkeypatch.setattr(quality, "run_fixed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(["--repository", str(ensure_tiny()), "--quick", "--budget", "3", "--settings", "ood",
+                      "--methods", DEFAULT, "best_single", "--search-per-task", "3", "--test-per-task", "2",
+                      "--top-k", "1", "--out", str(tmp_path), "--tag", "cut"])
+    setting = json.loads((tmp_path / "quality_cut.json").read_text())["settings"][0]
+    assert [r["method"] for r in setting["rows"]] == [DEFAULT] and setting["complete"] is False
+    assert setting["rows"][0]["fit_evals"] == 3
+    quality.main(["--combine", str(tmp_path / "quality_cut.json"), "--out", str(tmp_path), "--tag", "pooled"])
+    md = (tmp_path / "quality_pooled.md").read_text()
+    assert "cut short" in md and f"| **{DEFAULT}** (default) |" in md
