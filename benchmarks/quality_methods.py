@@ -51,6 +51,8 @@ SEARCHES: dict[str, SearchMethod] = {
     # The task-vector form (ΔW = Σ β_i·B_i·S(A_i), linear in β): its start α=1, β=1/N is the uniform
     # merge, where the factor form's start scales each expert's own term by 1/N².
     "evo_tv_joint": SearchMethod("evo_joint", {"method": "evo_tv"}),
+    # The default without its first stage (the sweep over the uniform merge's scale): the ablation.
+    "evo_tv_joint_nosweep": SearchMethod("evo_joint", {"method": "evo_tv", "scale_grid": None}),
     "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),

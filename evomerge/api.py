@@ -14,7 +14,7 @@ from evomerge.backends._base import EvaluatorFactory
 from evomerge.backends.python import Fitness, PythonEvaluatorFactory
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.journal import Journal, Trial
-from evomerge.optimizers import make_optimizer
+from evomerge.optimizers import Optimizer, make_optimizer
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.caps import Caps
@@ -132,8 +132,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
-                           lambda sp, s=stage, b=stage_budget: make_optimizer(
-                               optimizer, sp, seed=seed + 1000 * s, popsize=popsize, budget=b, **options),
+                           lambda sp, s=stage, b=stage_budget: _stage_optimizer(
+                               sp, optimizer, options, seed + 1000 * s, popsize, b),
                            shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split,
                            start)
             trials = run.run()
@@ -159,6 +159,13 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         bar(None)
         pool.shutdown()
         store.close()
+
+
+def _stage_optimizer(space: SearchSpace, name: str, options: Mapping[str, Any], seed: int, popsize: int | None,
+                     budget: int) -> Optimizer:
+    """The search's optimizer over a stage's space, or the one the space insists on (a fixed sweep)."""
+    name, options = space.optimizer or (name, options)
+    return make_optimizer(name, space, seed=seed, popsize=popsize, budget=budget, **options)
 
 
 def _open_journal(path: str | Path | None, fingerprint: dict[str, Any], config: Mapping[str, Any] | None,

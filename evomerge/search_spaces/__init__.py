@@ -13,7 +13,7 @@ from evomerge.search_spaces._base import SPACES, Plan, SearchSpace, SingleStage,
 from evomerge.search_spaces.blockwise import BlockwiseSpace
 from evomerge.search_spaces.classic import ClassicSpace, baseline, grid, grid_task_arithmetic
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field
-from evomerge.search_spaces.evo import EvoPlan, EvoSpace
+from evomerge.search_spaces.evo import EvoPlan, EvoSpace, ScaleSpace
 from evomerge.search_spaces.projected import ProjectedSpace
 
 
@@ -28,5 +28,5 @@ def build_space(name: str, experts: Sequence[str], **options: Any) -> SearchSpac
 
 
 __all__ = ["SPACES", "Plan", "SearchSpace", "SingleStage", "as_plan", "register_space", "build_space",
-           "CoefficientSpace", "Field", "EvoSpace", "EvoPlan", "ClassicSpace", "BlockwiseSpace",
+           "CoefficientSpace", "Field", "EvoSpace", "ScaleSpace", "EvoPlan", "ClassicSpace", "BlockwiseSpace",
            "ProjectedSpace", "baseline", "grid", "grid_task_arithmetic"]

@@ -28,6 +28,9 @@ class SearchSpace(ABC):
     x0: np.ndarray
     sigma0: float = 0.05
     """Initial step size suggested to optimizers, in the units of z."""
+    optimizer: tuple[str, dict[str, Any]] | None = None
+    """(name, options) of the optimizer a stage over this space always uses, whatever the
+    search's (a fixed sweep); None: the search's optimizer."""
 
     @property
     def dim(self) -> int:

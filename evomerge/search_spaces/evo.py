@@ -7,21 +7,25 @@ fixed at the stage-1 best, minimising the loss plus 0.05·mean|z|.
 Registered names:
 - ``evo``: the paper-faithful two-stage plan (α from 1 with β = 1/N, a third of the budget; then β
   from the stage-1 best, two thirds). ``schedule`` picks "alpha", "beta" or "joint" instead,
-  ``beta_init="1"`` runs stage 1 with every β = 1.
-- ``evo_joint`` (evomerge's default): one stage over z = [α; β] from α = 1, β = 1/N, merged in
-  the task-vector form ``evo_tv`` unless ``method`` says otherwise. Why: with a large repository,
+  ``beta_init="1"`` runs stage 1 with every β = 1, ``scale_grid`` adds the sweep below first.
+- ``evo_joint`` (evomerge's default): a sweep of the uniform merge's strength (every β = m/N for
+  m in ``scale_grid``, one evaluation each; `ScaleSpace`), then one stage over z = [α; β] from
+  α = 1 and the sweep's best β, merged in the task-vector form ``evo_tv`` unless ``method`` says
+  otherwise. Why: with a large repository,
   stage 1 at β = 1/N barely moves the loss (every expert's update is scaled by 1/N, and the
   LoRA-factor merge is quadratic in β, so each expert's own term is scaled by 1/N²), so α is
   chosen almost blind; searching α and β together, linear in β, lets α matter as soon as an
-  expert's β grows. The start is the uniform merge (a sane model for any N), where β = 1 for every
-  expert would add N full updates at once.
+  expert's β grows. The sweep starts at the uniform merge (a sane model for any N, where β = 1 for
+  every expert would add N full updates at once) and tries a few stronger and weaker ones.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from evomerge.errors import ConfigError
+import numpy as np
+
+from evomerge.errors import ConfigError, SearchSpaceError
 from evomerge.recipe import MergeRecipe
 from evomerge.search_spaces._base import Plan, SearchSpace, register_space
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field, per_expert
@@ -30,6 +34,8 @@ ALPHA_BOUNDS = (0.0, 1.0)
 BETA_BOUNDS = (-1.5, 1.5)
 SEARCHES = ("alpha", "beta", "joint")
 SCHEDULES = ("two_stage", *SEARCHES)
+SCALE_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Multiples of the uniform merge that ``evo_joint`` tries before searching (its first stage)."""
 EVO_METHODS = ("evo", "evo_tv")
 
 
@@ -63,43 +69,100 @@ class EvoSpace(CoefficientSpace):
         self.search = search
 
 
+class ScaleSpace(SearchSpace):
+    """One number, the β every expert shares (α = 1), swept over fixed multiples of 1/N: the
+    classic task-arithmetic λ sweep as a search's first stage. Why: the best strength of a merge
+    depends on how many experts agree (on smol, task arithmetic's λ = 0.1 beat the uniform merge's
+    1/32 by far out of domain), and a local optimizer started at 1/N spends its budget walking there.
+    The strength lives in β, not in the recipe's scale, so the next stage starts at the sweep's
+    best recipe itself and a provider sees an ordinary α/β query."""
+
+    name = "evo_scale"
+
+    def __init__(self, experts: Sequence[str], grid: Sequence[float] = SCALE_GRID, *, method: str = "evo_tv") -> None:
+        self.experts = tuple(str(e) for e in experts)
+        n = len(self.experts)
+        if n == 0:
+            raise ConfigError("a search space needs at least one expert")
+        multiples = tuple(float(g) for g in grid)
+        if not multiples or min(multiples) <= 0 or not min(multiples) <= 1.0 <= max(multiples) \
+                or min(multiples) == max(multiples):
+            raise ConfigError(f"scale_grid must hold positive multiples of 1/N around 1 (the uniform merge), "
+                              f"got {list(multiples)}")
+        self.method = method
+        betas = list(dict.fromkeys(min(BETA_BOUNDS[1], g / n) for g in multiples))
+        self.lower, self.upper, self.x0 = np.array([min(betas)]), np.array([max(betas)]), np.array([1.0 / n])
+        if not self.lower[0] < self.upper[0]:
+            raise ConfigError(f"scale_grid {list(multiples)} leaves one β for {n} experts; give smaller multiples")
+        self.optimizer = ("grid", {"points": [[b] for b in betas]})
+
+    def _decode(self, z: np.ndarray) -> MergeRecipe:
+        n = len(self.experts)
+        return MergeRecipe(self.method, self.experts, (float(z[0]),) * n, (1.0,) * n)
+
+    def encode(self, recipe: MergeRecipe) -> np.ndarray:
+        z = np.array([recipe.weights[0]]) if recipe.weights else np.zeros(1)
+        if recipe.blocks or self._decode(np.clip(z, self.lower, self.upper)) != recipe:
+            raise SearchSpaceError(f"the {self.name} space holds {self.method} merges of {list(self.experts)} with "
+                                   "one shared β and every α = 1; this recipe is not one")
+        return z
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": self.name, "dim": 1, "method": self.method, "experts": list(self.experts),
+                "betas": self.optimizer[1]["points"]}
+
+
 class EvoPlan(Plan):
     """The Evo-Merging schedule: two stages (α, then β with α fixed at the stage-1 best) or one."""
 
     def __init__(self, experts: Sequence[str], schedule: str = "two_stage", *, method: str = "evo",
                  beta_init: str | float = "1/N", alpha_init: float = 1.0, alpha_fraction: float = 1 / 3,
-                 penalty: float = 0.05, sigma0: float = 0.05) -> None:
+                 penalty: float = 0.05, sigma0: float = 0.05, scale_grid: Sequence[float] | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"evo schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not 0 < alpha_fraction < 1:
             raise ConfigError(f"alpha_fraction must lie strictly between 0 and 1, got {alpha_fraction}")
         self.experts = tuple(experts)
         self.schedule = schedule
-        self.names = ("alpha", "beta") if schedule == "two_stage" else (schedule,)
+        self.scale_grid = None if scale_grid is None else tuple(float(g) for g in scale_grid)
+        self.searches = ("alpha", "beta") if schedule == "two_stage" else (schedule,)
+        self.names = ("scale", *self.searches) if self.scale_grid else self.searches
         self.alpha_fraction = alpha_fraction
         self.beta0 = _beta_start(beta_init, len(self.experts))
         self._common: dict[str, Any] = {"method": method, "penalty": penalty, "sigma0": sigma0}
         self.alpha0 = alpha_init
         self.beta_init = beta_init
         # Validate the options now, not at stage 2.
-        EvoSpace(self.experts, self.names[0], alpha=alpha_init, beta=self.beta0, **self._common)
+        EvoSpace(self.experts, self.searches[0], alpha=alpha_init, beta=self.beta0, **self._common)
+        if self.scale_grid:
+            ScaleSpace(self.experts, self.scale_grid, method=method)
 
     def budgets(self, total: int) -> list[int]:
-        """Two stages: round(total·alpha_fraction) for α (at least 1), the rest for β."""
+        """The scale sweep (when asked for) gets one evaluation per multiple; of the rest, two
+        stages give round(rest·alpha_fraction) to α (at least 1) and the remainder to β."""
         if total < len(self.names):
             raise ConfigError(f"the {self.schedule} evo plan needs a budget of at least {len(self.names)}, got {total}")
-        if len(self.names) == 1:
-            return [total]
-        first = min(total - 1, max(1, round(total * self.alpha_fraction)))
-        return [first, total - first]
+        head = [min(len(self.scale_grid), total - len(self.searches))] if self.scale_grid else []
+        rest = total - sum(head)
+        if len(self.searches) == 1:
+            return [*head, rest]
+        first = min(rest - 1, max(1, round(rest * self.alpha_fraction)))
+        return [*head, first, rest - first]
 
     def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
         if not 0 <= index < len(self.names):
             raise ConfigError(f"the evo plan has {len(self.names)} stage(s); stage {index} does not exist")
+        name = self.names[index]
+        if name == "scale":
+            return ScaleSpace(self.experts, self.scale_grid, method=self._common["method"])
         if index == 0:
-            return EvoSpace(self.experts, self.names[0], alpha=self.alpha0, beta=self.beta0, **self._common)
-        if previous is None or previous.densities is None or previous.experts != self.experts:
-            raise ConfigError("stage 'beta' needs stage 'alpha''s best recipe (with densities, same experts)")
+            return EvoSpace(self.experts, name, alpha=self.alpha0, beta=self.beta0, **self._common)
+        if previous is None or previous.experts != self.experts:
+            raise ConfigError(f"stage {name!r} needs stage {self.names[index - 1]!r}'s best recipe (same experts)")
+        if name != "beta":  # after the scale sweep: its best strength, α from the start
+            return EvoSpace(self.experts, name, alpha=self.alpha0, beta=previous.weights, **self._common)
+        if previous.densities is None:
+            raise ConfigError("stage 'beta' needs stage 'alpha''s best recipe (with densities)")
         lo, hi = BETA_BOUNDS
         beta = [min(hi, max(lo, b)) for b in previous.weights]
         return EvoSpace(self.experts, "beta", alpha=previous.densities, beta=beta, **self._common)
@@ -107,7 +170,7 @@ class EvoPlan(Plan):
     def describe(self) -> dict[str, Any]:
         return {"plan": "evo", "schedule": self.schedule, "stages": list(self.names),
                 "beta_init": str(self.beta_init), "alpha_init": self.alpha0,
-                "alpha_fraction": self.alpha_fraction, **self._common}
+                "alpha_fraction": self.alpha_fraction, "scale_grid": self.scale_grid, **self._common}
 
 
 @register_space("evo")
@@ -120,4 +183,4 @@ def evo(experts: Sequence[str], schedule: str = "two_stage", **options: Any) -> 
 def evo_joint(experts: Sequence[str], **options: Any) -> EvoPlan:
     """α and β searched together from α = 1, β = 1/N, task-vector form by default (see the module
     docstring for why)."""
-    return EvoPlan(experts, "joint", **{"method": "evo_tv", **options})
+    return EvoPlan(experts, "joint", **{"method": "evo_tv", "scale_grid": SCALE_GRID, **options})

@@ -72,10 +72,12 @@ class ProjectedSpace(SearchSpace):
 @register_space("projected")
 def projected(experts: Sequence[str], inner: str = "evo_joint", k: int = 16, projection_seed: int = 0,
               inner_options: dict[str, Any] | None = None) -> ProjectedSpace:
-    """Project the registered single-stage space `inner` (built with `inner_options`) down to k."""
+    """Project the registered single-stage space `inner` (built with `inner_options`; evo_joint
+    without its scale sweep, a stage of its own) down to k."""
     if inner not in SPACES:
         raise ConfigError(f"unknown inner space {inner!r} for projected; choose one of {', '.join(sorted(SPACES))}")
-    built = SPACES[inner](experts, **(inner_options or {}))
+    options = {"scale_grid": None, **(inner_options or {})} if inner == "evo_joint" else dict(inner_options or {})
+    built = SPACES[inner](experts, **options)
     if isinstance(built, Plan):
         if len(built.names) != 1:
             raise ConfigError(f"projected needs a single-stage inner space; {inner!r} has stages {list(built.names)}")

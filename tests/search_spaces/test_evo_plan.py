@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, SearchSpaceError
 from evomerge.search_spaces import EvoPlan, build_space
 
 EXPERTS = ("a", "b", "c", "d")
@@ -65,7 +65,7 @@ def test_stage_two_fixes_alpha_at_stage_one_best():
 def test_beta_init_one_and_the_joint_plan():
     plan = build_space("evo", EXPERTS, beta_init="1")
     assert plan.space(0, None).decode(np.ones(4)).weights == (1.0,) * 4
-    joint = build_space("evo_joint", EXPERTS)
+    joint = build_space("evo_joint", EXPERTS, scale_grid=None)
     assert joint.names == ("joint",)
     space = joint.space(0, None)
     np.testing.assert_allclose(space.x0, [1, 1, 1, 1, 0.25, 0.25, 0.25, 0.25])
@@ -84,3 +84,23 @@ def test_bad_options_are_config_errors():
         build_space("evo", EXPERTS, colour="red")
     with pytest.raises(ConfigError, match="alpha has 3 values"):
         build_space("evo", EXPERTS, alpha_init=[1, 1, 1])
+
+
+def test_evo_joint_sweeps_the_uniform_merges_strength_first():
+    plan = build_space("evo_joint", EXPERTS)
+    assert plan.names == ("scale", "joint")
+    assert plan.budgets(40) == [5, 35] and plan.budgets(3) == [2, 1]
+    sweep = plan.space(0, None)
+    assert sweep.optimizer == ("grid", {"points": [[0.125], [0.25], [0.5], [1.0], [1.5]]})  # 8/4 capped at 1.5
+    uniform = sweep.decode(sweep.x0)
+    assert uniform.weights == (0.25,) * 4 and uniform.densities == (1.0,) * 4 and uniform.scale == 1.0
+    best = sweep.decode([1.0])
+    assert best.weights == (1.0,) * 4 and sweep.encode(best) == pytest.approx([1.0])
+    joint = plan.space(1, best)
+    assert joint.decode(joint.x0) == best  # the joint search starts at the sweep's best, served from the cache
+    with pytest.raises(SearchSpaceError, match="shared"):
+        sweep.encode(joint.decode(np.r_[np.full(4, 0.5), np.full(4, 1.0)]))
+    two = build_space("evo", EXPERTS, scale_grid=(0.5, 2.0, 1.0))
+    assert two.names == ("scale", "alpha", "beta") and two.budgets(33) == [3, 10, 20]
+    with pytest.raises(ConfigError, match="scale_grid"):
+        build_space("evo_joint", EXPERTS, scale_grid=(2.0, 4.0))

@@ -18,6 +18,7 @@ BUILDERS = {
     "evo_beta": lambda: EvoSpace(EXPERTS, "beta", alpha=[0.2, 0.5, 0.9]),
     "evo_joint": lambda: EvoSpace(EXPERTS, "joint"),
     "evo_tv_joint": lambda: EvoSpace(EXPERTS, "joint", method="evo_tv", penalty=0.0),
+    "evo_scale": lambda: build_space("evo_joint", EXPERTS).space(0, None),
     "linear": lambda: build_space("linear", EXPERTS),
     "task_arithmetic": lambda: build_space("task_arithmetic", EXPERTS),
     "ties": lambda: build_space("ties", EXPERTS),
@@ -94,7 +95,7 @@ def test_penalty_is_lambda_mean_abs(name, data):
     if isinstance(space, ProjectedSpace):
         assert space.penalty(z) == space.inner.penalty(space.full(space.check(z)))
     else:
-        expected = space.penalty_weight * np.mean(np.abs(np.clip(z, space.lower, space.upper)))
+        expected = getattr(space, "penalty_weight", 0.0) * np.mean(np.abs(np.clip(z, space.lower, space.upper)))
         assert space.penalty(z) == pytest.approx(expected, abs=1e-15)
 
 
