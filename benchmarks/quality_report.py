@@ -125,7 +125,7 @@ def markdown(run: dict[str, Any], tag: str) -> str:
             for name, g in groups.items():
                 lines.append(f"| {name} | " + " | ".join(f"{g['tasks'][t]:.2f}" for t in tasks) + " |")
         lines += ["", f"![best-so-far test EM](quality_{tag}_{r['setting']}.png)", "", "Targets:", ""]
-        lines += targets(r) or ["- (the default method was not run)"]
+        lines += targets(r) or ["- (none can be decided from the methods run)"]
         lines.append("")
     return "\n".join(lines) + "\n"
 
