@@ -180,3 +180,19 @@ def test_workers_really_overlap():
 
     evomerge.search(slow, space("evo_joint"), budget=24, workers=4, seed=0)
     assert peak[0] == 4
+
+
+def test_the_strength_sweep_spends_the_budget_exactly_even_when_its_points_coincide():
+    sweep_then_joint = space("evo_joint")
+    single = build_space("evo_joint", ["only"])  # β = 2, 4, 8 cap at 1.5: the sweep has 3 points, not 5
+
+    def loss(recipe):
+        return sum((w - 0.3) ** 2 for w in recipe.weights) + sum((1 - d) ** 2 for d in recipe.densities)
+
+    for plan, budget in ((sweep_then_joint, 12), (single, 8)):
+        result = evomerge.search(loss, plan, budget=budget, seed=0)
+        paid = [t for t in result.trials if not t.cached]
+        assert len(paid) == budget
+        assert [s.name for s in result.stages] == ["scale", "joint"]
+        sweep = [t for t in paid if t.stage == 0]
+        assert len({t.recipe.weights[0] for t in sweep}) == len(sweep) == plan.budgets(budget)[0]

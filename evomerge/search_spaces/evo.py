@@ -134,15 +134,14 @@ class EvoPlan(Plan):
         self.beta_init = beta_init
         # Validate the options now, not at stage 2.
         EvoSpace(self.experts, self.searches[0], alpha=alpha_init, beta=self.beta0, **self._common)
-        if self.scale_grid:
-            ScaleSpace(self.experts, self.scale_grid, method=method)
+        self.sweep = ScaleSpace(self.experts, self.scale_grid, method=method) if self.scale_grid else None
 
     def budgets(self, total: int) -> list[int]:
-        """The scale sweep (when asked for) gets one evaluation per multiple; of the rest, two
-        stages give round(rest·alpha_fraction) to α (at least 1) and the remainder to β."""
+        """The scale sweep (when asked for) gets one evaluation per distinct β it tries; of the
+        rest, two stages give round(rest·alpha_fraction) to α (at least 1) and the remainder to β."""
         if total < len(self.names):
             raise ConfigError(f"the {self.schedule} evo plan needs a budget of at least {len(self.names)}, got {total}")
-        head = [min(len(self.scale_grid), total - len(self.searches))] if self.scale_grid else []
+        head = [min(len(self.sweep.optimizer[1]["points"]), total - len(self.searches))] if self.sweep else []
         rest = total - sum(head)
         if len(self.searches) == 1:
             return [*head, rest]
@@ -154,7 +153,7 @@ class EvoPlan(Plan):
             raise ConfigError(f"the evo plan has {len(self.names)} stage(s); stage {index} does not exist")
         name = self.names[index]
         if name == "scale":
-            return ScaleSpace(self.experts, self.scale_grid, method=self._common["method"])
+            return self.sweep
         if index == 0:
             return EvoSpace(self.experts, name, alpha=self.alpha0, beta=self.beta0, **self._common)
         if previous is None or previous.experts != self.experts:
@@ -181,6 +180,6 @@ def evo(experts: Sequence[str], schedule: str = "two_stage", **options: Any) -> 
 
 @register_space("evo_joint")
 def evo_joint(experts: Sequence[str], **options: Any) -> EvoPlan:
-    """α and β searched together from α = 1, β = 1/N, task-vector form by default (see the module
-    docstring for why)."""
+    """A sweep of the uniform merge's strength, then α and β together from its best, task-vector
+    form by default (see the module docstring for why)."""
     return EvoPlan(experts, "joint", **{"method": "evo_tv", "scale_grid": SCALE_GRID, **options})

@@ -104,3 +104,5 @@ def test_evo_joint_sweeps_the_uniform_merges_strength_first():
     assert two.names == ("scale", "alpha", "beta") and two.budgets(33) == [3, 10, 20]
     with pytest.raises(ConfigError, match="scale_grid"):
         build_space("evo_joint", EXPERTS, scale_grid=(2.0, 4.0))
+    alone = build_space("evo_joint", ["only"])  # β = 2, 4, 8 all cap at 1.5: three distinct points
+    assert alone.space(0, None).optimizer[1]["points"] == [[0.5], [1.0], [1.5]] and alone.budgets(10) == [3, 7]
