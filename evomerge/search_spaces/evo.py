@@ -90,11 +90,13 @@ class ScaleSpace(SearchSpace):
             raise ConfigError(f"scale_grid must hold positive multiples of 1/N around 1 (the uniform merge), "
                               f"got {list(multiples)}")
         self.method = method
-        betas = list(dict.fromkeys(min(BETA_BOUNDS[1], g / n) for g in multiples))
-        self.lower, self.upper, self.x0 = np.array([min(betas)]), np.array([max(betas)]), np.array([1.0 / n])
+        # The distinct β swept: multiples above 1.5·N cap at 1.5 and coincide.
+        self.betas = tuple(dict.fromkeys(min(BETA_BOUNDS[1], g / n) for g in multiples))
+        self.lower, self.upper = np.array([min(self.betas)]), np.array([max(self.betas)])
+        self.x0 = np.array([1.0 / n])
         if not self.lower[0] < self.upper[0]:
             raise ConfigError(f"scale_grid {list(multiples)} leaves one β for {n} experts; give smaller multiples")
-        self.optimizer = ("grid", {"points": [[b] for b in betas]})
+        self.optimizer = ("grid", {"points": [[b] for b in self.betas]})
 
     def _decode(self, z: np.ndarray) -> MergeRecipe:
         n = len(self.experts)
@@ -109,7 +111,7 @@ class ScaleSpace(SearchSpace):
 
     def describe(self) -> dict[str, Any]:
         return {"space": self.name, "dim": 1, "method": self.method, "experts": list(self.experts),
-                "betas": self.optimizer[1]["points"]}
+                "betas": list(self.betas)}
 
 
 class EvoPlan(Plan):
@@ -141,7 +143,7 @@ class EvoPlan(Plan):
         rest, two stages give round(rest·alpha_fraction) to α (at least 1) and the remainder to β."""
         if total < len(self.names):
             raise ConfigError(f"the {self.schedule} evo plan needs a budget of at least {len(self.names)}, got {total}")
-        head = [min(len(self.sweep.optimizer[1]["points"]), total - len(self.searches))] if self.sweep else []
+        head = [min(len(self.sweep.betas), total - len(self.searches))] if self.sweep else []
         rest = total - sum(head)
         if len(self.searches) == 1:
             return [*head, rest]
