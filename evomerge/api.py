@@ -110,7 +110,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     options = dict(optimizer_options or {})
     # Built before the journal exists, so a bad optimizer name or option leaves no file behind;
     # its population size sets the default lookahead and checkpoint interval.
-    probe = make_optimizer(optimizer, plan.space(0, None), seed=seed, popsize=popsize, **options)
+    probe = make_optimizer(optimizer, _probe_space(plan), seed=seed, popsize=popsize, **options)
     window = lookahead or max(probe.popsize, 2 * workers)
     fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
                    "popsize": popsize, "seed": seed, "budget": budget, "lookahead": window, "top_k": top_k,
@@ -159,6 +159,18 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         bar(None)
         pool.shutdown()
         store.close()
+
+
+def _probe_space(plan: Plan) -> SearchSpace:
+    """The first stage space the search's own optimizer runs (a fixed sweep stage brings its own),
+    each earlier stage standing in its start point as its best: its dimension sizes the population."""
+    previous: MergeRecipe | None = None
+    for stage in range(len(plan.names)):
+        space = plan.space(stage, previous)
+        if space.optimizer is None:
+            return space
+        previous = space.decode(space.x0)
+    return space
 
 
 def _stage_optimizer(space: SearchSpace, name: str, options: Mapping[str, Any], seed: int, popsize: int | None,
