@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.backends.local import LocalBackend, _SplitEvaluator
+from evomerge.backends.memo import ExampleMemo
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
@@ -111,9 +112,12 @@ class _Metered:
     meter: Meter
 
     def __call__(self, recipe: MergeRecipe, split: str) -> Score:
-        self.meter.examples += len(self.inner.splits.get(split))
+        memo = self.inner.backend.memo
+        before = memo.scored
         self.meter.calls[split] = self.meter.calls.get(split, 0) + 1
-        return self.inner(recipe, split)
+        score = self.inner(recipe, split)
+        self.meter.examples += memo.scored - before  # a raced finish reuses its minibatch's examples
+        return score
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class BenchFactory:
         backend = copy.copy(shared_backend(self.repository, self.dtype))
         backend.objective = self.objective
         backend._references = {}
+        backend.memo = ExampleMemo()  # each method pays for its own examples
         return _Metered(_SplitEvaluator(backend, self.splits), self.meter)
 
     def without_validation(self) -> "BenchFactory":

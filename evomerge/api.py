@@ -129,14 +129,16 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     try:
         summaries, all_trials, validated = [], [], {}
         previous: MergeRecipe | None = None
+        told: list[float] = []
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
                            lambda sp, s=stage, b=stage_budget: _stage_optimizer(
                                sp, optimizer, options, seed + 1000 * s, popsize, b),
                            shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split,
-                           start)
+                           start, told)
             trials = run.run()
+            told = run.full_told
             all_trials.extend(trials)
             top = shortlist(trials, top_k)
             if has_validation and top:

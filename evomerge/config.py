@@ -62,7 +62,7 @@ class RaceConfig(_Frozen):
     """Racing: score on a minibatch of `fraction` of the fit examples first (see scheduler/race.py)."""
 
     fraction: float = Field(0.25, gt=0.0, lt=1.0)
-    quantile: float = Field(0.5, gt=0.0, le=1.0)
+    quantile: float = Field(0.25, gt=0.0, le=1.0)
     window: int | None = Field(None, ge=1)
     warmup: int = Field(10, ge=1)
 

@@ -73,3 +73,18 @@ def test_a_minibatch_spans_every_task():
     minibatch = Splits(fit, val, ()).get("fit:6")
     assert sorted(e.task for e in minibatch) == ["a", "a", "b", "b", "c", "c"]
     assert len(val) == 9 and not set(fit) & set(val)
+
+
+def test_a_later_stage_races_from_its_first_candidate():
+    """The bar carries over between stages (same fit set, same objective): the strength sweep's
+    results are the warmup of the joint stage after it, which pays no fresh warmup in full."""
+    from evomerge.search_spaces import build_space
+
+    evaluator = Regression()
+    result = evomerge.search(space=build_space("evo_joint", ["a"]), evaluator=evaluator, budget=20, seed=0,
+                             race=Race(fraction=0.1, warmup=3), top_k=1)
+    sweep = [t for t in result.trials if t.stage == 0 and not t.cached]
+    assert len(sweep) == 3  # β = 0.5, 1 and the capped 2, 4, 8 → 1.5
+    # the sweep in full, its best validated (10 examples), then the joint stage's first paid
+    # candidate on a minibatch (4 of the 40 fit examples)
+    assert evaluator.scored[:5] == [40, 40, 40, 10, 4]

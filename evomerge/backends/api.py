@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from evomerge._imports import require
 from evomerge.backends._base import Backend, Evaluator, register_backend
+from evomerge.backends.memo import ExampleMemo
 from evomerge.errors import BackendError, BudgetExhausted, ConfigError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
@@ -148,6 +149,7 @@ class ApiBackend(Backend):
             raise ConfigError("the session mode scores cross-entropy only; use objective metric 'ce' with the "
                               "mean or worst aggregate, or the logprobs mode")
         self._references: dict[tuple[str, ...], Objective] = {}
+        self.memo = ExampleMemo()
         self.attempts = self.in_flight = self.max_in_flight = 0
         self._sessions: dict[tuple[Any, ...], tuple[str, int]] = {}
         self._loop = asyncio.new_event_loop()
@@ -223,7 +225,8 @@ class ApiBackend(Backend):
         examples = list(examples)
         tasks = [e.task for e in examples]
         try:
-            per_example = self._run(self._metrics(recipe, examples, tally))
+            per_example = self.memo.scores((recipe.key(), self.objective.metrics), examples,
+                                           lambda missing: self._run(self._metrics(recipe, missing, tally)))
             objective = self._objective_for(examples, tally)
         except (BackendError, BudgetExhausted) as exc:
             return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())

@@ -17,6 +17,7 @@ import numpy as np
 
 from evomerge import scoring
 from evomerge.backends._base import Backend, Evaluator, register_backend
+from evomerge.backends.memo import ExampleMemo
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
@@ -39,6 +40,7 @@ class LocalBackend(Backend):
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self._references: dict[tuple[str, ...], Objective] = {}
+        self.memo = ExampleMemo()
 
     def scores(self, recipe: MergeRecipe | None, examples: Sequence[Example]) -> dict[str, np.ndarray]:
         """Per-example values of each metric the objective needs (None: the base model)."""
@@ -74,7 +76,8 @@ class LocalBackend(Backend):
         start = time.perf_counter()
         ids = tuple(e.id or str(i) for i, e in enumerate(examples))
         objective = self._objective_for(examples, ids)
-        per_example = self.scores(recipe, examples)
+        per_example = self.memo.scores((recipe.key(), self.objective.metrics), examples,
+                                       lambda missing: self.scores(recipe, missing))
         tasks = [e.task for e in examples]
         metrics: dict[str, float] = {}
         labels = np.asarray(tasks)

@@ -70,7 +70,7 @@ class StageRun:
 
     def __init__(self, stage: int, space: SearchSpace, budget: int, make_optimizer: Callable[[SearchSpace], Optimizer],
                  shared: Shared, lookahead: int, checkpoint_every: int, race: Race | None = None,
-                 race_split: str | None = None, start: bool = False) -> None:
+                 race_split: str | None = None, start: bool = False, told: Sequence[float] = ()) -> None:
         self.stage, self.space, self.budget, self.shared = stage, space, budget, shared
         self.race, self.race_split, self.start = race, race_split, start
         self.journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == "fit"}
@@ -93,7 +93,9 @@ class StageRun:
             self.stalled, self.worst = state["stalled"], state["worst"]
             restored = state["pending"]
             self.trials = [t for k, t in sorted(self.journaled.items()) if k < self.k_tell]
-        self.full_told = [t.objective for t in self.trials if t.ok]
+        # Racing's bar carries over from earlier stages (`told`: same fit set, same objective), so
+        # a later stage races from its first candidate instead of paying a fresh warmup in full.
+        self.full_told = [*told, *(t.objective for t in self.trials if t.ok)]
         self.lookahead = max(1, lookahead)
         for k, z, threshold in restored:  # asked before the checkpoint: already counted
             self._dispatch(k, np.asarray(z, dtype=float), threshold, count=False)

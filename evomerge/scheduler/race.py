@@ -4,10 +4,11 @@ Most candidates of an evolutionary search are clearly worse than the population;
 every example buys nothing. A raced candidate is scored on the first `fraction` of the fit
 examples; it is finished on all of them only if its minibatch objective is within the
 `quantile` of the full objectives told most recently (the last `window`, by default one
-population of the optimizer), else it
-is recorded as *stopped* and the optimizer is told its minibatch objective. The threshold is
-fixed when the candidate is asked, from tells that are themselves in ask order, so a raced run
-stays deterministic and resumable.
+population of the optimizer; earlier stages' count too), else it is recorded as *stopped* and the
+optimizer is told its minibatch objective. A finished candidate pays only for the examples its
+minibatch did not score (`evomerge.backends.memo`). The threshold is fixed when the candidate is
+asked, from tells that are themselves in ask order, so a raced run stays deterministic and
+resumable.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from evomerge.errors import ConfigError
 @dataclass(frozen=True)
 class Race:
     fraction: float = 0.25
-    quantile: float = 0.5
+    quantile: float = 0.25
+    """The bar: this quantile of the recent full objectives (of finished candidates, themselves
+    survivors). 0.25 needed 69–75 % of the queries of a full run to reach its best on tiny, 0.5
+    needed 77–90 % and 0.1–0.15 77 % (benchmarks/QUALITY.md, "Query efficiency")."""
     window: int | None = None
     warmup: int = 10
     """Full evaluations told before racing starts (the threshold needs a population to compare with)."""

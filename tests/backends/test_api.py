@@ -6,10 +6,12 @@ import math
 import pickle
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+from evomerge.backends.memo import ExampleMemo
 from evomerge.errors import BackendError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
@@ -54,7 +56,7 @@ def test_session_mode_agrees_with_logprobs_mode(server, backend) -> None:
     session = ApiBackend(server.base_url, api_key=API_KEY, mode="session")
     try:
         a, b = backend.evaluate(RECIPE, EXAMPLES), session.evaluate(RECIPE, EXAMPLES)
-        again = session.evaluate(RECIPE, EXAMPLES)
+        again = session.evaluate(replace(RECIPE, weights=(-0.9, 0.4, 0.3)), EXAMPLES)
     finally:
         session.close()
     assert b.ok and b.loss == pytest.approx(a.loss, abs=1e-5)
@@ -67,6 +69,23 @@ def test_queries_and_tokens_are_counted_exactly(backend, host) -> None:
     assert score.cost.queries == math.ceil(len(EXAMPLES) / 4)
     assert score.cost.tokens == sum(host.count_tokens(e.prompt + e.answer) for e in EXAMPLES)
     assert backend.caps.queries == score.cost.queries and backend.caps.tokens == score.cost.tokens
+
+
+def test_a_finish_after_a_minibatch_pays_only_for_the_rest(server, backend, host) -> None:
+    """Racing's finish: the examples its minibatch scored are not queried again."""
+    mini = backend.evaluate(RECIPE, EXAMPLES[:4])
+    full = backend.evaluate(RECIPE, EXAMPLES)
+    rest = EXAMPLES[4:]
+    assert full.ok and full.cost.queries == math.ceil(len(rest) / 4)
+    assert full.cost.tokens == sum(host.count_tokens(e.prompt + e.answer) for e in rest)
+    assert full.per_example["ce"][:4] == mini.per_example["ce"]
+    assert full.per_example["ce"] == pytest.approx(reference_losses(host, RECIPE, EXAMPLES), abs=1e-4)
+    fresh = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4)
+    try:
+        assert full.loss == pytest.approx(fresh.evaluate(RECIPE, EXAMPLES).loss, abs=1e-5)
+    finally:
+        fresh.close()
+    assert backend.evaluate(RECIPE, EXAMPLES).cost.queries == 0  # every example known
 
 
 def test_the_objective_aggregates_per_task(server) -> None:
@@ -105,6 +124,7 @@ def test_every_metric_matches_the_local_backend(server, tiny_repo) -> None:
 def test_a_shared_cap_is_never_exceeded_across_threads(server) -> None:
     caps = UsageCap(max_queries=7, max_tokens=10_000)
     b = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4, caps=caps)
+    b.memo = ExampleMemo(recipes=0)  # every evaluation of RECIPE queries again
     before = stats(server)["queries"]
     scores = []
     try:
@@ -120,6 +140,7 @@ def test_a_shared_cap_is_never_exceeded_across_threads(server) -> None:
     assert any(not s.ok and "BudgetExhausted" in s.error for s in scores)
     exact = UsageCap(max_queries=3)
     e = ApiBackend(server.base_url, api_key=API_KEY, batch_size=4, caps=exact)
+    e.memo = ExampleMemo(recipes=0)
     try:
         assert e.evaluate(RECIPE, EXAMPLES).ok and exact.exhausted  # 3 chunks: exactly the cap
         assert "BudgetExhausted" in e.evaluate(RECIPE, EXAMPLES[:1]).error
@@ -127,6 +148,7 @@ def test_a_shared_cap_is_never_exceeded_across_threads(server) -> None:
         e.close()
     token_cap = UsageCap(max_tokens=150)
     t = ApiBackend(server.base_url, api_key=API_KEY, batch_size=2, caps=token_cap)
+    t.memo = ExampleMemo(recipes=0)
     try:
         for _ in range(3):
             t.evaluate(RECIPE, EXAMPLES[:2])
@@ -157,6 +179,7 @@ def test_random_faults_at_30_percent_lose_nothing(server, backend) -> None:
     rates = {"500": 0.06, "503": 0.06, "429": 0.06, "drop": 0.06, "truncate": 0.06}
     with FaultProxy(server.base_url, rates=rates, seed=3) as proxy:
         b = ApiBackend(proxy.base_url, api_key=API_KEY, batch_size=2, retries=10, backoff=0.005, max_backoff=0.05)
+        b.memo = ExampleMemo(recipes=0)  # each of the four evaluations queries again
         try:
             scores = [b.evaluate(RECIPE, EXAMPLES) for _ in range(4)]
         finally:
@@ -231,7 +254,7 @@ def test_preflight_names_what_is_wrong(server, backend) -> None:
 
 def test_the_key_stays_out_of_repr_and_pickles(server, monkeypatch) -> None:
     monkeypatch.setenv("EVOMERGE_TEST_KEY", API_KEY)
-    factory = ApiEvaluatorFactory(server.base_url, "EVOMERGE_TEST_KEY", Splits(tuple(EXAMPLES), tuple(EXAMPLES[:3]), ()),
+    factory = ApiEvaluatorFactory(server.base_url, "EVOMERGE_TEST_KEY", Splits(tuple(EXAMPLES), tuple(replace(e, id=f"v{e.id}") for e in EXAMPLES[:3]), ()),
                                   options=(("batch_size", 5),))
     blob = pickle.dumps(factory)
     assert API_KEY.encode() not in blob

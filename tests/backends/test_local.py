@@ -43,6 +43,30 @@ def test_recipes_change_the_loss_deterministically(backend, examples):
     assert a.loss == again.loss
 
 
+def test_a_finish_after_a_minibatch_scores_only_the_rest(local_repo_dir, examples):
+    """Racing's finish: the model scores the examples its minibatch did not, and the score
+    equals a fresh evaluation on all of them."""
+    b = LocalBackend(local_repo_dir, Objective({"ce": 1.0, "exact_match": 1.0}, "normalized"), device="cpu")
+    seen, scores = [], b.scores
+    b.scores = lambda recipe, part: seen.append((recipe, len(part))) or scores(recipe, part)
+    try:
+        mini = b.evaluate(MIX, examples[:3])
+        full = b.evaluate(MIX, examples)
+        assert [n for r, n in seen if r is not None] == [3, len(examples) - 3]
+        assert full.per_example["ce"][:3] == mini.per_example["ce"]
+        fresh = LocalBackend(local_repo_dir, b.objective, device="cpu")
+        try:
+            expected = fresh.evaluate(MIX, examples)
+        finally:
+            fresh.close()
+        assert full.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert full.per_example["exact_match"] == expected.per_example["exact_match"]
+        b.evaluate(ZERO, examples[:3])  # another recipe: scored afresh
+        assert [n for r, n in seen if r is not None][-1] == 3
+    finally:
+        b.close()
+
+
 def test_bad_candidate_is_a_failed_score(backend, examples):
     score = backend.evaluate(MergeRecipe("evo", ("lora0", "ghost"), (0.5, 0.5)), examples)
     assert not score.ok and "ghost" in score.error
