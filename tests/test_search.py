@@ -205,9 +205,9 @@ def test_the_window_and_checkpoints_are_sized_by_the_stage_the_optimizer_runs(tm
     from evomerge.optimizers import make_optimizer
 
     plan = space("evo_joint")
-    joint = plan.space(1, plan.space(0, None).decode(plan.space(0, None).x0))
-    popsize = make_optimizer("cma", joint, seed=0).popsize
-    assert popsize > make_optimizer("cma", plan.space(0, None), seed=0).popsize
+    sweep = plan.space(0, None)
+    popsize = make_optimizer("cma", plan.space(1, sweep.decode(sweep.x0)), seed=0).popsize
+    assert popsize > make_optimizer("cma", sweep, seed=0).popsize
     path = tmp_path / "run.sqlite"
     evomerge.search(demo_fitness, plan, budget=60, seed=0, journal=path)
     with Journal.open(path) as j:

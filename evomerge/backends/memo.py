@@ -37,13 +37,14 @@ class ExampleMemo:
         with self._lock:
             known = dict(self._values.get(key, {}))
         missing = list(dict.fromkeys(e for e in examples if e not in known))
+        fresh: dict[Example, dict[str, float]] = {}
         if missing:
-            fresh = score(missing)  # may raise: the memo is left as it was
-            for i, example in enumerate(missing):
-                known[example] = {name: float(values[i]) for name, values in fresh.items()}
+            values = score(missing)  # may raise: the memo is left as it was
+            fresh = {e: {name: float(v[i]) for name, v in values.items()} for i, e in enumerate(missing)}
+            known.update(fresh)
         with self._lock:
             self.scored += len(missing)
-            self._values[key] = {**self._values.get(key, {}), **known}
+            self._values.setdefault(key, {}).update(fresh)
             self._values.move_to_end(key)
             while len(self._values) > self.recipes:
                 self._values.popitem(last=False)

@@ -254,7 +254,8 @@ def test_preflight_names_what_is_wrong(server, backend) -> None:
 
 def test_the_key_stays_out_of_repr_and_pickles(server, monkeypatch) -> None:
     monkeypatch.setenv("EVOMERGE_TEST_KEY", API_KEY)
-    factory = ApiEvaluatorFactory(server.base_url, "EVOMERGE_TEST_KEY", Splits(tuple(EXAMPLES), tuple(replace(e, id=f"v{e.id}") for e in EXAMPLES[:3]), ()),
+    validation = tuple(replace(e, id=f"v{e.id}") for e in EXAMPLES[:3])  # not fit's own examples
+    factory = ApiEvaluatorFactory(server.base_url, "EVOMERGE_TEST_KEY", Splits(tuple(EXAMPLES), validation, ()),
                                   options=(("batch_size", 5),))
     blob = pickle.dumps(factory)
     assert API_KEY.encode() not in blob
