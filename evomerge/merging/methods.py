@@ -113,7 +113,8 @@ def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> tor
 
     Two passes over the experts: the first accumulates the sign vote and remembers each expert's
     cutoff, the second re-derives the trimmed delta (from a cache when small) and averages the
-    entries that agree with the elected sign, weighted, dividing by the agreeing weights.
+    entries that agree with the elected sign, weighted, dividing by the agreeing weights. With s the
+    elected sign, an entry agrees where s·trimmed > 0, so the agreeing sum is s·Σ max(s·trimmed, 0).
     """
     vote: torch.Tensor | None = None
     cuts: list[tuple[float, int]] = []
@@ -130,7 +131,7 @@ def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> tor
             cache.append(trimmed)
     if vote is None:
         raise RecipeError("a TIES merge needs at least one expert")
-    elected_positive = vote >= 0
+    sign = torch.where(vote >= 0, 1.0, -1.0).to(vote.dtype)
     num = vote.zero_()
     den = torch.zeros_like(num)
     for i, c in enumerate(contribs):
@@ -139,8 +140,8 @@ def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> tor
         else:
             d = c.delta()
             trimmed = d.mul_(mask_from(d, *cuts[i])).mul_(c.weight)
-        agree = torch.where(elected_positive, trimmed > 0, trimmed < 0)
-        num.add_(trimmed * agree)
-        den.add_(agree.to(den.dtype) * c.weight)
+        signed = trimmed.mul_(sign)
+        den.add_(signed > 0, alpha=c.weight)
+        num.add_(signed.clamp_(min=0))
     den.masked_fill_(den == 0, 1.0)
-    return num.div_(den)
+    return num.mul_(sign).div_(den)

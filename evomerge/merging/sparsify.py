@@ -33,12 +33,14 @@ RADIX_MIN = 1 << 16
 """From this many entries on, the cutoff is found by radix selection instead of `kthvalue`."""
 
 
-def _kth_largest_radix(mag: torch.Tensor, k: int) -> float:
-    """Exact k-th largest of non-negative floats in two histogram passes over their bit patterns.
+def _kth_largest_radix(mag: torch.Tensor, k: int) -> tuple[float, int]:
+    """Exact k-th largest of non-negative floats, and how many entries exceed it, in two histogram
+    passes over their bit patterns.
 
     For x ≥ 0 the IEEE-754 bits read as int32 are ordered like the values, so counting the top 16
     bits finds the bucket of the k-th largest, and counting the low 16 bits inside it finds the
-    value: ~4x faster than `kthvalue` on a million entries, and no sort.
+    value: ~4x faster than `kthvalue` on a million entries, and no sort. The histograms also give
+    the count above the cutoff, which saves a pass over the mask.
     """
     bits = mag.view(torch.int32)
     hi = bits >> 16
@@ -47,7 +49,8 @@ def _kth_largest_radix(mag: torch.Tensor, k: int) -> float:
     above = int(at_least[bucket + 1]) if bucket + 1 < at_least.numel() else 0
     low = torch.bincount(bits[hi == bucket] & 0xFFFF, minlength=1 << 16).flip(0).cumsum(0).flip(0)
     lo = int(torch.nonzero(low >= k - above)[-1])
-    return torch.tensor((bucket << 16) | lo, dtype=torch.int32).view(torch.float32).item()
+    greater = above + (int(low[lo + 1]) if lo + 1 < low.numel() else 0)
+    return torch.tensor((bucket << 16) | lo, dtype=torch.int32).view(torch.float32).item(), greater
 
 
 def select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[float, int]]:
@@ -63,11 +66,13 @@ def select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[float, int]]:
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool), (math.inf, 0)
     if n >= RADIX_MIN:
-        threshold = _kth_largest_radix(mag, k)
+        threshold, greater = _kth_largest_radix(mag, k)
+        mask = mag > threshold
     else:
         threshold = float(torch.kthvalue(mag, n - k + 1).values)
-    mask = mag > threshold
-    ties = k - int(mask.sum())
+        mask = mag > threshold
+        greater = int(mask.sum())
+    ties = k - greater
     if ties > 0:
         mask[torch.nonzero(mag == threshold, as_tuple=True)[0][:ties]] = True
     return mask.reshape(x.shape), (threshold, ties)

@@ -85,7 +85,11 @@ def test_lora_evo_rejects_mixed_ranks_and_restores_base(engine, tiny_repo_dir):
     assert engine.applied_key == ""
 
 
-def test_classic_methods_materialise_lora_task_vectors(engine, tiny_repo_dir):
+@pytest.mark.parametrize("cached", [True, False])
+def test_classic_methods_materialise_lora_task_vectors(engine, tiny_repo_dir, monkeypatch, cached):
+    if not cached:  # the second pass re-derives each trimmed delta from its recorded cutoff
+        monkeypatch.setattr("evomerge.merging.methods.TIES_CACHE_BYTES", 0)
+    engine.apply(None)  # the shared engine would skip a recipe already in its weights
     w, d = [0.5, 1.0, -0.3], [0.5, 0.5, 0.5]
     engine.apply(MergeRecipe("ties", tuple(LORA), tuple(w), tuple(d)))
     base = ref.tensors(tiny_repo_dir / "base")
