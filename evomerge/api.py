@@ -198,7 +198,7 @@ def _executor(kind: str | Executor, factory: EvaluatorFactory, workers: int, ray
     if not isinstance(kind, str):
         return kind
     if kind == "threads":
-        return ThreadExecutor(factory, workers)
+        return ThreadExecutor(factory, workers, eval_timeout=eval_timeout)
     if kind == "ray":
         from evomerge.scheduler.ray_executor import RayExecutor
 
