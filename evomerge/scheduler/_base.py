@@ -6,7 +6,9 @@ picklable factory inside each worker, so they load once and evaluate many candid
 
 from __future__ import annotations
 
+import queue
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Protocol
 
 from evomerge.recipe import MergeRecipe
@@ -22,3 +24,23 @@ class Executor(Protocol):
     def submit(self, recipe: MergeRecipe, split: str) -> "Future[Score]": ...
 
     def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """A submitted evaluation waiting in an executor's queue."""
+
+    recipe: MergeRecipe
+    split: str
+    future: "Future[Score]"
+
+
+def cancel_queued(jobs: "queue.Queue[Job | None] | queue.SimpleQueue[Job | None]") -> None:
+    """Cancel every job still waiting in `jobs` (at shutdown); stop sentinels are dropped."""
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return
+        if job is not None:
+            job.future.cancel()

@@ -35,6 +35,7 @@ from evomerge._imports import require
 from evomerge.backends._base import Evaluator, EvaluatorFactory
 from evomerge.errors import BackendError, ConfigError
 from evomerge.recipe import MergeRecipe
+from evomerge.scheduler._base import Job, cancel_queued
 from evomerge.score import Cost, Score
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,6 @@ class _EvalActor:
             return self._evaluate(recipe, split)
         except Exception as exc:  # an evaluator should not raise; if it does, the failure is data
             return Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))
-
-
-@dataclass
-class _Job:
-    recipe: MergeRecipe
-    split: str
-    future: "Future[Score]"
 
 
 def _reason(exc: BaseException) -> str:
@@ -158,7 +152,7 @@ class RayExecutor:
                       errors.WorkerCrashedError, errors.ObjectLostError)
         """What a dead worker raises (killed, out of memory, its node gone): replace and retry."""
         self._factory = self._ray.put(factory)  # pickled once, however many actors start
-        self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
+        self._jobs: "queue.Queue[Job | None]" = queue.Queue()
         self._lock = threading.Lock()
         self._started = threading.Condition(self._lock)
         self._closed = False
@@ -181,7 +175,7 @@ class RayExecutor:
         with self._lock:
             if self._closed:
                 raise BackendError("this Ray executor is shut down; create a new one to evaluate more")
-            self._jobs.put(_Job(recipe, split, future))
+            self._jobs.put(Job(recipe, split, future))
         return future
 
     def shutdown(self) -> None:
@@ -190,13 +184,7 @@ class RayExecutor:
             if self._closed:
                 return
             self._closed = True
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.future.cancel()
+        cancel_queued(self._jobs)
         for _ in self._threads:
             self._jobs.put(None)
         for index in range(self.workers):
@@ -244,7 +232,7 @@ class RayExecutor:
             self._started.notify_all()
         return None
 
-    def _run(self, index: int, job: _Job, start_error: str | None) -> Score:
+    def _run(self, index: int, job: Job, start_error: str | None) -> Score:
         """Evaluate one job on slot `index`, replacing a dead actor and retrying up to the limit.
         A failed start before the job (`start_error`) counts as its first attempt."""
         errors: list[str] = []

@@ -15,11 +15,10 @@ import threading
 from concurrent.futures import Future
 
 from evomerge.backends._base import EvaluatorFactory
-from evomerge.errors import ConfigError
+from evomerge.errors import BackendError, ConfigError
 from evomerge.recipe import MergeRecipe
+from evomerge.scheduler._base import Job, cancel_queued
 from evomerge.score import Cost, Score
-
-_Job = tuple["Future[Score]", MergeRecipe, str]
 
 
 class ThreadExecutor:
@@ -31,7 +30,7 @@ class ThreadExecutor:
         self.workers = max(1, int(workers))
         self.eval_timeout = eval_timeout
         self._factory = factory
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()   # live, not abandoned
         self._running: dict[Future[Score], threading.Thread] = {}
@@ -47,7 +46,7 @@ class ThreadExecutor:
     def _work(self) -> None:
         evaluator = None
         while (job := self._jobs.get()) is not None:
-            future, recipe, split = job
+            future = job.future
             if not future.set_running_or_notify_cancel():
                 continue
             with self._lock:
@@ -59,7 +58,7 @@ class ThreadExecutor:
                 timer.start()
             try:
                 evaluator = evaluator or self._factory()
-                score = evaluator(recipe, split)
+                score = evaluator(job.recipe, job.split)
             except Exception as exc:  # an evaluator that raises is a failed candidate, not a crash
                 score = Score.failed(f"{type(exc).__name__}: {exc}")
             if timer is not None:
@@ -82,21 +81,20 @@ class ThreadExecutor:
 
     def submit(self, recipe: MergeRecipe, split: str) -> "Future[Score]":
         future: Future[Score] = Future()
-        self._jobs.put((future, recipe, split))
+        with self._lock:
+            if self._closed:
+                raise BackendError("this thread executor is shut down; create a new one to evaluate more")
+            self._jobs.put(Job(recipe, split, future))
         return future
 
     def shutdown(self) -> None:
         """Cancel what has not started, let running candidates finish (or time out), stop the threads."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             threads = list(self._threads)
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job[0].cancel()
+        cancel_queued(self._jobs)
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:

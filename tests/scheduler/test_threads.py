@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import evomerge
-from evomerge.errors import ConfigError
+from evomerge.errors import BackendError, ConfigError
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.score import Score
@@ -72,6 +72,9 @@ def test_shutdown_cancels_what_has_not_started():
     threading.Timer(0.3, factory.release.set).start()
     ex.shutdown()
     assert running.result().loss == -1.0 and waiting.cancelled()
+    ex.shutdown()  # idempotent
+    with pytest.raises(BackendError, match="shut down"):
+        ex.submit(recipe(1.0), "fit")
 
 
 def test_search_with_threads_records_the_timeout_and_spends_its_budget():
