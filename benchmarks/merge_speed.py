@@ -4,7 +4,8 @@ Builds (once, under --workdir) a model of SmolLM2-135M's shape with random weigh
 (base + noise) and PEFT-format LoRA adapters (r=8 on every linear of every layer), then reports:
 
 1. seconds to apply one candidate in place (MergeEngine.apply): LoRA ``evo`` and ``evo_tv`` over
-   all adapters, TIES and task arithmetic over full task vectors; and mergekit 0.1.5's
+   all adapters, TIES and task arithmetic over full task vectors, TIES and DARE over the adapters'
+   materialised updates; and mergekit 0.1.5's
    ``run_merge`` of the same merge in the same run (in-process, so without its CLI start-up):
    TIES / task arithmetic over the full experts, and task arithmetic over ``base+lora`` models
    (what a mergekit user does with adapters; α=1 evo_tv is the same merge);
@@ -237,6 +238,8 @@ def speed(work: Path, args: argparse.Namespace) -> None:
         f"lora evo_tv alpha=1 ({n_l} adapters)": lambda r: MergeRecipe("evo_tv", tuple(lora), (0.3 + r * 1e-3,) * n_l),
         f"full task_arithmetic ({n_f} experts)": lambda r: MergeRecipe("task_arithmetic", tuple(full), (0.3 + r * 1e-3,) * n_f),
         f"full ties d=0.5 ({n_f} experts)": lambda r: MergeRecipe("ties", tuple(full), (0.3 + r * 1e-3,) * n_f, (0.5,) * n_f),
+        f"lora ties d=0.5 ({n_l} adapters)": lambda r: MergeRecipe("ties", tuple(lora), (0.3 + r * 1e-3,) * n_l, (0.5,) * n_l),
+        f"lora dare d=0.5 ({n_l} adapters)": lambda r: MergeRecipe("dare", tuple(lora), (0.3 + r * 1e-3,) * n_l, (0.5,) * n_l),
     }
     # warm-up: the first apply also copies the base weights it touches (and, on a GPU, makes the
     # full experts resident), once per engine

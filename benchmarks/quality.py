@@ -30,7 +30,7 @@ from evomerge.baselines import single
 
 from benchmarks.quality_methods import (DEFAULT, FIXED, SEARCHES, Outcome, base_recipe, candidates, run_fixed,
                                         run_search)
-from benchmarks.quality_report import curve_png, markdown
+from benchmarks.quality_report import curve_png, markdown, race_png
 from benchmarks.quality_setup import SETTINGS, Scorer, Setting, load_setting
 
 QUICK = {"budget": 60, "search_per_task": (24, 6), "test_per_task": (24, 8), "references": 3}
@@ -208,11 +208,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def write(run: dict[str, Any], out: Path, tag: str) -> dict[str, Any]:
-    """quality_<tag>.json, .md and one PNG per setting under `out`."""
+    """quality_<tag>.json, .md and one PNG per setting under `out` (two where it raced)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{tag}.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     for r in run["settings"]:
         curve_png(r, out / f"quality_{tag}_{r['setting']}.png", run["budget"])
+        if r["race"]:
+            race_png(r, out / f"quality_{tag}_{r['setting']}_race.png")
     (out / f"quality_{tag}.md").write_text(markdown(run, tag))
     print(f"wrote {out / f'quality_{tag}.md'} ({run['wall_seconds']} s)")
     return run

@@ -124,20 +124,34 @@ def markdown(run: dict[str, Any], tag: str) -> str:
                       "|---|" + "---|" * len(tasks)]
             for name, g in groups.items():
                 lines.append(f"| {name} | " + " | ".join(f"{g['tasks'][t]:.2f}" for t in tasks) + " |")
-        lines += ["", f"![best-so-far test EM](quality_{tag}_{r['setting']}.png)", "", "Targets:", ""]
+        lines += ["", f"![best-so-far test EM](quality_{tag}_{r['setting']}.png)", ""]
+        if r["race"]:
+            lines += [f"![query efficiency: racing against full evaluation](quality_{tag}_{r['setting']}_race.png)", ""]
+        lines += ["Targets:", ""]
         lines += targets(r) or ["- (none can be decided from the methods run)"]
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def curve_png(result: dict[str, Any], path: Path, budget: int) -> None:
-    """Best-so-far (by fit loss) test EM against fit evaluations, mean over seeds, per search."""
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    return plt, *plt.subplots(figsize=(7, 4.2))
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curve_png(result: dict[str, Any], path: Path, budget: int) -> None:
+    """Best-so-far (by fit loss) test EM against fit evaluations, mean over seeds, per search."""
+    plt, fig, ax = _axes()
     for name, runs in result["curves"].items():
         steps = sorted({c for run in runs for c, _ in run})
         ys = [np.mean([next((v for c, v in reversed(run) if c <= s), np.nan) for run in runs]) for s in steps]
@@ -151,7 +165,30 @@ def curve_png(result: dict[str, Any], path: Path, budget: int) -> None:
     ax.set_xlabel("fit evaluations")
     ax.set_ylabel("test exact match (best-so-far by fit loss)")
     ax.set_title(f"{result['setting']}: budget {budget}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
+
+
+def race_png(result: dict[str, Any], path: Path) -> None:
+    """The query-efficiency figure: best-so-far fit loss against evaluations-worth of queries
+    (examples scored ÷ fit examples), the full run solid and the raced run dashed, one colour per
+    seed; a dot where each raced run first reaches its full run's best, a cross where the ≤ 50 %
+    target would have it."""
+    plt, fig, ax = _axes()
+    runs = {(row["method"], row["seed"]): row["fit_curve"] for row in result["rows"] if row.get("fit_curve")}
+    for i, race in enumerate(result["race"]):
+        colour = f"C{i}"
+        for method, style in ((DEFAULT, "-"), (f"{DEFAULT}_race", "--")):
+            curve = runs.get((method, race["seed"]))
+            if not curve:
+                continue
+            x = [q / result["fit"] for q, _ in curve]
+            ax.step(x, np.minimum.accumulate([loss for _, loss in curve]), where="post", ls=style, color=colour,
+                    label=f"seed {race['seed']} {'raced' if method.endswith('_race') else 'full'}")
+        if race["race_evals_worth"] is not None:
+            ax.plot(race["race_evals_worth"], race["target_fit_loss"], "o", color=colour, ms=5)
+        if race["full_evals_worth"]:
+            ax.plot(0.5 * race["full_evals_worth"], race["target_fit_loss"], "x", color=colour, ms=7)
+    ax.set_xlabel("evaluations-worth of queries (examples scored ÷ fit examples)")
+    ax.set_ylabel("best fit loss so far")
+    ax.set_title(f"{result['setting']}: racing against full evaluation")
+    _save(plt, fig, ax, path)

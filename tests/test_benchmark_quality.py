@@ -4,6 +4,7 @@ pays exactly its budget, selection never looks at test, and the written table ho
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,19 @@ def test_combine_pools_parts_into_one_report(run, tmp_path):
     assert len(setting["curves"][DEFAULT]) == 2
     assert len(setting["references"]) == len(part["settings"][0]["references"])
     assert f"| **{DEFAULT}** (default) |" in (tmp_path / "quality_both.md").read_text()
+
+
+def test_a_raced_run_gets_the_query_efficiency_figure(tmp_path):
+    recorded = Path(quality.__file__).parent / "quality_tiny-race-b120.json"
+    data = json.loads(recorded.read_text())
+    quality.main(["--combine", str(recorded), "--out", str(tmp_path), "--tag", "raced"])
+    assert (tmp_path / "quality_raced_ood_race.png").stat().st_size > 1000
+    md = (tmp_path / "quality_raced.md").read_text()
+    assert "](quality_raced_ood_race.png)" in md
+    race = data["settings"][0]["race"][0]
+    share = race["race_evals_worth"] / race["full_evals_worth"]
+    assert f"{race['race_evals_worth']:.1f} evaluations-worth of queries vs {race['full_evals_worth']:.1f} " \
+           f"(seed {race['seed']}, {share:.0%})" in md
 
 
 def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
