@@ -104,7 +104,8 @@ def markdown(run: dict[str, Any], tag: str) -> str:
     lines = [f"# Search quality: {tag}", "",
              f"- command: `{run['command']}`", f"- date: {run['date']}; machine: {run['machine']}",
              f"- repository: {run['repository']} (preset {run['preset']}); seeds {run['seeds']}; budget {run['budget']}",
-             f"- wall time: {run['wall_seconds']} s", ""]
+             f"- wall time: {run['wall_seconds']} s", *([f"- {run['rescored']}; fit and validation as in the run, "
+                                                        "test curves omitted"] if "rescored" in run else []), ""]
     for r in run["settings"]:
         groups = by_method(r["rows"])
         lines += [f"## {r['setting']}", "",
@@ -124,7 +125,9 @@ def markdown(run: dict[str, Any], tag: str) -> str:
                       "|---|" + "---|" * len(tasks)]
             for name, g in groups.items():
                 lines.append(f"| {name} | " + " | ".join(f"{g['tasks'][t]:.2f}" for t in tasks) + " |")
-        lines += ["", f"![best-so-far test EM](quality_{tag}_{r['setting']}.png)", ""]
+        lines.append("")
+        if r["curves"]:
+            lines += [f"![best-so-far test EM](quality_{tag}_{r['setting']}.png)", ""]
         if r["race"]:
             lines += [f"![query efficiency: racing against full evaluation](quality_{tag}_{r['setting']}_race.png)", ""]
         lines += ["Targets:", ""]

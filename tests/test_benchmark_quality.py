@@ -72,6 +72,26 @@ def test_combine_pools_parts_into_one_report(run, tmp_path):
     assert f"| **{DEFAULT}** (default) |" in (tmp_path / "quality_both.md").read_text()
 
 
+def test_rescore_reproduces_the_run_on_its_own_test_split_and_widens_it(run, tmp_path):
+    out, result = run
+    recorded = str(out / "quality_smoke.json")
+    same = quality.main(["--rescore", recorded, "--test-per-task", "2", "--settings", "indomain", "--out", str(tmp_path)])
+    before, after = result["settings"][0], same["settings"][0]
+    assert [r["test_em_tasks"] for r in after["rows"]] == [r["test_em_tasks"] for r in before["rows"]]
+    assert [r["test_ce"] for r in after["rows"]] == pytest.approx([r["test_ce"] for r in before["rows"]], rel=1e-6)
+    assert after["experts_on_own_tasks"] == before["experts_on_own_tasks"]
+    wider = quality.main(["--rescore", recorded, "--test-per-task", "4", "--settings", "indomain", "--out", str(tmp_path),
+                          "--tag", "wider"])
+    setting = wider["settings"][0]
+    assert setting["test"] == 2 * before["test"] and setting["curves"] == {}
+    assert [r["fit_em"] for r in setting["rows"]] == [r["fit_em"] for r in before["rows"]]
+    assert all(a["test_ce"] != b["test_ce"] for a, b in zip(setting["rows"], before["rows"]))  # scored anew
+    md = (tmp_path / "quality_wider.md").read_text()
+    assert "re-scored on the first 4 test examples per task" in md and "best-so-far test EM" not in md
+    default = next(r for r in setting["rows"] if r["method"] == DEFAULT)
+    assert f"| **{DEFAULT}** (default) | {default['test_em']:.3f} |" in md
+
+
 def test_a_raced_run_gets_the_query_efficiency_figure(tmp_path):
     recorded = Path(quality.__file__).parent / "quality_tiny-race-b120.json"
     data = json.loads(recorded.read_text())
