@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rescore:
         run = json.loads(args.rescore.read_text())
         tag = args.tag or f"{args.rescore.stem.removeprefix('quality_')}-test{args.test_per_task[1]}"
-        return write(rescore(run, args, tqdm), Path(args.out), tag)
+        command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+        return write(rescore(run, args, command, tqdm), Path(args.out), tag)
 
     if args.repository is None:
         from evomerge.zoo import ensure_tiny
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return write(run, Path(args.out), tag)
 
 
-def rescore(run: dict[str, Any], args: argparse.Namespace, progress: Callable[..., Any]) -> dict[str, Any]:
+def rescore(run: dict[str, Any], args: argparse.Namespace, command: str, progress: Callable[..., Any]) -> dict[str, Any]:
     """`run` with its test metrics scored again on the first `args.test_per_task` test examples per
     task, for tighter test estimates than a cheap run's handful. Each row's recipe, fit and
     validation metrics stay the run's; the test curves, scored on the old split, are dropped."""
@@ -244,8 +245,7 @@ def rescore(run: dict[str, Any], args: argparse.Namespace, progress: Callable[..
     bar.close()
     run.update(settings=settings, rescored=f"test metrics re-scored on the first {args.test_per_task[1]} test examples "
                f"per task ({args.test_per_task[0]} out of domain) in {time.perf_counter() - started:.0f} s, "
-               f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: `python -m benchmarks.quality "
-               + " ".join(sys.argv[1:]) + "`")
+               f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: `{command}`")
     return run
 
 

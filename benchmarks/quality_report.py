@@ -136,7 +136,8 @@ def markdown(run: dict[str, Any], tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _axes():
+def _axes() -> tuple[Any, Any, Any]:
+    """pyplot (headless) with a fresh figure and axes of the report's size."""
     import matplotlib
 
     matplotlib.use("Agg")

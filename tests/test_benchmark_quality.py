@@ -88,6 +88,7 @@ def test_rescore_reproduces_the_run_on_its_own_test_split_and_widens_it(run, tmp
     assert all(a["test_ce"] != b["test_ce"] for a, b in zip(setting["rows"], before["rows"]))  # scored anew
     md = (tmp_path / "quality_wider.md").read_text()
     assert "re-scored on the first 4 test examples per task" in md and "best-so-far test EM" not in md
+    assert "`python -m benchmarks.quality --rescore " in md  # the command that re-scored, not the caller's argv
     default = next(r for r in setting["rows"] if r["method"] == DEFAULT)
     assert f"| **{DEFAULT}** (default) | {default['test_em']:.3f} |" in md
 
