@@ -93,6 +93,22 @@ def test_rescore_reproduces_the_run_on_its_own_test_split_and_widens_it(run, tmp
     assert f"| **{DEFAULT}** (default) | {default['test_em']:.3f} |" in md
 
 
+def test_em_case_reproduces_the_reports_exact_match_and_never_exceeds_it_cased(run):
+    from benchmarks import em_case
+
+    out, result = run
+    rows = em_case.main([str(out / "quality_smoke.json"), "--setting", "indomain"])
+    setting = result["settings"][0]
+    scored = setting["rows"] + setting["references"]
+    assert any(row["test_em"] > 0 for row in scored), "the check needs a recipe that gets some answers right"
+    seen: dict[str, int] = {}
+    for row in scored:  # em_case keeps each method's recipes in the report's order
+        seen[row["method"]] = seen.get(row["method"], -1) + 1
+        forgiving, cased = rows[row["method"]][seen[row["method"]]]
+        assert forgiving == pytest.approx(row["test_em"]), row["method"]
+        assert cased <= forgiving
+
+
 def test_a_raced_run_gets_the_query_efficiency_figure(tmp_path):
     recorded = Path(quality.__file__).parent / "quality_tiny-race-b120.json"
     data = json.loads(recorded.read_text())
