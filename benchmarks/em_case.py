@@ -1,10 +1,11 @@
-"""Test exact match of a quality report's recipes with and without case, out of domain.
+"""Test exact match of a quality report's recipes with and without case.
 
 The library's exact match forgives case (it lowercases, SQuAD-style), but the smol zoo's ``upper_*``
 out-of-domain tasks are about case: on ``upper_first`` ("the first letter, in capitals") the
 ``first_letter`` expert alone answers "c" for "C" and scores as if it had solved the task. This
 scores every recipe of one setting of a report (methods and references; default ood) on the same
-test split both ways, so the comparison can be read on the metric the task means.
+test split both ways, so the comparison can be read on the metric the task means; in domain it
+also scores each task expert on its own task both ways (the reference of the 0.9 × target).
 
 Usage: python -m benchmarks.em_case benchmarks/quality_smol-cpu-b30.json [--setting ood] [--test-per-task N]
 """
@@ -27,7 +28,7 @@ from benchmarks.quality_report import by_method
 from benchmarks.quality_setup import load_setting, shared_backend
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
+def main(argv: list[str] | None = None) -> tuple[dict[str, list[tuple[float, float]]], dict[str, tuple[float, float]]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path)
     ap.add_argument("--setting", default="ood")
@@ -42,12 +43,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
     backend = shared_backend(run["repository"], None)
     examples = setting.splits.test
     rows: dict[str, list[tuple[float, float]]] = {}
+    own: dict[str, tuple[float, float]] = {}
     for row in result["rows"] + result["references"]:
         with backend.engine.merged(MergeRecipe.from_dict(row["recipe"])) as model:
             answers = scoring.generate_answers(model, backend.engine.tokenizer, examples, backend.max_new_tokens)
-        forgiving = _task_mean([scoring.exact_match(a, e.answer) for a, e in zip(answers, examples)], examples)
-        cased = _task_mean([float(a.strip() == e.answer.strip()) for a, e in zip(answers, examples)], examples)
-        rows.setdefault(row["method"], []).append((forgiving, cased))
+        forgiving = _by_task([scoring.exact_match(a, e.answer) for a, e in zip(answers, examples)], examples)
+        cased = _by_task([float(a.strip() == e.answer.strip()) for a, e in zip(answers, examples)], examples)
+        rows.setdefault(row["method"], []).append((float(np.mean(list(forgiving.values()))),
+                                                  float(np.mean(list(cased.values())))))
+        task = row["method"].removeprefix("expert:")
+        if row["method"].startswith("expert:") and task in forgiving and args.setting != "ood":
+            own[task] = (forgiving[task], cased[task])
     print(f"{', '.join(result['tasks'])}: {len(examples)} test examples; mean over tasks, ± sd over seeds\n")
     print("| method | exact match, case forgiven | exact match, cased |\n|---|---|---|")
     methods = list(by_method(result["rows"]))
@@ -58,15 +64,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
         cells = [f"{values[:, i].mean():.3f}" + (f" ± {values[:, i].std(ddof=1):.3f}" if len(values) > 1 else "")
                  for i in (0, 1)]
         print(f"| {name} | {cells[0]} | {cells[1]} |")
-    return rows
+    if own:
+        forgiving, cased = np.mean(list(own.values()), axis=0)
+        print(f"\nEach task expert on its own task (the in-domain target's reference): case forgiven {forgiving:.3f}, "
+              f"cased {cased:.3f} ({', '.join(f'{t} {f:.2f}/{c:.2f}' for t, (f, c) in own.items())})")
+    return rows, own
 
 
-def _task_mean(values: list[float], examples: Sequence[Example]) -> float:
-    """The mean over tasks of each task's mean, as the quality report's EM."""
+def _by_task(values: list[float], examples: Sequence[Example]) -> dict[str, float]:
+    """Each task's mean; their mean is the quality report's EM."""
     by_task: dict[str, list[float]] = {}
     for v, e in zip(values, examples):
         by_task.setdefault(e.task, []).append(v)
-    return float(np.mean([np.mean(v) for v in by_task.values()]))
+    return {task: float(np.mean(v)) for task, v in by_task.items()}
 
 
 if __name__ == "__main__":

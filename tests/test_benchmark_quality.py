@@ -97,8 +97,10 @@ def test_em_case_reproduces_the_reports_exact_match_and_never_exceeds_it_cased(r
     from benchmarks import em_case
 
     out, result = run
-    rows = em_case.main([str(out / "quality_smoke.json"), "--setting", "indomain"])
+    rows, own = em_case.main([str(out / "quality_smoke.json"), "--setting", "indomain"])
     setting = result["settings"][0]
+    assert {task: f for task, (f, _) in own.items()} == pytest.approx(setting["experts_on_own_tasks"])
+    assert all(c <= f for f, c in own.values())
     scored = setting["rows"] + setting["references"]
     assert any(row["test_em"] > 0 for row in scored), "the check needs a recipe that gets some answers right"
     seen: dict[str, int] = {}
