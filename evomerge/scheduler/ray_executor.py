@@ -21,21 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import threading
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import evomerge
 from evomerge._imports import require
 from evomerge.backends._base import Evaluator, EvaluatorFactory
-from evomerge.errors import BackendError, ConfigError
+from evomerge.errors import ConfigError
 from evomerge.recipe import MergeRecipe
-from evomerge.scheduler._base import Job, cancel_queued
+from evomerge.scheduler._base import Job, QueueExecutor
 from evomerge.score import Cost, Score
 
 log = logging.getLogger(__name__)
@@ -120,7 +117,7 @@ def actor_resources(workers: int, num_gpus: float | None, num_cpus: float | None
     return num_cpus, num_gpus
 
 
-class RayExecutor:
+class RayExecutor(QueueExecutor):
     """Runs evaluations on `workers` Ray actors. Invariant: every submitted future resolves to a
     Score (failures included); only `shutdown` cancels the futures still queued.
 
@@ -128,18 +125,18 @@ class RayExecutor:
     otherwise or the factory declares ``uses_gpu = False`` (a provider client needs none).
     """
 
+    name = "Ray executor"
+
     def __init__(self, factory: EvaluatorFactory, workers: int, eval_timeout: float | None = None,
                  max_retries: int = 2, address: str | None = None,
                  num_gpus_per_worker: float | None = None, num_cpus_per_worker: float | None = None) -> None:
         if workers < 1:
             raise ConfigError(f"workers is {workers}; give at least 1")
-        if eval_timeout is not None and not eval_timeout > 0:
-            raise ConfigError(f"eval_timeout is {eval_timeout}; give a positive number of seconds or None")
+        super().__init__(eval_timeout)
         if max_retries < 0:
             raise ConfigError(f"max_retries is {max_retries}; give 0 or more")
         self._ray = require("ray", "evaluation on Ray workers (workers=N)", "ray[default]")
         self.workers = workers
-        self.eval_timeout = eval_timeout
         self.max_retries = max_retries
         self._owns_ray = connect(address)
         if num_gpus_per_worker is None and not getattr(factory, "uses_gpu", True):
@@ -152,10 +149,7 @@ class RayExecutor:
                       errors.WorkerCrashedError, errors.ObjectLostError)
         """What a dead worker raises (killed, out of memory, its node gone): replace and retry."""
         self._factory = self._ray.put(factory)  # pickled once, however many actors start
-        self._jobs: "queue.Queue[Job | None]" = queue.Queue()
-        self._lock = threading.Lock()
         self._started = threading.Condition(self._lock)
-        self._closed = False
         self._actors: list[Any] = [None] * workers
         self._live = [False] * workers
         self.restarts = 0
@@ -170,21 +164,10 @@ class RayExecutor:
         with self._started:
             return self._started.wait_for(lambda: self._closed or all(self._live), timeout)
 
-    def submit(self, recipe: MergeRecipe, split: str) -> "Future[Score]":
-        future: Future[Score] = Future()
-        with self._lock:
-            if self._closed:
-                raise BackendError("this Ray executor is shut down; create a new one to evaluate more")
-            self._jobs.put(Job(recipe, split, future))
-        return future
-
     def shutdown(self) -> None:
         """Kill the actors, cancel queued jobs, fail running ones; stop Ray if this executor started it."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        cancel_queued(self._jobs)
+        if not self._close():
+            return
         for _ in self._threads:
             self._jobs.put(None)
         for index in range(self.workers):
@@ -249,8 +232,7 @@ class RayExecutor:
                 return self._ray.get(ref, timeout=self.eval_timeout)
             except self._ray.exceptions.GetTimeoutError:
                 self._replace(index, "timed out")
-                return Score.failed(f"timed out after {self.eval_timeout:g}s; the worker was restarted",
-                                    Cost(seconds=float(self.eval_timeout or 0.0)))
+                return self._timed_out("the worker was restarted")
             except self._lost as exc:
                 self._replace(index, "died")
                 errors.append(f"the worker died: {_reason(exc)}")

@@ -10,31 +10,25 @@ candidate, not the search.
 
 from __future__ import annotations
 
-import queue
 import threading
 from concurrent.futures import Future
 
 from evomerge.backends._base import EvaluatorFactory
-from evomerge.errors import BackendError, ConfigError
-from evomerge.recipe import MergeRecipe
-from evomerge.scheduler._base import Job, cancel_queued
-from evomerge.score import Cost, Score
+from evomerge.scheduler._base import QueueExecutor
+from evomerge.score import Score
 
 
-class ThreadExecutor:
+class ThreadExecutor(QueueExecutor):
     """Runs evaluations on `workers` threads; each thread calls `factory()` once."""
 
+    name = "thread executor"
+
     def __init__(self, factory: EvaluatorFactory, workers: int = 1, eval_timeout: float | None = None) -> None:
-        if eval_timeout is not None and not eval_timeout > 0:
-            raise ConfigError(f"eval_timeout is {eval_timeout}; give a positive number of seconds or None")
+        super().__init__(eval_timeout)
         self.workers = max(1, int(workers))
-        self.eval_timeout = eval_timeout
         self._factory = factory
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()   # live, not abandoned
         self._running: dict[Future[Score], threading.Thread] = {}
-        self._closed = False
         for _ in range(self.workers):
             self._start_thread()
 
@@ -74,27 +68,16 @@ class ThreadExecutor:
             if thread is None:  # finished just in time
                 return
             self._threads.discard(thread)
-            future.set_result(Score.failed(f"timed out after {self.eval_timeout:g}s; its thread was abandoned "
-                                           "and replaced", Cost(seconds=float(self.eval_timeout or 0.0))))
+            future.set_result(self._timed_out("its thread was abandoned and replaced"))
             if not self._closed:
                 self._start_thread()
 
-    def submit(self, recipe: MergeRecipe, split: str) -> "Future[Score]":
-        future: Future[Score] = Future()
-        with self._lock:
-            if self._closed:
-                raise BackendError("this thread executor is shut down; create a new one to evaluate more")
-            self._jobs.put(Job(recipe, split, future))
-        return future
-
     def shutdown(self) -> None:
         """Cancel what has not started, let running candidates finish (or time out), stop the threads."""
+        if not self._close():
+            return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             threads = list(self._threads)
-        cancel_queued(self._jobs)
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:
