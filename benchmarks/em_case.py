@@ -25,7 +25,7 @@ from evomerge.recipe import MergeRecipe
 from evomerge.tasks import Example
 
 from benchmarks.quality_report import by_method
-from benchmarks.quality_setup import load_setting, shared_backend
+from benchmarks.quality_setup import report_setting, shared_backend
 
 
 def main(argv: list[str] | None = None) -> tuple[dict[str, list[tuple[float, float]]], dict[str, tuple[float, float]]]:
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, list[tuple[float, flo
     run = json.loads(args.report.read_text())
     (result,) = [r for r in run["settings"] if r["setting"] == args.setting]
     per_task = args.test_per_task or result["test"] // len(result["tasks"])
-    setting = load_setting(Path(run["repository"]), args.setting, 2, per_task, 0.33,
-                           result["tasks"][0] if args.setting == "ood" else None)
+    setting = report_setting(run, result, per_task)
     backend = shared_backend(run["repository"], None)
     examples = setting.splits.test
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, list[tuple[float, flo
         rows.setdefault(row["method"], []).append((float(np.mean(list(forgiving.values()))),
                                                   float(np.mean(list(cased.values())))))
         task = row["method"].removeprefix("expert:")
-        if row["method"].startswith("expert:") and task in forgiving and args.setting != "ood":
+        if row["method"].startswith("expert:") and task in forgiving:  # out of domain no expert has the task
             own[task] = (forgiving[task], cased[task])
     print(f"{', '.join(result['tasks'])}: {len(examples)} test examples; mean over tasks, ± sd over seeds\n")
     print("| method | exact match, case forgiven | exact match, cased |\n|---|---|---|")

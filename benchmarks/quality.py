@@ -32,7 +32,7 @@ from evomerge.recipe import MergeRecipe
 from benchmarks.quality_methods import (DEFAULT, FIXED, SEARCHES, Outcome, base_recipe, candidates, run_fixed,
                                         run_search)
 from benchmarks.quality_report import curve_png, markdown, race_png
-from benchmarks.quality_setup import SETTINGS, Scorer, Setting, load_setting
+from benchmarks.quality_setup import SETTINGS, Scorer, Setting, load_setting, report_setting
 
 QUICK = {"budget": 60, "search_per_task": (24, 6), "test_per_task": (24, 8), "references": 3}
 FULL = {"budget": 500, "search_per_task": (48, 12), "test_per_task": (100, 40), "references": None}
@@ -233,8 +233,7 @@ def rescore(run: dict[str, Any], args: argparse.Namespace, command: str, progres
     bar = progress(total=sum(len(r["rows"]) + len(r["references"]) for r in settings), desc="rescore", unit="recipe")
     for r in settings:
         per_task = args.test_per_task[r["setting"] != "ood"]
-        setting = load_setting(Path(run["repository"]), r["setting"], 2, per_task, args.validation,
-                               r["tasks"][0] if r["setting"] == "ood" else None)
+        setting = report_setting(run, r, per_task)
         scorer = Scorer(run["repository"], setting, args.dtype)
         for row in r["rows"] + r["references"]:
             test = scorer(MergeRecipe.from_dict(row["recipe"]), "test")

@@ -78,6 +78,13 @@ def load_setting(repository: Path, name: str, search_per_task: int, test_per_tas
     return Setting(name, tasks, pool, Splits(_interleave(fit), val, tuple(test)), own)
 
 
+def report_setting(run: dict[str, Any], result: dict[str, Any], test_per_task: int) -> Setting:
+    """The setting a report's `result` ran on, for scoring its recipes on the first `test_per_task`
+    test examples per task (the test split does not depend on the search examples, so few stand in)."""
+    return load_setting(Path(run["repository"]), result["setting"], 2, test_per_task, 0.33,
+                        result["tasks"][0] if result["setting"] == "ood" else None)
+
+
 def _interleave(examples: Sequence[Example]) -> tuple[Example, ...]:
     """Round-robin over tasks, so racing's minibatch (the first K fit examples) spans every task."""
     by_task: dict[str, list[Example]] = {}
