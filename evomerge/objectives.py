@@ -19,7 +19,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 
-METRICS = ("ce", "greedy_match", "exact_match", "f1", "accuracy")
+METRICS = ("ce", "greedy_match", "exact_match", "exact_match_ci", "f1", "accuracy")
+TEXT = ("exact_match", "exact_match_ci", "f1")  # read off generated answers
 AGGREGATES = ("mean", "normalized", "worst")
 
 
@@ -70,7 +71,7 @@ class Objective:
     @property
     def needs_generation(self) -> bool:
         """Whether scoring needs generated text (exact match or F1), the costly part."""
-        return any(m in self.weights for m in ("exact_match", "f1"))
+        return any(m in self.weights for m in TEXT)
 
     @property
     def needs_references(self) -> bool:

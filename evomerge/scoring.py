@@ -177,7 +177,13 @@ def _normalise(text: str) -> str:
 
 
 def exact_match(pred: str, gold: str) -> float:
-    """1.0 when the answers agree after stripping, lowercasing and collapsing whitespace."""
+    """1.0 when the stripped answers are identical: cased, as lm-eval-harness and HELM score it, so
+    a lowercase answer to a task about capitals counts as wrong."""
+    return float(pred.strip() == gold.strip())
+
+
+def exact_match_ci(pred: str, gold: str) -> float:
+    """1.0 when the answers agree with case and whitespace folded (the forgiving variant, by name)."""
     return float(_normalise(pred) == _normalise(gold))
 
 
@@ -192,6 +198,16 @@ def token_f1(pred: str, gold: str) -> float:
         return 0.0
     precision, recall = common / len(p), common / len(g)
     return 2 * precision * recall / (precision + recall)
+
+
+TEXT_METRICS = {"exact_match": exact_match, "exact_match_ci": exact_match_ci, "f1": token_f1}
+"""Metrics of a generated answer against the gold one, by the name an objective uses."""
+
+
+def text_scores(wanted: Sequence[str], answers: Sequence[str], examples: Sequence[Example]) -> dict[str, np.ndarray]:
+    """Per-example values of each wanted text metric (local backend and api client alike)."""
+    return {name: np.array([fn(a, e.answer) for a, e in zip(answers, examples)], dtype=np.float64)
+            for name, fn in TEXT_METRICS.items() if name in wanted}
 
 
 def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:

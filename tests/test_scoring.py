@@ -129,9 +129,21 @@ def test_choice_accuracy_picks_lowest_cross_entropy(model, tokenizer):
         scoring.choice_accuracy(model, tokenizer, [Example("p", "a")])
 
 
-def test_exact_match_and_f1():
-    assert scoring.exact_match("  Paris ", "paris") == 1.0
-    assert scoring.exact_match("Paris.", "paris") == 0.0
+def test_exact_match_is_cased_and_its_ci_variant_folds():
+    assert scoring.exact_match("  Paris ", "Paris") == 1.0
+    assert scoring.exact_match("paris", "Paris") == 0.0  # a lowercase answer to a cased question is wrong
+    assert scoring.exact_match("P", "p") == 0.0
+    assert scoring.exact_match("New  York", "New York") == 0.0
+    assert scoring.exact_match_ci("  paris ", "Paris") == 1.0
+    assert scoring.exact_match_ci("new  york", "New York") == 1.0
+    assert scoring.exact_match_ci("Paris.", "paris") == 0.0
+    examples = [Example("q", "ABC"), Example("q", "abc")]
+    got = scoring.text_scores(("exact_match", "exact_match_ci"), ["abc", "abc"], examples)
+    np.testing.assert_array_equal(got["exact_match"], [0.0, 1.0])
+    np.testing.assert_array_equal(got["exact_match_ci"], [1.0, 1.0])
+
+
+def test_f1():
     assert scoring.token_f1("the big cat", "big cat") == pytest.approx(0.8)
     assert scoring.token_f1("dog", "cat") == 0.0
     assert scoring.token_f1("", "") == 1.0

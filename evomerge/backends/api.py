@@ -299,13 +299,9 @@ class ApiBackend(Backend):
                 at += n
             out["accuracy"] = np.asarray(acc)
         if prompts:
-            from evomerge.scoring import exact_match, token_f1
+            from evomerge.scoring import text_scores
 
-            answers = results[-1]
-            if "exact_match" in wanted:
-                out["exact_match"] = np.asarray([exact_match(a, e.answer) for a, e in zip(answers, examples)])
-            if "f1" in wanted:
-                out["f1"] = np.asarray([token_f1(a, e.answer) for a, e in zip(answers, examples)])
+            out.update(text_scores(wanted, results[-1], examples))
         return out
 
     async def _ce(self, recipe: MergeRecipe | None, pairs: list[tuple[str, str]], tally: _Tally,

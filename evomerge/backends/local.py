@@ -55,10 +55,7 @@ class LocalBackend(Backend):
                 out["accuracy"] = scoring.choice_accuracy(model, tok, examples, self.batch_size)
             if self.objective.needs_generation:
                 preds = scoring.generate_answers(model, tok, examples, self.max_new_tokens, self.batch_size)
-                if "exact_match" in metrics:
-                    out["exact_match"] = np.array([scoring.exact_match(p, e.answer) for p, e in zip(preds, examples)])
-                if "f1" in metrics:
-                    out["f1"] = np.array([scoring.token_f1(p, e.answer) for p, e in zip(preds, examples)])
+                out.update(scoring.text_scores(metrics, preds, examples))
         return out
 
     def _objective_for(self, examples: Sequence[Example], ids: tuple[str, ...]) -> Objective:
