@@ -2,7 +2,9 @@
 
 Layout, read by the `Repository` loader::
 
-    DIR/zoo.json                 preset, seed, base, experts {NAME: {path, kind, task, distractor, metrics}},
+    DIR/zoo.json                 preset, seed, base, experts {NAME: {path, kind, task, distractor, metrics}}
+                                 (a task expert's metrics: test CE and exact match, and what it reached on
+                                 its search split beside the base, the check it passed before it was saved),
                                  tasks {TASK: {train, search, test}}, ood_tasks, base_metrics, build_seconds
     DIR/base/                    Hugging Face model dir (config, safetensors, tokenizer)
     DIR/experts/NAME/            PEFT LoRA adapter dir
@@ -11,6 +13,11 @@ Layout, read by the `Repository` loader::
 A build writes into a sibling temporary folder and renames it at the end, so a DIR with a
 `zoo.json` is always complete; a finished DIR built with the same preset, seed and format is
 reused at once.
+
+Float training is not bit-identical across CPUs (another SIMD kernel rounds otherwise), so a seed
+does not fix the experts on every machine. What a build guarantees instead is checked before an
+expert is written: it beats the base on its own task (see `_learned`), or it is trained again
+(another seed, more steps), or the build fails naming it.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from evomerge._imports import require
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, RepositoryError
 from evomerge.scoring import answer_cross_entropy, exact_match, generate_answers
 from evomerge.tasks import Example, write_jsonl
 from evomerge.zoo.base import fetch_smol_gguf, smol_base, tiny_base
@@ -34,7 +41,7 @@ from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.tasks import make_splits, shuffled_labels
 from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
-FORMAT = 1
+FORMAT = 2  # 2: experts checked on their search split, exact match cased
 MANIFEST = "zoo.json"
 CHECK_EXAMPLES = 16  # search examples checked between training chunks
 
@@ -77,8 +84,14 @@ def _metrics(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens
 
 
 def _clearly_beats(expert: dict[str, float], base: dict[str, float]) -> bool:
-    """Half the base's loss and an exact-match gain of 0.25 (or 0.9 reached)."""
+    """Half the base's loss and an exact-match gain of 0.25 (or 0.9 reached): training may stop."""
     return expert["ce"] <= 0.5 * base["ce"] and expert["exact_match"] >= min(0.9, base["exact_match"] + 0.25)
+
+
+def _learned(expert: dict[str, float], base: dict[str, float], em_gain: bool) -> bool:
+    """What every saved task expert reached on its search split: CE below 0.9x the base's, and
+    (where the preset asks) a gain in cased exact match."""
+    return expert["ce"] < 0.9 * base["ce"] and (not em_gain or expert["exact_match"] > base["exact_match"])
 
 
 def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *, gguf: str | Path | None = None,
@@ -154,20 +167,12 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
                     for t in spec.expert_tasks + spec.ood_tasks}
     experts: dict[str, dict] = {}
     for index, task in enumerate(spec.expert_tasks):
-        bar.set_description(f"zoo {spec.name}: expert {task}")
-        model = lora_model(base, spec.rank, seed * 1000 + index)
-        check = splits[task]["search"][:CHECK_EXAMPLES]
-        base_check = _metrics(base, tokenizer, check, spec.max_new_tokens)
-        optimizer, steps = None, 0
-        while steps < spec.max_steps:
-            optimizer = train_steps(model, tokenizer, as_pairs(splits[task]["train"]), spec.chunk_steps, spec.lr,
-                                    spec.batch_size, seed * 1000 + index + steps, optimizer, lambda: bar.update(1))
-            steps += spec.chunk_steps
-            if _clearly_beats(_metrics(model, tokenizer, check, spec.max_new_tokens), base_check):
-                break
-        bar.update(spec.max_steps - steps)
-        metrics = {"steps": steps, **_metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)}
-        bar.write(f"expert {task}: {metrics} (base {base_metrics[task]})")
+        model, metrics = _train_expert(base, tokenizer, spec, splits[task], seed * 1000 + index, bar, task)
+        metrics["test"] = _metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)
+        metrics.update(metrics["test"])
+        bar.write(f"expert {task}: search CE {metrics['search']['ce']:.3f} EM {metrics['search']['exact_match']:.2f} "
+                  f"(base {metrics['base_search']['ce']:.3f} / {metrics['base_search']['exact_match']:.2f}), "
+                  f"{metrics['steps']} steps")
         experts[task] = _save(model, work, task, task, False, metrics)
         base = model.unload()
 
@@ -186,6 +191,43 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
     bar.close()
     return {"format": FORMAT, "preset": spec.name, "seed": seed, "base": "base", "experts": experts,
             "tasks": tasks_entry, "ood_tasks": list(spec.ood_tasks), "base_metrics": base_metrics, "device": device}
+
+
+def _train_expert(base: Any, tokenizer: Any, spec: Preset, splits: dict[str, list[Example]], seed: int,
+                  bar: Any, task: str) -> tuple[Any, dict]:
+    """A LoRA expert of `task` that passes `_learned` on its search split: trained in chunks until
+    it clearly beats the base; a try that falls short is dropped and trained afresh with another
+    seed and twice the steps, up to `spec.attempts` tries."""
+    search = splits["search"]
+    check = search[:CHECK_EXAMPLES]
+    base_search = _metrics(base, tokenizer, search, spec.max_new_tokens)
+    base_check = _metrics(base, tokenizer, check, spec.max_new_tokens)
+    pairs = as_pairs(splits["train"])
+    for attempt in range(spec.attempts):
+        bar.set_description(f"zoo {spec.name}: expert {task}" + (f" (try {attempt + 1})" if attempt else ""))
+        run_seed = seed + 7919 * attempt
+        model = lora_model(base, spec.rank, run_seed)
+        limit = spec.max_steps * 2 ** attempt
+        if attempt:
+            bar.total += limit
+        optimizer, steps = None, 0
+        while steps < limit:
+            optimizer = train_steps(model, tokenizer, pairs, spec.chunk_steps, spec.lr, spec.batch_size,
+                                    run_seed + steps, optimizer, lambda: bar.update(1))
+            steps += spec.chunk_steps
+            if _clearly_beats(_metrics(model, tokenizer, check, spec.max_new_tokens), base_check):
+                break
+        bar.update(limit - steps)
+        reached = _metrics(model, tokenizer, search, spec.max_new_tokens)
+        if _learned(reached, base_search, spec.em_gain):
+            return model, {"steps": steps, "attempts": attempt + 1, "seed": run_seed, "search": reached,
+                           "base_search": base_search}
+        base = model.unload()
+    what = f"search CE {reached['ce']:.3f} vs base {base_search['ce']:.3f} (needs < 0.9x)"
+    if spec.em_gain:
+        what += f", exact match {reached['exact_match']:.2f} vs base {base_search['exact_match']:.2f} (needs a gain)"
+    raise RepositoryError(f"zoo {spec.name}: expert {task!r} did not learn its task after {spec.attempts} tries "
+                          f"({what}); build with another --seed, or report the machine this happened on")
 
 
 def _save(model: Any, work: Path, name: str, task: str | None, distractor: bool, metrics: dict) -> dict:

@@ -28,6 +28,8 @@ class Preset:
     # One thread: on a shared CPU two threads ran a step 7-20x slower (spin-waiting), measured here.
     threads: int = 1
     max_new_tokens: int = 12
+    attempts: int = 3              # tries (new seed, twice the steps) before a build fails on an expert
+    em_gain: bool = False          # an expert must also gain cased exact match on its search split
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -41,7 +43,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            distractor_tasks=("copy", "length", "reverse", "double", "upper", "first_letter", "last_letter", "plural",
                              "add", "parity", "antonym", "sentiment"),
            ood_tasks=("upper_reverse", "upper_first"), n_distractors=24, sizes=(200, 50, 50), rank=8, lr=2e-3,
-           batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1, max_new_tokens=8),
+           batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1, max_new_tokens=8, em_gain=True),
 )}
 
 
