@@ -26,9 +26,12 @@ class TestReport:
 
     rows: dict[str, dict[str, Any]]
     best_single: str | None
+    tasks: tuple[str, ...] = ()
+    examples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "best_single": self.best_single}
+        return {"rows": self.rows, "best_single": self.best_single, "tasks": list(self.tasks),
+                "examples": self.examples}
 
 
 def _row(score: Any) -> dict[str, Any]:
@@ -40,7 +43,8 @@ def compare_on_test(search: Evaluator, test: Evaluator, best: MergeRecipe, exper
                     selection_split: str) -> TestReport:
     """Score `best`, the uniform merge and each expert alone on test with the `test` evaluator (the
     reported metrics); pick the best single expert by the search loss on `selection_split`."""
-    rows = {"best": _row(test(best, "test")), "uniform": _row(test(uniform(experts), "test"))}
+    scored = test(best, "test")
+    rows = {"best": _row(scored), "uniform": _row(test(uniform(experts), "test"))}
     chosen, low = None, math.inf
     for name in experts:
         sel = search(single(name), selection_split)
@@ -49,4 +53,5 @@ def compare_on_test(search: Evaluator, test: Evaluator, best: MergeRecipe, exper
         rows[f"expert:{name}"] = _row(test(single(name), "test"))
     if chosen is not None:
         rows["best_single"] = {"expert": chosen, **rows[f"expert:{chosen}"]}
-    return TestReport(rows, chosen)
+    tasks = sorted({k.split("/", 1)[1] for k in scored.metrics if "/" in k and not k.startswith("loss/")})
+    return TestReport(rows, chosen, tuple(tasks), len(scored.example_ids))

@@ -31,12 +31,33 @@ def _search(args: argparse.Namespace) -> int:
     print(f"best fit loss {fit:.6g}" + (f", validation loss {val:.6g}" if val is not None else "")
           + f" after {sum(s.evaluations for s in result.stages)} evaluations"
           + (f" ({result.cost.queries} queries, {result.cost.tokens} tokens)" if result.cost.queries else ""))
-    print("best recipe: " + result.best_recipe.to_json())
+    print(format_recipe(result.best_recipe))
     if report is not None:
         print(format_test_report(report))
     if config.output is not None:
         print(f"outputs in {config.output}")
     return 0
+
+
+RECIPE_ROWS = 24  # a repository of hundreds of experts prints its strongest
+
+
+def format_recipe(recipe) -> str:
+    """The best recipe as a table: each expert's keep ratio α and signed scale β, strongest first."""
+    alphas = recipe.densities or (None,) * len(recipe.experts)
+    rows = sorted(zip(recipe.experts, alphas, recipe.weights), key=lambda r: -abs(r[2]))
+    width = max(len("expert"), *(len(name) for name, _, _ in rows[:RECIPE_ROWS]))
+    extra = [f"scale {recipe.scale:g}"] if recipe.scale != 1.0 else []
+    extra += [f"seed {recipe.seed}"] if recipe.seed is not None else []
+    lines = [f"best recipe: {recipe.method}" + "".join(f", {e}" for e in extra),
+             f"  {'expert':<{width}}  {'keep α':>8}  {'scale β':>8}"]
+    for name, alpha, beta in rows[:RECIPE_ROWS]:
+        lines.append(f"  {name:<{width}}  {'—' if alpha is None else f'{alpha:.4f}':>8}  {beta:+8.4f}")
+    if len(rows) > RECIPE_ROWS:
+        lines.append(f"  ... {len(rows) - RECIPE_ROWS} more, each |β| ≤ {abs(rows[RECIPE_ROWS][2]):.4f}")
+    if recipe.blocks:
+        lines.append(f"  + {len(recipe.blocks)} block overrides (the whole recipe: evomerge export)")
+    return "\n".join(lines)
 
 
 def format_test_report(report) -> str:
@@ -45,7 +66,8 @@ def format_test_report(report) -> str:
     metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
     labels = {name: f"best_single ({row['expert']})" if name == "best_single" else name for name, row in rows.items()}
     width = max(len("test split"), *map(len, labels.values()))
-    lines = [f"  {'test split':<{width}}  " + "  ".join(f"{m:>12}" for m in metrics)]
+    lines = [f"test split: {', '.join(report.tasks)}, {report.examples} examples"] if report.examples else []
+    lines.append(f"  {'':<{width}}  " + "  ".join(f"{m:>12}" for m in metrics))
     for name, row in rows.items():
         cells = [f"{row[m]:12.4f}" if isinstance(row.get(m), float) else f"{'—':>12}" for m in metrics]
         lines.append(f"  {labels[name]:<{width}}  " + "  ".join(cells))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.journal import Journal
+from tests.faults.crash import best_line
 
 ROOT = Path(__file__).resolve().parents[1]
 FITNESS = f"{ROOT / 'tests' / '_fitness.py'}:slow_demo"
@@ -28,10 +29,6 @@ def paid(path: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM evaluations WHERE split='fit' AND cached=0").fetchone()[0]
     except sqlite3.Error:
         return 0
-
-
-def best_line(out: str) -> str:
-    return next(line for line in out.splitlines() if line.startswith("best recipe:"))
 
 
 @pytest.mark.parametrize("kill_at", [7, 53, 131])

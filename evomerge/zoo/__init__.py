@@ -30,6 +30,11 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, **
     return _build(preset, out, seed, **options)
 
 
-def ensure_tiny(seed: int = 0, progress: bool = False) -> Path:
-    """The tiny zoo of `seed`, built into `default_tiny_dir` on first use."""
-    return build("tiny", default_tiny_dir(seed), seed, progress=progress)
+def ensure_tiny(seed: int = 0, progress: bool = True) -> Path:
+    """The tiny zoo of `seed`, built into `default_tiny_dir` on first use (minutes: say so first)."""
+    from evomerge.zoo.builder import is_built
+
+    out = default_tiny_dir(seed)
+    if not is_built(out, "tiny", seed):
+        print(f"building the tiny demo zoo in {out} (first use only; a few minutes on 2 CPU cores)", flush=True)
+    return build("tiny", out, seed, progress=progress)

@@ -65,6 +65,11 @@ def _matches(out: Path, manifest: dict | None, preset: str, seed: int) -> bool:
     return all(p.exists() for p in listed)
 
 
+def is_built(out: Path, preset: str, seed: int) -> bool:
+    """Whether `out` holds a finished zoo of this preset and seed (a build would reuse it at once)."""
+    return _matches(out, read_manifest(out), preset, seed)
+
+
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
     torch = require("torch", "building the zoo")
@@ -154,7 +159,10 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
         tasks_entry[task] = {s: f"tasks/{task}/{s}.jsonl" for s in parts}
 
     total = spec.base_steps + len(spec.expert_tasks) * spec.max_steps + spec.n_distractors * spec.distractor_steps
-    bar = tqdm(total=total, desc=f"zoo {spec.name}: base", unit="step", disable=not progress)
+    # A bar where a terminal shows one (tqdm's disable=None); a line per stage everywhere (bar.write).
+    bar = tqdm(total=total, desc=f"zoo {spec.name}: base", unit="step", disable=None if progress else True)
+    bar.write(f"zoo {spec.name}: {len(spec.expert_tasks)} experts and {spec.n_distractors} distractors to train"
+              + (f" after {spec.base_steps} steps of the base" if spec.base == "tiny" else ""))
     if spec.base == "tiny":
         base, tokenizer = tiny_base(seed, spec.base_steps, on_step=lambda: bar.update(1))
     else:
@@ -170,12 +178,14 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
         model, metrics = _train_expert(base, tokenizer, spec, splits[task], seed * 1000 + index, bar, task)
         metrics["test"] = _metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)
         metrics.update(metrics["test"])
-        bar.write(f"expert {task}: search CE {metrics['search']['ce']:.3f} EM {metrics['search']['exact_match']:.2f} "
+        bar.write(f"zoo {spec.name}: expert {task}: search CE {metrics['search']['ce']:.3f} EM {metrics['search']['exact_match']:.2f} "
                   f"(base {metrics['base_search']['ce']:.3f} / {metrics['base_search']['exact_match']:.2f}), "
                   f"{metrics['steps']} steps")
         experts[task] = _save(model, work, task, task, False, metrics)
         base = model.unload()
 
+    if spec.n_distractors:
+        bar.write(f"zoo {spec.name}: {spec.n_distractors} distractors")
     for k in range(spec.n_distractors):
         task = spec.distractor_tasks[k % len(spec.distractor_tasks)]
         shuffled = k % 2 == 0

@@ -89,7 +89,11 @@ def rows(path: Path) -> list[tuple]:
 
 
 def best_line(out: str) -> str:
-    return next(line for line in out.splitlines() if line.startswith("best recipe:"))
+    """The printed best recipe: its header line and its table of coefficients."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("best recipe:"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+    return "\n".join(lines[start:end])
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,7 @@ def resume(path: Path, budget: int, seed: int, ref: Reference) -> Resumed:
     proc = search(path, budget, seed, resume=True)
     out, err = proc.communicate(timeout=300)
     after = rows(path)
-    best = next((line for line in out.splitlines() if line.startswith("best recipe:")), None)
+    best = best_line(out) if "best recipe:" in out else None
     return Resumed(before_check, integrity(path), proc.returncode, err, after[: len(before)] == before, paid(path),
                    len(after) - len({r[1:4] for r in after}), sorted(r[1:] for r in after) == ref.evaluations,
                    best == ref.best)
