@@ -52,7 +52,7 @@ def test_search_improves_on_the_start():
 
 
 def test_the_start_is_trial_zero_and_wins_when_nothing_beats_it():
-    sp = space("evo_joint", scale_grid=None).space(0, None)
+    sp = space("evo_joint", scale_grid=None, singles=False).space(0, None)
     start = sp.decode(sp.x0)
 
     def loss(recipe):  # the start is the optimum: every other candidate is worse
@@ -183,8 +183,8 @@ def test_workers_really_overlap():
 
 
 def test_the_strength_sweep_spends_the_budget_exactly_even_when_its_points_coincide():
-    sweep_then_joint = space("evo_joint")
-    single = build_space("evo_joint", ["only"])  # β = 2, 4, 8 cap at 1.5: the sweep has 3 points, not 5
+    sweep_then_joint = space("evo_joint", singles=False)
+    single = build_space("evo_joint", ["only"], singles=False)  # β = 2, 4, 8 cap at 1.5: 3 points, not 5
 
     def loss(recipe):
         return sum((w - 0.3) ** 2 for w in recipe.weights) + sum((1 - d) ** 2 for d in recipe.densities)
@@ -204,7 +204,7 @@ def test_the_window_and_checkpoints_are_sized_by_the_stage_the_optimizer_runs(tm
     from evomerge.api import CHECKPOINT_GENERATIONS
     from evomerge.optimizers import make_optimizer
 
-    plan = space("evo_joint")
+    plan = space("evo_joint", singles=False)
     sweep = plan.space(0, None)
     popsize = make_optimizer("cma", plan.space(1, sweep.decode(sweep.x0)), seed=0).popsize
     assert popsize > make_optimizer("cma", sweep, seed=0).popsize
@@ -215,3 +215,7 @@ def test_the_window_and_checkpoints_are_sized_by_the_stage_the_optimizer_runs(tm
         # a checkpoint every CHECKPOINT_GENERATIONS × popsize tells: none in 55 joint trials (the
         # sweep's popsize of 4 would have written one at 40)
         assert CHECKPOINT_GENERATIONS * popsize > 55 and j.latest_checkpoint(1) is None
+    with_starts = space("evo_joint")  # the singles and pairs stages are fixed grids too
+    evomerge.search(demo_fitness, with_starts, budget=60, seed=0, journal=tmp_path / "starts.sqlite")
+    with Journal.open(tmp_path / "starts.sqlite") as j:
+        assert j.meta("fingerprint")["lookahead"] == popsize

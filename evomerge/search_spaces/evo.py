@@ -114,12 +114,64 @@ class ScaleSpace(SearchSpace):
                 "betas": list(self.betas)}
 
 
+class PointsSpace(SearchSpace):
+    """Fixed β vectors (every α = 1) a stage evaluates once each: the experts alone, or the best
+    so far with one more expert added at full strength. Why: a merge carried by one or two experts
+    (the right expert for the task, most of the repository irrelevant) lies at distance ~1 in β from
+    the uniform merge, beyond the reach of a local search that steps by σ0 = 0.05 within a user's
+    budget; N evaluations see each expert alone, and N - 1 more try every pair with the best."""
+
+    name = "evo_points"
+
+    def __init__(self, experts: Sequence[str], points: Sequence[Sequence[float]], *, method: str = "evo_tv",
+                 label: str = "points") -> None:
+        self.experts = tuple(str(e) for e in experts)
+        n = len(self.experts)
+        self.method, self.label = method, label
+        self.points = [np.clip(np.asarray(p, dtype=float), *BETA_BOUNDS) for p in points]
+        if not self.points or any(p.shape != (n,) for p in self.points):
+            raise ConfigError(f"a points stage needs β vectors of {n} entries")
+        self.lower, self.upper = np.full(n, BETA_BOUNDS[0]), np.full(n, BETA_BOUNDS[1])
+        self.x0 = self.points[0].copy()
+        self.optimizer = ("grid", {"points": [p.tolist() for p in self.points]})
+
+    def _decode(self, z: np.ndarray) -> MergeRecipe:
+        n = len(self.experts)
+        return MergeRecipe(self.method, self.experts, tuple(float(b) for b in z), (1.0,) * n)
+
+    def encode(self, recipe: MergeRecipe) -> np.ndarray:
+        if recipe.blocks or recipe.experts != self.experts or recipe.method != self.method \
+                or any(d != 1.0 for d in recipe.densities or (1.0,) * len(self.experts)):
+            raise SearchSpaceError(f"the {self.name} space holds {self.method} merges of {list(self.experts)} "
+                                   "with every α = 1; this recipe is not one")
+        return np.array(recipe.weights, dtype=float)
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": self.name, "stage": self.label, "dim": len(self.experts), "method": self.method,
+                "experts": list(self.experts), "points": len(self.points)}
+
+
+def singles(experts: Sequence[str], previous: MergeRecipe | None, method: str) -> PointsSpace:
+    """The best recipe so far (served from the cache), then each expert alone at β = 1."""
+    n = len(experts)
+    start = [list(previous.weights)] if previous is not None else []
+    return PointsSpace(experts, start + np.eye(n).tolist(), method=method, label="singles")
+
+
+def pairs(experts: Sequence[str], previous: MergeRecipe, method: str) -> PointsSpace:
+    """The best recipe so far (cached), then it with each expert it leaves weak (β < 0.5) set to 1."""
+    base = np.array(previous.weights, dtype=float)
+    added = [np.where(np.arange(len(base)) == j, 1.0, base) for j in range(len(base)) if base[j] < 0.5]
+    return PointsSpace(experts, [base] + added, method=method, label="pairs")
+
+
 class EvoPlan(Plan):
     """The Evo-Merging schedule: two stages (α, then β with α fixed at the stage-1 best) or one."""
 
     def __init__(self, experts: Sequence[str], schedule: str = "two_stage", *, method: str = "evo",
                  beta_init: str | float = "1/N", alpha_init: float = 1.0, alpha_fraction: float = 1 / 3,
-                 penalty: float = 0.05, sigma0: float = 0.05, scale_grid: Sequence[float] | None = None) -> None:
+                 penalty: float = 0.05, sigma0: float = 0.05, scale_grid: Sequence[float] | None = None,
+                 singles: bool = False) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"evo schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not 0 < alpha_fraction < 1:
@@ -128,7 +180,12 @@ class EvoPlan(Plan):
         self.schedule = schedule
         self.scale_grid = None if scale_grid is None else tuple(float(g) for g in scale_grid)
         self.searches = ("alpha", "beta") if schedule == "two_stage" else (schedule,)
-        self.names = ("scale", *self.searches) if self.scale_grid else self.searches
+        # Starts before the search proper: the strength sweep, each expert alone, the pairs with the best.
+        head = ("scale",) if self.scale_grid else ()
+        head += (("singles", "pairs") if len(self.experts) > 1 else ("singles",)) if singles else ()
+        self.head = head
+        self.names = (*head, *self.searches)
+        self.method = method
         self.alpha_fraction = alpha_fraction
         self.beta0 = _beta_start(beta_init, len(self.experts))
         self._common: dict[str, Any] = {"method": method, "penalty": penalty, "sigma0": sigma0}
@@ -139,11 +196,18 @@ class EvoPlan(Plan):
         self.sweep = ScaleSpace(self.experts, self.scale_grid, method=method) if self.scale_grid else None
 
     def budgets(self, total: int) -> list[int]:
-        """The scale sweep (when asked for) gets one evaluation per distinct β it tries; of the
-        rest, two stages give round(rest·alpha_fraction) to α (at least 1) and the remainder to β."""
+        """The starts get one evaluation per point they try (the sweep its distinct β, singles N,
+        pairs N - 1), together at most half of `total` when there are singles (each at least 1); of
+        the rest, two stages give round(rest·alpha_fraction) to α (at least 1) and the remainder to β."""
         if total < len(self.names):
             raise ConfigError(f"the {self.schedule} evo plan needs a budget of at least {len(self.names)}, got {total}")
-        head = [min(len(self.sweep.betas), total - len(self.searches))] if self.sweep else []
+        n = len(self.experts)
+        sizes = {"scale": len(self.sweep.betas) if self.sweep else 0, "singles": n, "pairs": n - 1}
+        allowance = total // 2 if "singles" in self.head else total - len(self.searches)
+        head = []
+        for i, name in enumerate(self.head):
+            later = len(self.head) - i - 1  # each later start keeps at least one evaluation
+            head.append(max(1, min(sizes[name], allowance - sum(head) - later)))
         rest = total - sum(head)
         if len(self.searches) == 1:
             return [*head, rest]
@@ -156,6 +220,12 @@ class EvoPlan(Plan):
         name = self.names[index]
         if name == "scale":
             return self.sweep
+        if name == "singles":
+            return singles(self.experts, previous, self.method)
+        if name == "pairs":
+            if previous is None:
+                raise ConfigError("stage 'pairs' needs stage 'singles''s best recipe")
+            return pairs(self.experts, previous, self.method)
         if index == 0:
             return EvoSpace(self.experts, name, alpha=self.alpha0, beta=self.beta0, **self._common)
         if previous is None or previous.experts != self.experts:
@@ -171,7 +241,8 @@ class EvoPlan(Plan):
     def describe(self) -> dict[str, Any]:
         return {"plan": "evo", "schedule": self.schedule, "stages": list(self.names),
                 "beta_init": str(self.beta_init), "alpha_init": self.alpha0,
-                "alpha_fraction": self.alpha_fraction, "scale_grid": self.scale_grid, **self._common}
+                "alpha_fraction": self.alpha_fraction, "scale_grid": self.scale_grid,
+                "singles": "singles" in self.head, **self._common}
 
 
 @register_space("evo")
@@ -184,4 +255,4 @@ def evo(experts: Sequence[str], schedule: str = "two_stage", **options: Any) -> 
 def evo_joint(experts: Sequence[str], **options: Any) -> EvoPlan:
     """A sweep of the uniform merge's strength, then α and β together from its best, task-vector
     form by default (see the module docstring for why)."""
-    return EvoPlan(experts, "joint", **{"method": "evo_tv", "scale_grid": SCALE_GRID, **options})
+    return EvoPlan(experts, "joint", **{"method": "evo_tv", "scale_grid": SCALE_GRID, "singles": True, **options})

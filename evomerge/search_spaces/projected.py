@@ -73,10 +73,10 @@ class ProjectedSpace(SearchSpace):
 def projected(experts: Sequence[str], inner: str = "evo_joint", k: int = 16, projection_seed: int = 0,
               inner_options: dict[str, Any] | None = None) -> ProjectedSpace:
     """Project the registered single-stage space `inner` (built with `inner_options`; evo_joint
-    without its scale sweep, a stage of its own) down to k."""
+    without its starts, stages of their own) down to k."""
     if inner not in SPACES:
         raise ConfigError(f"unknown inner space {inner!r} for projected; choose one of {', '.join(sorted(SPACES))}")
-    options = {"scale_grid": None, **(inner_options or {})} if inner == "evo_joint" else dict(inner_options or {})
+    options = {"scale_grid": None, "singles": False, **(inner_options or {})} if inner == "evo_joint" else dict(inner_options or {})
     built = SPACES[inner](experts, **options)
     if isinstance(built, Plan):
         if len(built.names) != 1:

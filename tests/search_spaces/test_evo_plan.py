@@ -65,7 +65,7 @@ def test_stage_two_fixes_alpha_at_stage_one_best():
 def test_beta_init_one_and_the_joint_plan():
     plan = build_space("evo", EXPERTS, beta_init="1")
     assert plan.space(0, None).decode(np.ones(4)).weights == (1.0,) * 4
-    joint = build_space("evo_joint", EXPERTS, scale_grid=None)
+    joint = build_space("evo_joint", EXPERTS, scale_grid=None, singles=False)
     assert joint.names == ("joint",)
     space = joint.space(0, None)
     np.testing.assert_allclose(space.x0, [1, 1, 1, 1, 0.25, 0.25, 0.25, 0.25])
@@ -87,7 +87,7 @@ def test_bad_options_are_config_errors():
 
 
 def test_evo_joint_sweeps_the_uniform_merges_strength_first():
-    plan = build_space("evo_joint", EXPERTS)
+    plan = build_space("evo_joint", EXPERTS, singles=False)
     assert plan.names == ("scale", "joint")
     assert plan.budgets(40) == [5, 35] and plan.budgets(3) == [2, 1]
     sweep = plan.space(0, None)
@@ -104,5 +104,45 @@ def test_evo_joint_sweeps_the_uniform_merges_strength_first():
     assert two.names == ("scale", "alpha", "beta") and two.budgets(33) == [3, 10, 20]
     with pytest.raises(ConfigError, match="scale_grid"):
         build_space("evo_joint", EXPERTS, scale_grid=(2.0, 4.0))
-    alone = build_space("evo_joint", ["only"])  # β = 2, 4, 8 all cap at 1.5: three distinct points
+    alone = build_space("evo_joint", ["only"], singles=False)  # β = 2, 4, 8 all cap at 1.5: three distinct points
     assert alone.space(0, None).optimizer[1]["points"] == [[0.5], [1.0], [1.5]] and alone.budgets(10) == [3, 7]
+
+
+def test_evo_joint_sees_each_expert_alone_then_the_pairs_with_the_best():
+    plan = build_space("evo_joint", EXPERTS)
+    assert plan.names == ("scale", "singles", "pairs", "joint")
+    assert plan.budgets(500) == [5, 4, 3, 488]  # each start once: the sweep, N singles, N - 1 pairs
+    assert plan.budgets(16) == [5, 2, 1, 8] and plan.budgets(4) == [1, 1, 1, 1]  # starts take at most half
+    with pytest.raises(ConfigError, match="at least 4"):
+        plan.budgets(3)
+    many = build_space("evo_joint", [f"e{i}" for i in range(128)])
+    assert many.budgets(500) == [5, 128, 117, 250]
+    uniform = plan.space(0, None).decode([0.5])
+    singles = plan.space(1, uniform)
+    points = singles.optimizer[1]["points"]
+    assert points[0] == [0.5] * 4 and points[1:] == np.eye(4).tolist()  # the sweep's best first: served from the cache
+    alone = singles.decode(points[3])
+    assert alone.weights == (0.0, 0.0, 1.0, 0.0) and alone.densities == (1.0,) * 4 and singles.encode(alone).tolist() == points[3]
+    pairs = plan.space(2, alone).optimizer[1]["points"]
+    assert pairs == [[0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    joint = plan.space(3, singles.decode(pairs[1]))
+    assert joint.decode(joint.x0).weights == (1.0, 0.0, 1.0, 0.0)
+    with pytest.raises(ConfigError, match="pairs"):
+        plan.space(2, None)
+    assert build_space("evo_joint", ["only"]).names == ("scale", "singles", "joint")
+
+
+def test_the_starts_find_a_merge_two_experts_carry():
+    """The optimum is two experts at full strength: far from the uniform merge for a local search
+    stepping by σ0 = 0.05, one pair away for the starts."""
+    import evomerge
+
+    names = [f"e{i}" for i in range(8)]
+    target = np.array([0, 0, 0, 1.0, 0, 0, 1.0, 0])
+
+    def loss(recipe):
+        return float(np.sum((np.array(recipe.weights) - target) ** 2))
+
+    found = evomerge.search(loss, build_space("evo_joint", names), budget=60, seed=0)
+    local = evomerge.search(loss, build_space("evo_joint", names, singles=False), budget=60, seed=0)
+    assert found.best_loss < 0.05 < 1.0 < local.best_loss
