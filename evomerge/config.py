@@ -28,7 +28,11 @@ class SpaceConfig(_Frozen):
 
 
 class TaskConfig(_Frozen):
-    """Examples of the user's task: repository task names (zoo) and/or JSONL files."""
+    """Examples of the user's task: repository task names (zoo) and/or JSONL files.
+
+    ``max_new_tokens`` overrides the generation length derived from the longest answer of every
+    split (`evomerge.tasks.generation_length`); ``chat`` wraps each prompt in the tokenizer's chat
+    template as a user turn, for instruct models, in the local and api backends alike."""
 
     tasks: list[str] = Field(default_factory=list)
     files: list[Path] = Field(default_factory=list)
@@ -36,6 +40,8 @@ class TaskConfig(_Frozen):
     validation: float = Field(0.25, ge=0.0, lt=1.0)
     max_fit: int | None = Field(None, gt=0)
     split_seed: int = 0
+    max_new_tokens: int | None = Field(None, gt=0)
+    chat: bool = False
 
 
 class ObjectiveConfig(_Frozen):
@@ -96,6 +102,8 @@ class SearchConfig(_Frozen):
     """Metrics reported on the test split (configured apart from the search objective)."""
     device: str | None = None
     dtype: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    """Examples per forward pass (local) or per request (api); None: the backend's default."""
 
     @field_validator("optimizer")
     @classmethod

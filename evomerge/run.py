@@ -22,7 +22,7 @@ from evomerge.journal import Journal
 from evomerge.repository import Repository
 from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space
-from evomerge.tasks import Example, Splits, load_jsonl, split_search
+from evomerge.tasks import Example, Splits, generation_length, load_jsonl, split_search
 
 
 @dataclass(frozen=True)
@@ -124,15 +124,34 @@ def _experts(config: SearchConfig, available: Sequence[str]) -> tuple[str, ...]:
     return experts
 
 
+def _generation_length(config: SearchConfig, splits: Splits, limit: int | None = None) -> int:
+    """New tokens generation may take, alike on every split: task.max_new_tokens, else the longest
+    answer's `generation_length` over fit, validation and test. Past a provider's `limit`, a run
+    that generates is refused here in one line, not by every request."""
+    from evomerge.objectives import Objective
+
+    length = config.task.max_new_tokens or generation_length(splits.fit + splits.validation + splits.test)
+    tested = Objective({m: 1.0 for m in config.test_metrics})
+    generates = Objective.from_config(config.objective).needs_generation or tested.needs_generation
+    if limit is not None and length > limit and generates:
+        raise ConfigError(f"generation needs {length} new tokens (task.max_new_tokens, or the longest answer), "
+                          f"beyond the provider's max_tokens limit of {limit}; set task.max_new_tokens to at most "
+                          f"{limit} or shorten the answers")
+    return length
+
+
 def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
     """The api backend: the provider at --api-base, or the reference server started on loopback
     over the repository (default: the tiny demo zoo). The user's examples stay on this side."""
     from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
     from evomerge.objectives import Objective
+    from evomerge.serve.protocol import Limits
 
     local = config.api.base is None or config.repository is not None
     repo_dir = _repository_dir(config) if local else None
     repo = Repository.open(repo_dir) if repo_dir is not None else None
+    splits = load_splits(config.task, repo)
+    length = _generation_length(config, splits, Limits().max_tokens)
     base = config.api.base
     if base is None:
         from evomerge.serve.embedded import serving
@@ -140,14 +159,14 @@ def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
         print(f"starting the reference provider over {repo_dir} on loopback", flush=True)
         base = stack.enter_context(serving(repo_dir))
     options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
-               ("timeout", config.api.timeout), ("retries", config.api.max_retries))
+               ("timeout", config.api.timeout), ("retries", config.api.max_retries), ("chat", config.task.chat),
+               ("max_new_tokens", length)) + (() if config.batch_size is None else (("batch_size", config.batch_size),))
     probe = ApiBackend(base, api_key_env=config.api.key_env, **dict(options))
     try:
         probe.check()
         experts = _experts(config, probe.experts())
     finally:
         probe.close()
-    splits = load_splits(config.task, repo)
     caps = UsageCap(config.max_queries, config.max_tokens) if config.max_queries or config.max_tokens else None
     factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective),
                                   options, caps)
@@ -163,8 +182,15 @@ def _prepare_local(config: SearchConfig) -> Prepared:
     repo = Repository.open(repo_dir)
     splits = load_splits(config.task, repo)
     experts = _experts(config, list(repo.experts))
+    if config.task.chat:  # refused now in one line, not by every candidate's evaluator
+        from evomerge._imports import require
+        from evomerge.scoring import model_prompt
+
+        model_prompt(require("transformers", "task.chat").AutoTokenizer.from_pretrained(str(repo.base)), "", chat=True)
+    batch = {} if config.batch_size is None else {"batch_size": config.batch_size}
     factory = LocalEvaluatorFactory(str(repo_dir), splits, Objective.from_config(config.objective),
-                                    device=config.device, dtype=config.dtype)
+                                    device=config.device, dtype=config.dtype,
+                                    max_new_tokens=_generation_length(config, splits), chat=config.task.chat, **batch)
     kinds = {repo.experts[e].kind for e in experts}
     return Prepared(experts, evaluator=factory, base=str(repo.base),
                     expert_paths={e: str(repo.experts[e].path) for e in experts}, lora=kinds == {"lora"},

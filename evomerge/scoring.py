@@ -1,16 +1,20 @@
 """Shared scorers, so training, the local backend and the api provider judge answers the same way.
 
-The prompt/answer format (one format for training and scoring):
+The prompt/answer format (one format for training and scoring; the rule lives in
+`evomerge.serve.protocol`, which the provider and the api client use too):
 
-* the text the model sees is ``prompt + answer``; nothing is inserted between them, so a task
-  that wants a separator puts it at the end of its prompt (the zoo's prompts end in ``"= "``
-  style markers);
-* the prompt is tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds
-  one), the answer *separately* without them, and the two id lists are concatenated, so the
-  boundary between prompt and answer tokens is exact whatever the tokenizer merges;
+* the scored text is ``prompt + answer`` tokenized as one string, with the tokenizer's special
+  tokens (a BOS where it adds one; never scored), so a BPE tokenizer merges across the boundary
+  exactly as it does for the provider; a task that wants a separator ends its prompt with it;
+* trailing spaces of the prompt belong to the answer (``"Answer: "`` + ``"cold"`` scores the
+  token ``" cold"``, as ``"Answer:"`` + ``" cold"`` does); the answer tokens are those that end
+  after the prompt without them (the fast tokenizer's offsets say where), a straddling token included;
+* with ``chat`` the prompt is first wrapped in the tokenizer's chat template (a user turn, the
+  generation prompt added) and the text is tokenized without adding special tokens again;
 * for training an EOS id follows the answer (the model learns to stop); scoring measures the
   answer tokens only;
-* generation is greedy and stops at EOS or at the first newline; the text is stripped.
+* generation is greedy from the prompt without those trailing spaces and stops at EOS or at the
+  first newline; the text is stripped.
 
 Teacher-forced batches are right-padded (positions start at 0 in every row); generation batches
 are left-padded so every row's next token sits in the last column.
@@ -27,22 +31,38 @@ import numpy as np
 
 from evomerge._imports import require
 from evomerge.errors import TaskError
-from evomerge.tasks import Example
+from evomerge.serve.protocol import answer_start, chat_messages, chat_prompt, ends_after, generation_prompt
+from evomerge.tasks import Example, generation_length
 
 
 def _torch():
     return require("torch", "scoring with a local model")
 
 
-def encode(tokenizer: Any, prompt: str, answer: str, eos: bool = False) -> tuple[list[int], int]:
-    """Token ids of ``prompt + answer`` (and EOS when ``eos``) and the number of prompt ids."""
-    p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    a = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if eos:
-        if tokenizer.eos_token_id is None:
-            raise TaskError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
-        a.append(tokenizer.eos_token_id)
-    return p + a, len(p)
+def model_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> str:
+    """The text before the answer: `prompt`, or with `chat` its chat-templated user turn."""
+    return chat_prompt(tokenizer, chat_messages(prompt)) if chat else prompt
+
+
+def encode(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos: bool = False,
+           chat: bool = False) -> list[tuple[list[int], int]]:
+    """Per (prompt, answer): the token ids of the scored text (EOS appended when `eos`) and the
+    index of its first answer token (at least 1: the first token has no context to predict it);
+    the answer tokens run to the end. Special tokens a tokenizer appends after the text are
+    dropped (never scored; the model is causal, so nothing before them changes)."""
+    prompts = [model_prompt(tokenizer, p, chat) for p, _ in pairs]
+    enc = tokenizer([p + a for p, (_, a) in zip(prompts, pairs)], add_special_tokens=not chat,
+                    return_offsets_mapping=True)
+    if eos and tokenizer.eos_token_id is None:
+        raise TaskError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+    out = []
+    for ids, offsets, prompt, (_, answer) in zip(enc["input_ids"], enc["offset_mapping"], prompts, pairs):
+        mask = ends_after([end for _, end in offsets], answer_start(prompt))
+        if not answer or True not in mask:
+            raise TaskError(f"answer {answer!r} has no tokens; every example needs a non-empty answer")
+        last = len(mask) - mask[::-1].index(True)
+        out.append((list(ids[:last]) + ([tokenizer.eos_token_id] if eos else []), max(1, mask.index(True))))
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -70,7 +90,7 @@ class _evaluating:
 def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict:
     """A right-padded batch with labels on the answer (and EOS) tokens only, for causal-LM training."""
     torch = _torch()
-    encoded = [encode(tokenizer, p, a, eos=True) for p, a in pairs]
+    encoded = encode(tokenizer, pairs, eos=True)
     width = max(len(ids) for ids, _ in encoded)
     pad = _pad_id(tokenizer)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -85,7 +105,7 @@ def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict:
 
 
 def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int, chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per pair: mean answer cross-entropy and whether every answer token is the argmax given its
     prefix (lm-eval's ``is_greedy``), both from one forward pass."""
     torch = _torch()
@@ -94,10 +114,7 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
     device = _device(model)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        encoded = [encode(tokenizer, p, a) for p, a in chunk]
-        for (ids, n_prompt), (_, answer) in zip(encoded, chunk):
-            if len(ids) == n_prompt:
-                raise TaskError(f"answer {answer!r} has no tokens; every example needs a non-empty answer")
+        encoded = encode(tokenizer, chunk, chat=chat)
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((len(encoded), width), _pad_id(tokenizer), dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -120,18 +137,19 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
     return ce, greedy
 
 
-def answer_cross_entropy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
+def answer_cross_entropy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64,
+                         chat: bool = False) -> np.ndarray:
     """Per-example mean cross-entropy (nats per token) of the answer given the prompt."""
-    return answer_scores(model, tokenizer, examples, batch_size)[0]
+    return answer_scores(model, tokenizer, examples, batch_size, chat)[0]
 
 
-def answer_scores(model: Any, tokenizer: Any, examples: Sequence[Example],
-                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def answer_scores(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64,
+                  chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-example answer cross-entropy and greedy match (1.0 when greedy decoding would produce
     the answer's tokens), from one teacher-forced pass: the match costs no generation."""
     torch = _torch()
     with torch.no_grad(), _evaluating(model):
-        return _teacher_forced(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size)
+        return _teacher_forced(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size, chat)
 
 
 @lru_cache(maxsize=8)
@@ -143,10 +161,12 @@ def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]) + newline)
 
 
-def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 16,
-                     batch_size: int = 64) -> list[str]:
-    """Greedy answers to each prompt, cut at EOS or the first newline and stripped."""
+def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int | None = None,
+                     batch_size: int = 64, chat: bool = False) -> list[str]:
+    """Greedy answers to each prompt, cut at EOS or the first newline and stripped; at most
+    `max_new_tokens` tokens (default: `generation_length` of `examples`, so the longest answer fits)."""
     torch = _torch()
+    max_new_tokens = max_new_tokens or generation_length(examples)
     device = _device(model)
     stops = _stop_ids(tokenizer)
     stop_set = set(stops)
@@ -154,8 +174,9 @@ def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], ma
     answers: list[str] = []
     with torch.no_grad(), _evaluating(model):
         for start in range(0, len(examples), batch_size):
-            prompts = [list(tokenizer(e.prompt, add_special_tokens=True)["input_ids"])
-                       for e in examples[start : start + batch_size]]
+            chunk = examples[start : start + batch_size]
+            texts = [generation_prompt(model_prompt(tokenizer, e.prompt, chat)) for e in chunk]
+            prompts = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
             attention = torch.zeros_like(input_ids)
@@ -210,7 +231,8 @@ def text_scores(wanted: Sequence[str], answers: Sequence[str], examples: Sequenc
             for name, fn in TEXT_METRICS.items() if name in wanted}
 
 
-def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
+def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64,
+                    chat: bool = False) -> np.ndarray:
     """Per-example 1.0 when the choice of lowest answer cross-entropy is the gold answer."""
     torch = _torch()
     pairs: list[tuple[str, str]] = []
@@ -221,7 +243,7 @@ def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], bat
             raise TaskError(f"example {e.id or e.prompt[:30]!r}: answer {e.answer!r} is not among its choices")
         pairs.extend((e.prompt, c) for c in e.choices)
     with torch.no_grad(), _evaluating(model):
-        ce = _teacher_forced(model, tokenizer, pairs, batch_size)[0]
+        ce = _teacher_forced(model, tokenizer, pairs, batch_size, chat)[0]
     out = np.empty(len(examples), dtype=np.float64)
     at = 0
     for i, e in enumerate(examples):

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from evomerge.errors import TaskError
+from evomerge.serve.protocol import answer_start
 
 SPLITS = ("fit", "validation", "test")
+GENERATION_MARGIN = 4
+"""Tokens generated beyond the longest answer's bytes (a token that runs past its end, a stop)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,14 @@ def load_jsonl(path: str | Path, task: str | None = None) -> list[Example]:
     if not out:
         raise TaskError(f"{path} holds no examples; add JSONL lines with prompt and answer")
     return out
+
+
+def generation_length(examples: Iterable[Example]) -> int:
+    """How many new tokens generation needs so the longest answer can be produced whole: its UTF-8
+    bytes (with the prompt's trailing spaces it owns) plus a margin. A token covers at least one
+    byte, so the bound needs no tokenizer and the local and api backends derive the same length."""
+    return max((len((e.prompt[answer_start(e.prompt):] + e.answer).encode("utf-8")) for e in examples),
+               default=0) + GENERATION_MARGIN
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:

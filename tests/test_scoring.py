@@ -38,7 +38,7 @@ EXAMPLES = [Example("upper: cat = ", "CAT"), Example("a much longer prompt here 
 
 
 def test_encode_keeps_the_answer_boundary(tokenizer):
-    ids, n_prompt = scoring.encode(tokenizer, "ab", "cd", eos=True)
+    ((ids, n_prompt),) = scoring.encode(tokenizer, [("ab", "cd")], eos=True)
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids[n_prompt:-1]) == "cd"
     assert ids[-1] == tokenizer.eos_token_id
@@ -46,7 +46,7 @@ def test_encode_keeps_the_answer_boundary(tokenizer):
 
 def test_cross_entropy_matches_hand_computed_log_softmax(model, tokenizer):
     ex = EXAMPLES[0]
-    ids, n_prompt = scoring.encode(tokenizer, ex.prompt, ex.answer)
+    ((ids, n_prompt),) = scoring.encode(tokenizer, [(ex.prompt, ex.answer)])
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
     expected = -np.mean([logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))])
@@ -82,8 +82,9 @@ def test_generation_batched_equals_unbatched_and_follows_greedy(model, tokenizer
     batched = scoring.generate_answers(model, tokenizer, EXAMPLES, max_new_tokens=6)
     alone = [scoring.generate_answers(model, tokenizer, [e], max_new_tokens=6)[0] for e in EXAMPLES]
     assert batched == alone
-    # Reference greedy decode by hand for the first example.
-    ids = tokenizer(EXAMPLES[0].prompt)["input_ids"]
+    # Reference greedy decode by hand for the first example, from the prompt without its trailing
+    # space (which belongs to the answer).
+    ids = tokenizer(EXAMPLES[0].prompt.rstrip(" "))["input_ids"]
     out = []
     with torch.no_grad():
         for _ in range(6):
@@ -152,7 +153,7 @@ def test_f1():
 def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokenizer):
     examples = list(EXAMPLES)
     for i in range(200):  # prompts whose greedy continuation is text that re-encodes to the same ids
-        prompt = f"q{i} = "
+        prompt = f"q{i} ="
         ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False,
@@ -164,7 +165,7 @@ def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokeni
             break
     ce, greedy = scoring.answer_scores(model, tokenizer, examples, batch_size=3)
     for e, got in zip(examples, greedy):
-        ids, n_prompt = scoring.encode(tokenizer, e.prompt, e.answer)
+        ((ids, n_prompt),) = scoring.encode(tokenizer, [(e.prompt, e.answer)])
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
         assert got == float(all(int(logits[t - 1].argmax()) == ids[t] for t in range(n_prompt, len(ids))))

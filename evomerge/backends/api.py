@@ -4,7 +4,12 @@ The user's optimizer sees only answers. Two modes:
 - ``logprobs`` (default): send ``prompt + answer`` with ``echo`` and ``logprobs``, ``max_tokens`` 0,
   and the recipe as ``merge`` in the body; score the answer tokens here, so labels stay on the client.
 - ``session``: upload the examples once to the provider's merge session and get the loss back
-  (the paper's protocol: labels go to the provider).
+  (the paper's protocol: labels go to the provider). Plain prompts only: the session API has no
+  chat-template step, so ``chat`` with this mode is refused.
+Both follow `evomerge.serve.protocol`'s rule for the scored tokens, as the local backend does.
+With ``chat`` (``task.chat``) every request goes to /chat/completions, one example each: answers
+are scored as a final assistant message (``echo`` + ``continue_final_message``, vLLM's
+extensions) and generated after the user turn.
 Requests run on one background event loop with the `openai` async client: at most ``concurrency``
 in flight, retries with exponential backoff and jitter on 429/5xx/connection errors (honouring
 ``Retry-After``), and a `UsageCap` reserved before every request, so a query or token cap is never
@@ -30,11 +35,14 @@ from evomerge.errors import BackendError, BudgetExhausted, ConfigError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost, Score
-from evomerge.serve.protocol import MERGE_FIELD, answer_greedy, answer_nll
-from evomerge.tasks import Example, Splits
+from evomerge.serve.protocol import (MERGE_FIELD, all_greedy, answer_greedy, answer_nll, chat_messages,
+                                     generation_prompt, mean_nll)
+from evomerge.tasks import Example, Splits, generation_length
 
 MODES = ("logprobs", "session")
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+CHAT_TEMPLATE_TOKENS = 128
+"""What a chat template may add to one request's tokens (the caps reserve it; usage settles them)."""
 
 
 class UsageCap:
@@ -120,9 +128,10 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-def _token_bound(texts: Sequence[str]) -> int:
-    """An upper bound of the tokens of `texts` (a token covers at least one UTF-8 byte; 4 for specials)."""
-    return sum(len(t.encode("utf-8")) + 4 for t in texts)
+def _token_bound(texts: Sequence[str], chat: bool = False) -> int:
+    """An upper bound of the tokens of `texts` (a token covers at least one UTF-8 byte; 4 for specials,
+    `CHAT_TEMPLATE_TOKENS` more per text in a chat template)."""
+    return sum(len(t.encode("utf-8")) + 4 + (CHAT_TEMPLATE_TOKENS if chat else 0) for t in texts)
 
 
 @register_backend("api")
@@ -132,7 +141,8 @@ class ApiBackend(Backend):
     def __init__(self, api_base: str, api_key: str | None = None, api_key_env: str = "EVOMERGE_API_KEY",
                  model: str | None = None, mode: str = "logprobs", concurrency: int = 8, timeout: float = 60.0,
                  retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int = 16,
-                 caps: UsageCap | None = None, objective: Objective | None = None, max_new_tokens: int = 16) -> None:
+                 caps: UsageCap | None = None, objective: Objective | None = None, max_new_tokens: int | None = None,
+                 chat: bool = False) -> None:
         if mode not in MODES:
             raise ConfigError(f"api mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
         if concurrency < 1 or batch_size < 1 or retries < 0:
@@ -144,10 +154,14 @@ class ApiBackend(Backend):
         self.backoff, self.max_backoff, self.batch_size = backoff, max_backoff, batch_size
         self.caps = caps if caps is not None else UsageCap()
         self.objective = objective or Objective()
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.chat = max_new_tokens, chat
         if mode == "session" and (self.objective.metrics != ("ce",) or self.objective.needs_references):
             raise ConfigError("the session mode scores cross-entropy only; use objective metric 'ce' with the "
                               "mean or worst aggregate, or the logprobs mode")
+        if mode == "session" and chat:
+            raise ConfigError("the session mode scores plain prompts (it has no chat template step); "
+                              "set task.chat to false or use the logprobs mode")
+        self._per_request = 1 if chat else batch_size  # a chat request holds one conversation
         self._references: dict[tuple[str, ...], Objective] = {}
         self.memo = ExampleMemo()
         self.attempts = self.in_flight = self.max_in_flight = 0
@@ -224,10 +238,11 @@ class ApiBackend(Backend):
         tally = _Tally()
         examples = list(examples)
         tasks = [e.task for e in examples]
+        length = self.max_new_tokens or generation_length(examples)  # all given, not the memo's missing few
         try:
             per_example = self.memo.scores((recipe.key(), self.objective.metrics), examples,
-                                           lambda missing: self._run(self._metrics(recipe, missing, tally)))
-            objective = self._objective_for(examples, tally)
+                                           lambda missing: self._run(self._metrics(recipe, missing, tally, length)))
+            objective = self._objective_for(examples, tally, length)
         except (BackendError, BudgetExhausted) as exc:
             return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())
         loss = objective.loss(per_example, tasks)
@@ -246,20 +261,22 @@ class ApiBackend(Backend):
                      per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
                      example_ids=tuple(e.id for e in examples))
 
-    def _objective_for(self, examples: list[Example], tally: _Tally) -> Objective:
+    def _objective_for(self, examples: list[Example], tally: _Tally, length: int) -> Objective:
         """The objective, with the base model's per-task losses as references for ``normalized``
         (queried once per set of examples, paid by the evaluation that needs them first)."""
         if not self.objective.needs_references:
             return self.objective
         ids = tuple(e.id for e in examples)
         if ids not in self._references:
-            base = self._run(self._metrics(None, examples, tally))
+            base = self._run(self._metrics(None, examples, tally, length))
             self._references[ids] = self.objective.with_references(
                 self.objective.task_losses(base, [e.task for e in examples]))
         return self._references[ids]
 
-    async def _metrics(self, recipe: MergeRecipe | None, examples: list[Example], tally: _Tally) -> dict[str, Any]:
-        """Per-example values of each metric the objective needs, all requests in flight together."""
+    async def _metrics(self, recipe: MergeRecipe | None, examples: list[Example], tally: _Tally,
+                       length: int) -> dict[str, Any]:
+        """Per-example values of each metric the objective needs, all requests in flight together
+        (generation runs to `length` new tokens)."""
         np = require("numpy", "the api backend")
         wanted = self.objective.metrics
         pairs: dict[str, list[tuple[str, str]]] = {}
@@ -271,16 +288,17 @@ class ApiBackend(Backend):
                     raise BackendError(f"example {e.id!r} needs 'choices' holding its answer for choice accuracy")
             pairs["accuracy"] = [(e.prompt, c) for e in examples for c in e.choices or ()]
         prompts = [e.prompt for e in examples] if self.objective.needs_generation else []
-        chunks = sum(-(-len(p) // self.batch_size) for p in pairs.values()) + -(-len(prompts) // self.batch_size)
-        bound = _token_bound([p + a for v in pairs.values() for p, a in v] + prompts)
-        if not self.caps.fits(chunks, bound + len(prompts) * self.max_new_tokens):
+        size = self._per_request
+        chunks = sum(-(-len(p) // size) for p in pairs.values()) + -(-len(prompts) // size)
+        bound = _token_bound([p + a for v in pairs.values() for p, a in v] + prompts, self.chat)
+        if not self.caps.fits(chunks, bound + len(prompts) * length):
             raise BudgetExhausted(f"the caps leave too little for a {chunks}-query evaluation; "
                                   "raise --max-queries / --max-tokens to go on")
         if self.mode == "session":
             return {"ce": np.asarray(await self._score_session(recipe, examples, tally))}
         greedy = "greedy_match" in wanted
         jobs = [self._ce(recipe, v, tally, top=greedy and name == "ce") for name, v in pairs.items()]
-        jobs += [self._answers(recipe, prompts, tally)] if prompts else []
+        jobs += [self._answers(recipe, prompts, tally, length)] if prompts else []
         results = await _all(jobs)
         out: dict[str, Any] = {}
         for name, values in zip(pairs, results):
@@ -307,7 +325,8 @@ class ApiBackend(Backend):
     async def _ce(self, recipe: MergeRecipe | None, pairs: list[tuple[str, str]], tally: _Tally,
                   top: bool = False) -> list[tuple[float, float]]:
         """(answer NLL, greedy match or NaN) per pair; `top` asks for the best alternative per token."""
-        chunks = [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+        size = self._per_request
+        chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
         return [v for part in await _all([self._score_chunk(recipe, c, tally, top) for c in chunks]) for v in part]
 
     def _body(self, recipe: MergeRecipe | None, **fields: Any) -> dict[str, Any]:
@@ -318,6 +337,8 @@ class ApiBackend(Backend):
 
     async def _score_chunk(self, recipe: MergeRecipe | None, chunk: list[tuple[str, str]], tally: _Tally,
                            top: bool) -> list[tuple[float, float]]:
+        if self.chat:
+            return await self._score_chat(recipe, chunk[0], tally, top)
         texts = [p + a for p, a in chunk]
         body = self._body(recipe, prompt=texts, max_tokens=0, echo=True, logprobs=int(top))
 
@@ -326,8 +347,8 @@ class ApiBackend(Backend):
             if len(choices) != len(chunk) or any(not (c.get("logprobs") or {}).get("token_logprobs") for c in choices):
                 raise ValueError("the provider's answer lacks a choice or its logprobs")
             lps = [c["logprobs"] for c in choices]
-            out = [(answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], len(p)),
-                    answer_greedy(lp["tokens"], lp["token_logprobs"], lp.get("top_logprobs"), lp["text_offset"], len(p))
+            out = [(answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], p),
+                    answer_greedy(lp["tokens"], lp["token_logprobs"], lp.get("top_logprobs"), lp["text_offset"], p)
                     if top else math.nan)
                    for lp, (p, _) in zip(lps, chunk)]
             return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))
@@ -337,23 +358,50 @@ class ApiBackend(Backend):
         return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
                                    _json_object(parse), _token_bound(texts), tally)
 
-    async def _answers(self, recipe: MergeRecipe | None, prompts: list[str], tally: _Tally) -> list[str]:
-        """Greedy answers, cut at the first newline and stripped (as `evomerge.scoring` does locally)."""
+    async def _score_chat(self, recipe: MergeRecipe | None, pair: tuple[str, str], tally: _Tally,
+                          top: bool) -> list[tuple[float, float]]:
+        """(answer NLL, greedy match or NaN) of one answer as the final assistant message after the
+        user's prompt; the provider returns exactly the answer's tokens (`protocol`'s rule)."""
+        prompt, answer = pair
+        body = self._body(recipe, messages=chat_messages(prompt, answer), max_tokens=0, logprobs=True,
+                          echo=True, continue_final_message=True, add_generation_prompt=False,
+                          **({"top_logprobs": 1} if top else {}))
+
+        def parse(resp: Any) -> tuple[list[tuple[float, float]], int]:
+            content = resp["choices"][0]["logprobs"]["content"]
+            if not content:
+                raise ValueError("the provider's chat answer lacks the answer's logprobs")
+            lps = [c["logprob"] for c in content]
+            greedy = all_greedy(lps, [[t["logprob"] for t in c.get("top_logprobs") or ()] for c in content])
+            return [(mean_nll(lps), greedy if top else math.nan)], _tokens(resp, len(content))
+
+        return await self._request(lambda: self._client.post("/chat/completions", body=body, cast_to=object),
+                                   _json_object(parse), _token_bound([prompt + answer], chat=True), tally)
+
+    async def _answers(self, recipe: MergeRecipe | None, prompts: list[str], tally: _Tally, length: int) -> list[str]:
+        """Greedy answers of at most `length` tokens, cut at the first newline and stripped (as
+        `evomerge.scoring` does locally): a completion of the prompt without its trailing spaces,
+        or with `chat` the assistant's reply to the prompt as a user message."""
         async def chunk(part: list[str]) -> list[str]:
-            body = self._body(recipe, prompt=part, max_tokens=self.max_new_tokens)
+            if self.chat:
+                body = self._body(recipe, messages=chat_messages(part[0]), max_tokens=length)
+            else:
+                body = self._body(recipe, prompt=[generation_prompt(p) for p in part], max_tokens=length)
 
             def parse(resp: Any) -> tuple[list[str], int]:
                 choices = sorted(resp["choices"], key=lambda c: c["index"])
                 if len(choices) != len(part):
                     raise ValueError("the provider's answer lacks a choice")
-                texts = [str(c["text"]).split("\n", 1)[0].strip() for c in choices]
+                texts = [str(c["message"]["content"] if self.chat else c["text"]).split("\n", 1)[0].strip()
+                         for c in choices]
                 return texts, _tokens(resp, 0)
 
-            return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
-                                       _json_object(parse), _token_bound(part) + len(part) * self.max_new_tokens,
-                                       tally)
+            path = "/chat/completions" if self.chat else "/completions"
+            return await self._request(lambda: self._client.post(path, body=body, cast_to=object),
+                                       _json_object(parse), _token_bound(part, self.chat) + len(part) * length, tally)
 
-        parts = [prompts[i:i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
+        size = self._per_request
+        parts = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         return [a for part in await _all([chunk(p) for p in parts]) for a in part]
 
     async def _score_session(self, recipe: MergeRecipe, examples: list[Example], tally: _Tally) -> list[float]:
@@ -422,7 +470,16 @@ class ApiBackend(Backend):
                                "is --api-base the /v1 root of an OpenAI-compatible server?") from None
         if self.model is not None and self.model not in names:
             raise BackendError(f"{where} has no model {self.model!r}; it serves {', '.join(names[:10])}")
-        if self.mode == "logprobs":
+        if self.mode == "logprobs" and self.chat:
+            body = {"model": self.model or names[0], "messages": chat_messages("Hello", " world"), "max_tokens": 0,
+                    "logprobs": True, "echo": True, "continue_final_message": True, "add_generation_prompt": False}
+            try:
+                await self._request(lambda: self._client.post("/chat/completions", body=body, cast_to=object),
+                                    _json_object(_parse_chat_probe), _token_bound(["Hello world"], chat=True), None,
+                                    retries=1)
+            except BackendError as exc:
+                raise BackendError(f"{where} cannot score chat answers (task.chat): {exc}") from None
+        elif self.mode == "logprobs":
             try:
                 await self._request(lambda: self._client.completions.create(
                     model=self.model or names[0], prompt=["Hello world"], max_tokens=0, echo=True, logprobs=0),
@@ -470,6 +527,14 @@ def _parse_probe(resp: Any) -> tuple[None, int]:
     if choice is None or choice.logprobs is None or not choice.logprobs.token_logprobs:
         raise BackendError("it answers echo+logprobs requests without logprobs")
     return None, _tokens(resp, len(choice.logprobs.tokens))
+
+
+def _parse_chat_probe(resp: Any) -> tuple[None, int]:
+    content = ((resp["choices"][0].get("logprobs") or {}).get("content")) if resp.get("choices") else None
+    if not content:
+        raise BackendError("it answers echo + continue_final_message chat requests without logprobs.content "
+                           "(vLLM's extensions)")
+    return None, _tokens(resp, len(content))
 
 
 def _tokens(resp: Any, fallback: int) -> int:

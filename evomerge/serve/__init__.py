@@ -7,7 +7,8 @@ client sends it with ``extra_body={"merge": recipe.to_dict()}``):
 - GET  /v1/models: the base and every expert (an expert's name as `model` answers with it alone);
 - POST /v1/completions: `echo` + `logprobs` + `max_tokens` 0 returns the prompt's token logprobs,
   which is how the api backend scores answers with the labels kept on the client;
-- POST /v1/chat/completions;
+- POST /v1/chat/completions: the model's chat template (422 without one); `echo` +
+  `continue_final_message` + `logprobs` score a final assistant message (vLLM's extensions);
 - POST /v1/sessions, POST /v1/sessions/{id}/evaluate, DELETE /v1/sessions/{id}: the paper's
   protocol (examples uploaded once, then α/β in, loss out);
 - GET /v1/stats: merges (one per distinct recipe while the LRU cache holds it), cache hits, batches;

@@ -1,7 +1,8 @@
 """The reference provider: an OpenAI-compatible API whose every request may carry a merge recipe.
 
 Routes: GET /v1/models, POST /v1/completions (echo + logprobs for client-side scoring),
-POST /v1/chat/completions, the merge-session API (`evomerge.serve.sessions`), GET /v1/stats.
+POST /v1/chat/completions (the model's chat template; echo + continue_final_message + logprobs
+score a final assistant message), the merge-session API (`evomerge.serve.sessions`), GET /v1/stats.
 All model work goes through one `MergeWorker`, so one merge is active at a time and a burst
 for one recipe merges once. Every error is answered in OpenAI's error shape; none stops the server.
 """
@@ -16,10 +17,10 @@ import uuid
 from typing import Any, AsyncIterator
 
 from evomerge._imports import require
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, TaskError
 from evomerge.serve.guard import Guard
 from evomerge.serve.host import Generated, ModelHost, Scored
-from evomerge.serve.protocol import Limits
+from evomerge.serve.protocol import Limits, answer_start, chat_prompt, ends_after, generation_prompt
 from evomerge.serve.schemas import ApiError, ChatRequest, CompletionRequest, parse_merge
 from evomerge.serve.sessions import add_session_routes
 from evomerge.serve.worker import MergeWorker
@@ -114,18 +115,30 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> dict[str, Any]:
-        """OpenAI chat completions under the requested merge (greedy when temperature is 0)."""
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens or 16)
-        prompt = _chat_prompt(host, [m.model_dump() for m in req.messages])
+        """OpenAI chat completions under the requested merge (greedy when temperature is 0). With
+        `logprobs`, `choices[0].logprobs.content` holds the generated tokens; with `echo` and
+        `continue_final_message`, the final assistant message's tokens come first: that message
+        continues the templated prompt verbatim (as vLLM renders it for a template that keeps
+        content as is), and its tokens are those ending after the prompt (`protocol`'s rule)."""
+        max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None), 16)
+        prompt, final = _chat_turns(host, req)
         _check_batch([prompt], max_tokens, limits)
         recipe = parse_merge(req.merge, req.model, host, limits)
+        text = prompt + final
+        source = generation_prompt(text) if max_tokens > 0 else text  # what generation continues
         out, prompt_tokens = await worker.call(recipe, lambda h: (
-            h.generate([prompt], max_tokens, req.temperature, req.seed)[0], h.count_tokens(prompt)))
+            h.generate([source], max_tokens, req.temperature, req.seed, special=False)[0], h.count_tokens(text)))
+        full = source + out.text
+        start = answer_start(prompt) if req.echo else len(source)
+        logprobs = None
+        if req.logprobs:
+            (scored,) = await worker.score(recipe, [full], req.top_logprobs or 0, special=False)
+            logprobs = {"content": _chat_logprobs(scored, start), "refusal": None}
         worker.stats.queries += 1
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or host.base_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                             "finish_reason": "length", "logprobs": None}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": full[start:], "refusal": None},
+                             "finish_reason": "length", "logprobs": logprobs}],
                 "usage": _usage(prompt_tokens, out.tokens)}
 
     add_session_routes(app, host, worker, limits)
@@ -154,9 +167,29 @@ def _logprobs(s: Scored, start: int, top: int | None) -> dict[str, Any]:
             "top_logprobs": None if not top or s.top_logprobs is None else [s.top_logprobs[i] for i in keep]}
 
 
-def _chat_prompt(host: ModelHost, messages: list[dict[str, str]]) -> str:
-    """The model's chat template when its tokenizer has one, else a plain role-prefixed transcript."""
-    tokenizer = getattr(getattr(host, "runner", None), "tokenizer", None)
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+def _chat_turns(host: ModelHost, req: ChatRequest) -> tuple[str, str]:
+    """The templated prompt and the final assistant message it continues ("" unless
+    `continue_final_message`), or a 422 naming what is wrong."""
+    messages = [m.model_dump() for m in req.messages]
+    final = ""
+    if req.continue_final_message:
+        if req.add_generation_prompt or len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ApiError(422, "continue_final_message needs add_generation_prompt false and a final assistant "
+                                "message after the prompt", "continue_final_message")
+        final = messages.pop()["content"]
+    try:
+        return chat_prompt(host.tokenizer, messages, req.add_generation_prompt or req.continue_final_message), final
+    except TaskError as exc:
+        raise ApiError(422, str(exc), "messages") from None
+
+
+def _chat_logprobs(s: Scored, start: int) -> list[dict[str, Any]]:
+    """OpenAI's chat logprobs items for the tokens that end after character `start`."""
+    keep = ends_after([off + len(tok) for tok, off in zip(s.tokens, s.text_offset)], start)
+    tops = s.top_logprobs or [None] * len(s.tokens)
+
+    def item(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return [{**item(tok, lp), "top_logprobs": [item(t, v) for t, v in (top or {}).items()]}
+            for tok, lp, top, k in zip(s.tokens, s.token_logprobs, tops, keep) if k]

@@ -31,6 +31,7 @@ class EngineHost:
         self.engine = MergeEngine(repository, device=device, dtype=dtype)
         self.repository = repository
         self.runner = TransformersRunner(self.engine.model, self.engine.tokenizer)
+        self.tokenizer = self.engine.tokenizer
         self.base_name = "base"
         self.experts = tuple(sorted(repository.experts))
         self._params = dict(self.engine.model.named_parameters())
@@ -74,11 +75,12 @@ class EngineHost:
         """Memory a cached state holds (the server's LRU cache is bounded in bytes)."""
         return sum(t.numel() * t.element_size() for t in state.values())
 
-    def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
-        return self.runner.score(texts, top)
+    def score(self, texts: Sequence[str], top: int = 0, special: bool = True) -> list[Scored]:
+        return self.runner.score(texts, top, special)
 
-    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None) -> list[Generated]:
-        return self.runner.generate(prompts, max_tokens, temperature, seed)
+    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
+                 special: bool = True) -> list[Generated]:
+        return self.runner.generate(prompts, max_tokens, temperature, seed, special)
 
     def count_tokens(self, text: str) -> int:
         return self.runner.count_tokens(text)

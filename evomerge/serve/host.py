@@ -3,7 +3,8 @@
 A host applies merged weights (`merge` computes a state, `activate` patches it in) and runs
 teacher-forced scoring and generation on whatever is active. The server serialises every call
 through one worker thread, so a host need not be thread-safe. `TransformersRunner` holds the
-scoring and generation shared by every host built on a `transformers` causal LM.
+scoring and generation shared by every host built on a `transformers` causal LM. ``special``
+False tokenizes text without adding special tokens: chat-templated text carries its own.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ModelHost(Protocol):
 
     base_name: str
     experts: tuple[str, ...]
+    tokenizer: Any  # the chat route applies its chat template (`evomerge.serve.protocol.chat_prompt`)
 
     def check(self, recipe: MergeRecipe) -> None:
         """Raise `RecipeError` (naming the field) when this host cannot apply `recipe`."""
@@ -48,10 +50,11 @@ class ModelHost(Protocol):
     def activate(self, state: Any | None) -> None:
         """Make `state` (a `merge` result, or None for the base) the weights that answer."""
 
-    def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
+    def score(self, texts: Sequence[str], top: int = 0, special: bool = True) -> list[Scored]:
         """Log-probabilities of every token of each text under the active weights."""
 
-    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None) -> list[Generated]:
+    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
+                 special: bool = True) -> list[Generated]:
         """A continuation of each prompt, at most `max_tokens` tokens, under the active weights
         (one batched pass: a request's prompts share its merge)."""
 
@@ -74,10 +77,10 @@ class TransformersRunner:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def score(self, texts: Sequence[str], top: int = 0) -> list[Scored]:
+    def score(self, texts: Sequence[str], top: int = 0, special: bool = True) -> list[Scored]:
         torch = self.torch
         enc = self.tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True,
-                             padding=True, return_tensors="pt")
+                             padding=True, return_tensors="pt", add_special_tokens=special)
         device = self.model.device
         with torch.inference_mode():
             logits = self.model(input_ids=enc["input_ids"].to(device),
@@ -107,13 +110,15 @@ class TransformersRunner:
             out.append(Scored(tokens, lps, offs, alts if top_values is not None else None))
         return out
 
-    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None) -> list[Generated]:
+    def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
+                 special: bool = True) -> list[Generated]:
         torch = self.torch
         if max_tokens <= 0:
             return [Generated("", 0) for _ in prompts]
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"  # continuations line up
         try:
-            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.model.device)
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True,
+                                 add_special_tokens=special).to(self.model.device)
         finally:
             self.tokenizer.padding_side = side
         sample = temperature > 0

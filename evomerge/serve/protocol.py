@@ -1,16 +1,24 @@
-"""The wire contract shared by `evomerge serve` and the api backend, light enough for either side.
+"""The wire contract shared by `evomerge serve`, the api backend and the local scorers, light enough
+for either side.
 
-Both sides compute a per-example loss the same way: the mean negative log-probability of the
-answer tokens of ``prompt + answer`` (teacher forcing). The client does it from echoed logprobs
-(labels stay on the client), the provider does it in a merge session (labels go to the provider,
-as in the paper); sharing this function makes the two modes agree to float precision.
+One rule says which tokens are scored, so local and api backends (and training) agree on every
+tokenizer (lm-eval-harness's rule): the scored text is ``prompt + answer`` tokenized as one string;
+trailing spaces of the prompt belong to the answer (a BPE tokenizer merges ``" cold"`` into one
+token, so the boundary sits before them); the answer tokens are those that end after that
+boundary, a straddling token included. Generation continues the prompt with those spaces moved
+likewise. The mean negative log-probability of the answer tokens is the per-example loss: the
+client computes it from echoed logprobs (labels stay on the client), the provider in a merge
+session (labels go to the provider, as in the paper); sharing these functions makes every path
+agree to float precision.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
+
+from evomerge.errors import TaskError
 
 MERGE_FIELD = "merge"
 """The request-body field that carries a `MergeRecipe` dict (openai: ``extra_body={"merge": ...}``)."""
@@ -29,35 +37,74 @@ class Limits:
     max_sessions: int = 64
 
 
-def answer_token_mask(tokens: Sequence[str], text_offset: Sequence[int], prompt_chars: int) -> list[bool]:
-    """Which echoed tokens belong to the answer: those that end after the prompt does.
+def answer_start(prompt: str) -> int:
+    """Where the answer begins in ``prompt + answer``: before the prompt's trailing spaces (" " only;
+    a newline ends a prompt for good)."""
+    return len(prompt.rstrip(" "))
 
-    A token straddling the boundary (``"=4"`` for prompt ``"2+2="`` and answer ``"4"``) counts as
-    answer, so a non-empty answer always has at least one token to score.
-    """
-    return [off + len(tok) > prompt_chars for tok, off in zip(tokens, text_offset)]
+
+def generation_prompt(prompt: str) -> str:
+    """The text generation continues: the prompt without the trailing spaces the answer owns."""
+    return prompt[: answer_start(prompt)]
+
+
+def ends_after(token_ends: Sequence[int], chars: int) -> list[bool]:
+    """Which tokens end after character `chars`: a token straddling it counts, so a non-empty answer
+    always has a token to score. Special tokens (offsets (0, 0)) never do."""
+    return [end > chars for end in token_ends]
+
+
+def answer_token_mask(tokens: Sequence[str], text_offset: Sequence[int], prompt: str) -> list[bool]:
+    """Which echoed tokens of ``prompt + answer`` (OpenAI's completions logprobs) are answer tokens."""
+    return ends_after([off + len(tok) for tok, off in zip(tokens, text_offset)], answer_start(prompt))
+
+
+def mean_nll(logprobs: Sequence[float | None]) -> float:
+    """Mean negative log-probability of answer tokens (NaN when there is none)."""
+    picked = [lp for lp in logprobs if lp is not None]
+    return -sum(picked) / len(picked) if picked else math.nan
+
+
+def all_greedy(logprobs: Sequence[float | None], top_logprobs: Sequence[Sequence[float] | None]) -> float:
+    """1.0 when every answer token is its position's most likely one (its logprob is the best of
+    its alternatives), 0.0 when one is not, NaN when alternatives are missing."""
+    scored = [(lp, top) for lp, top in zip(logprobs, top_logprobs) if lp is not None]
+    if not scored or len(top_logprobs) < len(logprobs) or any(not top for _, top in scored):
+        return math.nan
+    return float(all(lp >= max(top) - 1e-6 for lp, top in scored))
+
+
+def answer_nll(tokens: Sequence[str], token_logprobs: Sequence[float | None], text_offset: Sequence[int],
+               prompt: str) -> float:
+    """Mean negative log-probability of the answer tokens of echoed ``prompt + answer``."""
+    mask = answer_token_mask(tokens, text_offset, prompt)
+    return mean_nll([lp for lp, m in zip(token_logprobs, mask) if m])
 
 
 def answer_greedy(tokens: Sequence[str], token_logprobs: Sequence[float | None],
                   top_logprobs: Sequence[dict[str, float] | None] | None, text_offset: Sequence[int],
-                  prompt_chars: int) -> float:
-    """1.0 when every answer token is its position's most likely one (its logprob is the best of
-    ``top_logprobs``), 0.0 when one is not, NaN when the provider sent no alternatives."""
+                  prompt: str) -> float:
+    """`all_greedy` over the answer tokens of echoed ``prompt + answer`` (NaN without ``top_logprobs``)."""
     if not top_logprobs:
         return math.nan
-    mask = answer_token_mask(tokens, text_offset, prompt_chars)
-    hits = [lp >= max(top.values()) - 1e-6 for lp, top, m in zip(token_logprobs, top_logprobs, mask)
-            if m and lp is not None and top]
-    if not hits or len(hits) < sum(m and lp is not None for lp, m in zip(token_logprobs, mask)):
-        return math.nan
-    return float(all(hits))
+    mask = answer_token_mask(tokens, text_offset, prompt)
+    picked = [(lp, list(top.values()) if top else None) for lp, top, m in zip(token_logprobs, top_logprobs, mask) if m]
+    return all_greedy([lp for lp, _ in picked], [top for _, top in picked])
 
 
-def answer_nll(tokens: Sequence[str], token_logprobs: Sequence[float | None], text_offset: Sequence[int],
-               prompt_chars: int) -> float:
-    """Mean negative log-probability of the answer tokens (NaN when the answer has no token)."""
-    mask = answer_token_mask(tokens, text_offset, prompt_chars)
-    picked = [lp for lp, m in zip(token_logprobs, mask) if m and lp is not None]
-    if not picked:
-        return math.nan
-    return -sum(picked) / len(picked)
+def chat_messages(prompt: str, answer: str | None = None) -> list[dict[str, str]]:
+    """A task prompt as a chat: the user's turn, and the answer to score as the assistant's."""
+    turns = [{"role": "user", "content": prompt}]
+    return turns if answer is None else turns + [{"role": "assistant", "content": answer}]
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """`messages` in the tokenizer's chat template, as text (tokenize it without adding special
+    tokens: the template carries them). Local scoring with ``task.chat`` and the provider's chat
+    route both call this, so both score the same tokens; a tokenizer without a template is refused
+    rather than given a made-up format neither the model nor another provider would use."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TaskError("the tokenizer has no chat template, which task.chat and /v1/chat/completions need; "
+                        "set task.chat to false, or use a model whose tokenizer has one")
+    return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)

@@ -51,6 +51,10 @@ class ChatMessage(_Body):
 
 
 class ChatRequest(_Body):
+    """OpenAI chat completions, with vLLM's extensions for scoring a final assistant message:
+    ``echo`` + ``continue_final_message`` (+ ``add_generation_prompt`` false) and ``max_tokens`` 0
+    return that message's token logprobs (`evomerge.serve.protocol`'s rule after the templated prompt)."""
+
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
@@ -58,6 +62,11 @@ class ChatRequest(_Body):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     n: int = Field(1, ge=1, le=1)
     seed: Seed | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
     merge: dict[str, Any] | None = None
 
 

@@ -100,7 +100,7 @@ def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: L
         scored = []
         for at in range(0, len(texts), limits.max_batch):
             scored += await worker.score(recipe, texts[at:at + limits.max_batch])
-        per = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, len(p)) for x, p in zip(scored, s.prompts)]
+        per = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, p) for x, p in zip(scored, s.prompts)]
         finite = [v for v in per if math.isfinite(v)]
         worker.stats.queries += 1
         return {"object": "merge.evaluation", "loss": sum(finite) / len(finite) if finite else None,

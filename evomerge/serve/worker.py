@@ -72,9 +72,11 @@ class MergeWorker:
         self._thread = threading.Thread(target=self._run, name="evomerge-merge-worker", daemon=True)
         self._thread.start()
 
-    async def score(self, recipe: MergeRecipe | None, texts: list[str], top: int = 0) -> list[Scored]:
-        """Teacher-forced logprobs of `texts` under `recipe` (batched with others of the same recipe)."""
-        return await self._submit(recipe, "score", (list(texts), top))
+    async def score(self, recipe: MergeRecipe | None, texts: list[str], top: int = 0,
+                    special: bool = True) -> list[Scored]:
+        """Teacher-forced logprobs of `texts` under `recipe` (batched with others of the same recipe;
+        `special` False: chat-templated texts, tokenized without adding special tokens)."""
+        return await self._submit(recipe, "score", (list(texts), top, special))
 
     async def call(self, recipe: MergeRecipe | None, fn: Callable[[ModelHost], Any]) -> Any:
         """Run `fn(host)` with `recipe` active (generation and other one-off work)."""
@@ -174,13 +176,16 @@ class MergeWorker:
             self._active = key
 
     def _run_scores(self, jobs: list[_Job]) -> None:
-        """One forward pass for all score jobs of this recipe (the largest `top` serves them all)."""
-        if not jobs:
-            return
+        """One forward pass for all score jobs of this recipe tokenized alike (plain or chat texts;
+        the largest `top` serves them all)."""
+        for special in sorted({j.payload[2] for j in jobs}):
+            self._score_pass([j for j in jobs if j.payload[2] == special], special)
+
+    def _score_pass(self, jobs: list[_Job], special: bool) -> None:
         texts = [t for j in jobs for t in j.payload[0]]
         top = max(j.payload[1] for j in jobs)
         try:
-            scored = self.host.score(texts, top)
+            scored = self.host.score(texts, top, special)
         except BaseException as exc:
             for job in jobs:
                 job.done(None, exc)

@@ -38,7 +38,7 @@ def reference_losses(host, recipe: MergeRecipe, examples) -> list[float]:
     host.activate(host.merge(recipe))
     scored = host.score([e.prompt + e.answer for e in examples])
     host.activate(None)
-    return [answer_nll(s.tokens, s.token_logprobs, s.text_offset, len(e.prompt)) for s, e in zip(scored, examples)]
+    return [answer_nll(s.tokens, s.token_logprobs, s.text_offset, e.prompt) for s, e in zip(scored, examples)]
 
 
 def test_logprobs_mode_scores_answer_tokens_like_the_host(backend, host) -> None:
@@ -307,7 +307,7 @@ def test_greedy_match_comes_from_the_same_echoed_pass(server, host) -> None:
     host.activate(host.merge(RECIPE))
     scored = host.score([e.prompt + e.answer for e in examples], top=1)
     host.activate(None)
-    expected = [answer_greedy(s.tokens, s.token_logprobs, s.top_logprobs, s.text_offset, len(e.prompt))
+    expected = [answer_greedy(s.tokens, s.token_logprobs, s.top_logprobs, s.text_offset, e.prompt)
                 for s, e in zip(scored, examples)]
     assert list(score.per_example["greedy_match"]) == expected
     assert expected[4:] and all(x == 1.0 for x in expected[4:])  # the model's own continuations are greedy

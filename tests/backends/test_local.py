@@ -48,7 +48,7 @@ def test_a_finish_after_a_minibatch_scores_only_the_rest(local_repo_dir, example
     equals a fresh evaluation on all of them."""
     b = LocalBackend(local_repo_dir, Objective({"ce": 1.0, "exact_match": 1.0}, "normalized"), device="cpu")
     seen, scores = [], b.scores
-    b.scores = lambda recipe, part: seen.append((recipe, len(part))) or scores(recipe, part)
+    b.scores = lambda recipe, part, length: seen.append((recipe, len(part))) or scores(recipe, part, length)
     try:
         mini = b.evaluate(MIX, examples[:3])
         full = b.evaluate(MIX, examples)

@@ -25,7 +25,7 @@ def test_a_session_returns_the_loss_of_each_alpha_beta(server, host) -> None:
     host.activate(host.merge(recipe))
     scored = host.score([e["prompt"] + e["answer"] for e in EXAMPLES])
     host.activate(None)
-    expected = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, len(e["prompt"])) for x, e in zip(scored, EXAMPLES)]
+    expected = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, e["prompt"]) for x, e in zip(scored, EXAMPLES)]
     assert r["per_example"] == pytest.approx(expected, abs=1e-4)
     assert r["loss"] == pytest.approx(sum(expected) / 5, abs=1e-4)
     assert r["example_ids"] == [e["id"] for e in EXAMPLES] and r["recipe_key"] == recipe.key()

@@ -17,6 +17,9 @@ CORPUS = [
 ] * 4
 
 EXPERTS = ("math", "colour", "french")
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>:{% endif %}")
+"""A short chat template (the provider's chat route needs one), ending without a space."""
 
 
 def build_tiny_repository(root: Path, experts: tuple[str, ...] = EXPERTS) -> Path:
@@ -34,6 +37,7 @@ def build_tiny_repository(root: Path, experts: tuple[str, ...] = EXPERTS) -> Pat
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
