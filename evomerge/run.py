@@ -208,6 +208,10 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
 def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
          progress: bool) -> tuple[SearchResult, TestReport | None]:
     space = build_space(config.space.name, list(prepared.experts), **_space_options(config, prepared))
+    if prepared.splits is not None:
+        s = prepared.splits
+        print(f"searching for {', '.join(s.tasks)}: {len(s.fit)} fit, {len(s.validation)} validation, "
+              f"{len(s.test)} test examples; {len(prepared.experts)} experts", flush=True)
     result = search(prepared.fitness, space, evaluator=prepared.evaluator, budget=config.budget,
                     optimizer=config.optimizer, seed=config.seed, journal=config.journal, resume=resume, force=force,
                     workers=config.workers, executor=config.executor, ray_address=config.ray_address,

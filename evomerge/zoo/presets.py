@@ -37,7 +37,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            expert_tasks=("upper", "first_letter", "last_letter", "reverse", "plural"),
            distractor_tasks=("parity", "length", "double"),
            ood_tasks=("upper_reverse", "upper_first"), n_distractors=3, sizes=(200, 40, 40), rank=8, lr=5e-3,
-           batch_size=16, chunk_steps=40, max_steps=80, distractor_steps=3, base_steps=200),
+           batch_size=16, chunk_steps=40, max_steps=160, distractor_steps=3, base_steps=800),
     Preset("smol", base="smol",
            expert_tasks=("upper", "first_letter", "last_letter", "plural", "add", "parity", "antonym", "sentiment"),
            distractor_tasks=("copy", "length", "reverse", "double", "upper", "first_letter", "last_letter", "plural",

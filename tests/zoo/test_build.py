@@ -52,17 +52,43 @@ def base(tiny_zoo):
 
 
 def test_each_expert_beats_the_base_on_its_task(tiny_zoo, base):
+    """What the builder guarantees, scored again here: on its search split each task expert's CE
+    is below 0.9x the base's (and the manifest says what it reached); on the unseen test split it
+    beats the base by CE or by cased exact match."""
     model, tokenizer = base
     m = _manifest(tiny_zoo)
     for name, e in m["experts"].items():
         if e["distractor"]:
             continue
+        search = load_jsonl(tiny_zoo / m["tasks"][e["task"]]["search"])
         test = load_jsonl(tiny_zoo / m["tasks"][e["task"]]["test"])
-        base_ce = scoring.answer_cross_entropy(model, tokenizer, test).mean()
+        base_ce = scoring.answer_cross_entropy(model, tokenizer, search).mean()
+        base_test = scoring.answer_cross_entropy(model, tokenizer, test).mean()
+        base_em = np.mean([scoring.exact_match(p, x.answer) for p, x in zip(scoring.generate_answers(model, tokenizer, test), test)])
         expert = peft.PeftModel.from_pretrained(model, tiny_zoo / e["path"]).eval()
-        expert_ce = scoring.answer_cross_entropy(expert, tokenizer, test).mean()
+        expert_ce = scoring.answer_cross_entropy(expert, tokenizer, search).mean()
+        expert_test = scoring.answer_cross_entropy(expert, tokenizer, test).mean()
+        expert_em = np.mean([scoring.exact_match(p, x.answer) for p, x in zip(scoring.generate_answers(expert, tokenizer, test), test)])
         model = expert.unload()
-        assert expert_ce < 0.9 * base_ce, f"{name}: expert CE {expert_ce:.3f} vs base {base_ce:.3f}"
+        assert expert_ce < 0.9 * base_ce, f"{name}: expert CE {expert_ce:.3f} vs base {base_ce:.3f} on its search split"
+        assert e["metrics"]["search"]["ce"] == pytest.approx(expert_ce, abs=2e-3)
+        assert e["metrics"]["base_search"]["ce"] == pytest.approx(base_ce, abs=2e-3)
+        assert expert_test < 0.9 * base_test or expert_em >= base_em + 0.25, (name, expert_test, base_test, expert_em)
+
+
+def test_an_expert_that_cannot_learn_fails_the_build_naming_it(tmp_path, monkeypatch):
+    """A fault put in on purpose: a learning rate of 0 leaves every expert at the base."""
+    import dataclasses
+
+    from evomerge.errors import RepositoryError
+    from evomerge.zoo import presets
+
+    frozen = dataclasses.replace(presets.PRESETS["tiny"], base_steps=2, lr=0.0, chunk_steps=1, max_steps=1,
+                                 attempts=2, n_distractors=0)
+    monkeypatch.setitem(presets.PRESETS, "tiny", frozen)
+    with pytest.raises(RepositoryError, match="expert 'upper' did not learn its task after 2 tries"):
+        build("tiny", tmp_path / "z", seed=0, progress=False)
+    assert not (tmp_path / "z").exists()  # nothing half-built is left where a zoo would be
 
 
 def test_task_files_are_those_of_the_seed(tiny_zoo, tmp_path):
