@@ -132,12 +132,12 @@ def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quality, "run_fixed", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        quality.main(["--repository", str(ensure_tiny()), "--quick", "--budget", "3", "--settings", "ood",
+        quality.main(["--repository", str(ensure_tiny()), "--quick", "--budget", "4", "--settings", "ood",
                       "--methods", DEFAULT, "best_single", "--search-per-task", "3", "--test-per-task", "2",
                       "--top-k", "1", "--out", str(tmp_path), "--tag", "cut"])
     setting = json.loads((tmp_path / "quality_cut.json").read_text())["settings"][0]
     assert [r["method"] for r in setting["rows"]] == [DEFAULT] and setting["complete"] is False
-    assert setting["rows"][0]["fit_evals"] == 3
+    assert setting["rows"][0]["fit_evals"] == 4  # the budget, paid exactly
     quality.main(["--combine", str(tmp_path / "quality_cut.json"), "--out", str(tmp_path), "--tag", "pooled"])
     md = (tmp_path / "quality_pooled.md").read_text()
     assert "cut short" in md and f"| **{DEFAULT}** (default) |" in md
