@@ -19,7 +19,7 @@ from evomerge.serve.embedded import ServerThread
 from evomerge.serve.protocol import answer_nll
 from evomerge.tasks import Example, Splits
 from tests.serve.fault_proxy import FaultProxy
-from tests.serve.fixtures import API_KEY, fresh_server, host, server, stats, tiny_repo  # noqa: F401
+from tests.serve.fixtures import API_KEY, fresh_server, host, local_and_api, server, stats, tiny_repo  # noqa: F401
 
 EXAMPLES = [Example(f"Question {i}: what colour is the sky? Answer:", [" blue", " grey", " four"][i % 3],
                     task=["sky", "math"][i % 2], id=f"e{i}") for i in range(10)]
@@ -101,19 +101,10 @@ def test_the_objective_aggregates_per_task(server) -> None:
 
 
 def test_every_metric_matches_the_local_backend(server, tiny_repo) -> None:
-    from evomerge.backends.local import LocalBackend
-
     examples = [Example(f"Question {i}: colour? Answer:", c[i % 3], task="sky", id=f"c{i}", choices=c)
                 for i, c in enumerate([(" blue", " grey", " four")] * 6)]
     objective = Objective(metric={"ce": 1.0, "accuracy": 1.0, "exact_match": 0.5, "f1": 0.5}, aggregate="normalized")
-    api = ApiBackend(server.base_url, api_key=API_KEY, objective=objective, batch_size=4, max_new_tokens=4)
-    local = LocalBackend(tiny_repo, objective, max_new_tokens=4)
-    try:
-        a, b = api.evaluate(RECIPE, examples), local.evaluate(RECIPE, examples)
-    finally:
-        api.close()
-        local.close()
-    assert a.ok and b.ok, (a.error, b.error)
+    b, a = local_and_api(tiny_repo, server.base_url, objective, examples, RECIPE, max_new_tokens=4)
     for metric in ("ce", "accuracy", "exact_match", "f1"):
         assert a.per_example[metric] == pytest.approx(b.per_example[metric], abs=1e-4), metric
     assert a.loss == pytest.approx(b.loss, abs=1e-4)

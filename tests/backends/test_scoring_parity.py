@@ -24,7 +24,7 @@ from evomerge.tasks import Example, generation_length  # noqa: E402
 from evomerge.serve.app import create_app  # noqa: E402
 from evomerge.serve.embedded import ServerThread, load_host  # noqa: E402
 from tests.backends.bpe_repo import CHAT_TEMPLATE, EXPERTS, build_bpe_repository, train_full_expert  # noqa: E402
-from tests.serve.fixtures import API_KEY, start_server  # noqa: E402
+from tests.serve.fixtures import API_KEY, local_and_api, start_server  # noqa: E402
 
 RECIPE = MergeRecipe("evo", EXPERTS, (0.8, -0.5), (0.7, 1.0))
 Q = "Question: what is the colour of {}? Answer:"
@@ -66,16 +66,8 @@ def chat_url(chat_repo: Path) -> Iterator[str]:
 
 def both(repo: Path, url: str, objective: Objective, examples: list[Example], recipe: MergeRecipe = RECIPE,
          **options: Any) -> tuple[Any, Any]:
-    """The local and the api score of `recipe` on `examples` (fresh backends: no memo shared)."""
-    local = LocalBackend(repo, objective, device="cpu", **options)
-    api = ApiBackend(url, api_key=API_KEY, objective=objective, batch_size=4, backoff=0.01, **options)
-    try:
-        a, b = local.evaluate(recipe, examples), api.evaluate(recipe, examples)
-    finally:
-        local.close()
-        api.close()
-    assert a.ok and b.ok, (a.error, b.error)
-    return a, b
+    """The local and the api score of `recipe` on `examples`."""
+    return local_and_api(repo, url, objective, examples, recipe, **options)
 
 
 def greedy_answers(repo: Path, examples: list[Example], max_new_tokens: int | None = None,

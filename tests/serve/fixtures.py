@@ -62,3 +62,20 @@ def fresh_server(tiny_repo: Path) -> Iterator[Any]:
 
 def stats(server: Any) -> dict[str, Any]:
     return httpx.get(server.base_url + "/stats", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+
+
+def local_and_api(repo: Path, url: str, objective: Any, examples: list[Any], recipe: Any, **options: Any) -> tuple[Any, Any]:
+    """The local and the api score of `recipe` on `examples` (fresh backends, so no memo is shared;
+    `options` go to both), after checking neither failed."""
+    from evomerge.backends.api import ApiBackend
+    from evomerge.backends.local import LocalBackend
+
+    local = LocalBackend(repo, objective, device="cpu", **options)
+    api = ApiBackend(url, api_key=API_KEY, objective=objective, batch_size=4, backoff=0.01, **options)
+    try:
+        a, b = local.evaluate(recipe, examples), api.evaluate(recipe, examples)
+    finally:
+        local.close()
+        api.close()
+    assert a.ok and b.ok, (a.error, b.error)
+    return a, b
