@@ -176,8 +176,7 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
     experts: dict[str, dict] = {}
     for index, task in enumerate(spec.expert_tasks):
         model, metrics = _train_expert(base, tokenizer, spec, splits[task], seed * 1000 + index, bar, task)
-        metrics["test"] = _metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens)
-        metrics.update(metrics["test"])
+        metrics.update(_metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens))  # test CE and EM
         bar.write(f"zoo {spec.name}: expert {task}: search CE {metrics['search']['ce']:.3f} EM {metrics['search']['exact_match']:.2f} "
                   f"(base {metrics['base_search']['ce']:.3f} / {metrics['base_search']['exact_match']:.2f}), "
                   f"{metrics['steps']} steps")
