@@ -18,9 +18,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.scoring import TEXT_METRICS
 
 METRICS = ("ce", "greedy_match", "exact_match", "exact_match_ci", "f1", "accuracy")
-TEXT = ("exact_match", "exact_match_ci", "f1")  # read off generated answers
+TEXT = tuple(TEXT_METRICS)  # read off generated answers
 AGGREGATES = ("mean", "normalized", "worst")
 
 
