@@ -107,12 +107,12 @@ class MergeEngine:
             yield self.model
 
     def save(self, recipe: MergeRecipe, path: str | Path) -> Path:
-        """Write the merged model (safetensors + config + tokenizer) to `path`, a loadable HF directory."""
-        path = Path(path)
-        with self.merged(recipe) as model:
-            model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+        """Write the merged model (safetensors + config + tokenizer) to `path`, a loadable HF directory,
+        streamed from the repository tensor by tensor (the resident weights are not touched)."""
+        from evomerge.merging.save import save_checkpoint
+
+        with self._lock:
+            return save_checkpoint(self.merger, recipe, path)
 
     def close(self) -> None:
         self.merger.close()

@@ -4,7 +4,11 @@ For one module and adapters (A_i, B_i) with scaling s_i = lora_alpha/r:
 - ``evo``: A_m = Σ β_i·S_{α_i}(A_i), B_m = Σ β_i·s_i·B_i, ΔW = B_m·A_m. With equal s_i this is
   exactly s·B_m·A_m (the paper's form); folding s_i into B keeps adapters of different alphas
   comparable. Quadratic in β; needs equal ranks.
-- ``evo_tv``: ΔW = Σ β_i·s_i·B_i·S_{α_i}(A_i), linear in β; any ranks.
+- ``evo_tv``: ΔW = Σ β_i·s_i·B_i·S_{α_i}(A_i), linear in β; any ranks. Task arithmetic, linear and
+  uniform over adapters are this with α = 1 and their effective weights.
+
+Each method returns the factors (B, A) of one module, not ΔW: the engine multiplies them, an
+adapter export writes them, so the exported adapter is the very merge that was scored.
 
 Adapters of one module and one rank are stacked ((N, r, in) and (N, out, r)), so a candidate
 costs one batched selection for all the prunings and one matmul, not N of each (18 adapters on a
@@ -76,8 +80,12 @@ class Term:
         return self.betas * self.stack.scaling[self.rows]
 
 
-def evo(terms: Sequence[Term], module: str) -> torch.Tensor:
-    """ΔW of the factor-wise Evo merge (one stack: the adapters must share a rank)."""
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""(B, A) of one module's merged update: ΔW = B·A."""
+
+
+def evo(terms: Sequence[Term], module: str) -> Factors:
+    """(B_m, A_m) of the factor-wise Evo merge at the experts' rank (one stack: equal ranks)."""
     if len(terms) > 1:
         ranks = ", ".join(f"{n} (r={t.stack.a.shape[1]})" for t in terms for n in t.names)
         raise RecipeError(f"method evo sums LoRA factors, which needs equal ranks, but {module} has {ranks}; "
@@ -85,19 +93,22 @@ def evo(terms: Sequence[Term], module: str) -> torch.Tensor:
     (t,) = terms
     a_m = torch.einsum("n,nri->ri", t.betas, t.pruned_a())
     b_m = torch.einsum("n,nor->or", t.scaled_betas(), t.stack.b[t.rows])
-    return b_m @ a_m
+    return b_m, a_m
 
 
-def evo_tv(terms: Sequence[Term], module: str) -> torch.Tensor:
-    """ΔW of the task-vector Evo variant, Σ β_i·s_i·B_i·S_{α_i}(A_i), one matmul per rank."""
-    total = None
+def concat(terms: Sequence[Term], module: str) -> Factors:
+    """B = [β_i·s_i·B_i], A = [S_{α_i}(A_i)] side by side along the rank, so B·A = Σ β_i·s_i·B_i·S_{α_i}(A_i):
+    the update of `evo_tv` and of every method linear in the task vectors, as one adapter of rank Σ r_i."""
+    bs, as_ = [], []
     for t in terms:
         b = t.stack.b[t.rows] * t.scaled_betas()[:, None, None]           # (n, out, r)
-        b_cat = b.permute(1, 0, 2).reshape(b.shape[1], -1)                # (out, n·r)
-        a_cat = t.pruned_a().reshape(-1, t.stack.a.shape[-1])             # (n·r, in)
-        term = b_cat @ a_cat
-        total = term if total is None else total.add_(term)
-    return total
+        bs.append(b.permute(1, 0, 2).reshape(b.shape[1], -1))            # (out, n·r)
+        as_.append(t.pruned_a().reshape(-1, t.stack.a.shape[-1]))        # (n·r, in)
+    return torch.cat(bs, 1), torch.cat(as_, 0)
 
 
-FACTOR_METHODS = {"evo": evo, "evo_tv": evo_tv}
+FACTOR_METHODS = {"evo": evo, "evo_tv": concat, "task_arithmetic": concat, "linear": concat, "uniform": concat}
+"""Methods whose LoRA part stays low-rank, and how each builds its factors."""
+
+PRUNES_A = ("evo", "evo_tv")
+"""Factor methods that read densities as keep ratios α of A (the classic ones ignore densities)."""

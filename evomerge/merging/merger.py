@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from evomerge.blocks import block_of
+from evomerge.errors import RecipeError
 from evomerge.merging import lora
 from evomerge.merging.methods import METHODS, Contribution, effective_weights
 from evomerge.recipe import MergeRecipe
@@ -59,12 +60,10 @@ class Merger:
     def deltas(self, recipe: MergeRecipe, base: BaseTensor) -> Iterator[tuple[str, torch.Tensor]]:
         """(tensor name, merged ΔW in float32) for every tensor `recipe` changes."""
         experts = [self.repository.expert(n) for n in recipe.experts]
-        blocks = tuple(b.name for b in recipe.blocks)
         factor_method = lora.FACTOR_METHODS.get(recipe.method)
         method = METHODS[recipe.method]
         for name in self.targets(recipe):
-            weights, densities = recipe.coefficients(block_of(name, blocks) if blocks else None)
-            weights = effective_weights(recipe.method, weights)
+            weights, densities = self._coefficients(recipe, name)
             base_t: torch.Tensor | None = None
 
             def base_f32() -> torch.Tensor:
@@ -74,23 +73,18 @@ class Merger:
                 return base_t
 
             contribs: list[Contribution] = []
-            picked: dict[int, list[int]] = {}   # rank -> indices into the recipe's experts
             for i, e in enumerate(experts):
                 density = None if densities is None else densities[i]
                 if e.kind == "full":
                     contribs.append(Contribution(e.name, weights[i], density, partial(self._task_vector, e, name, base_f32)))
-                elif name in e.modules:  # an adapter that leaves this tensor alone has τ_i = 0 here
-                    rank = e.modules[name].rank
-                    if factor_method is not None:
-                        picked.setdefault(rank, []).append(i)
-                    else:
-                        materialise = self._stacks[name][rank].materialise
-                        contribs.append(Contribution(e.name, weights[i], density, partial(materialise, e.name)))
-            terms = [self._term(self._stacks[name][rank], [experts[i].name for i in idx],
-                                [weights[i] for i in idx],
-                                [1.0 if densities is None else densities[i] for i in idx])
-                     for rank, idx in sorted(picked.items())]
-            delta = factor_method(terms, name) if terms else None
+                elif name in e.modules and factor_method is None:  # an adapter off this tensor has τ_i = 0 here
+                    materialise = self._stacks[name][e.modules[name].rank].materialise
+                    contribs.append(Contribution(e.name, weights[i], density, partial(materialise, e.name)))
+            terms = self._terms(recipe, name, experts, weights, densities) if factor_method is not None else []
+            delta = None
+            if terms:
+                b, a = factor_method(terms, name)
+                delta = b @ a
             if contribs:
                 part = method(contribs, name, recipe.seed)
                 delta = part if delta is None else delta.add_(part)
@@ -99,6 +93,45 @@ class Merger:
             if recipe.scale != 1.0:
                 delta.mul_(recipe.scale)
             yield name, delta
+
+    def low_rank(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(tensor name, B, A) with B·A the very ΔW `deltas` gives, for a recipe that stays low-rank:
+        LoRA experts only, merged by a factor method (`lora.FACTOR_METHODS`)."""
+        factor_method = lora.FACTOR_METHODS.get(recipe.method)
+        if factor_method is None:
+            raise RecipeError(f"a {recipe.method} merge of LoRA experts is not low-rank (it trims or drops entries "
+                              "of each full update B·A), so it has no adapter form; export the merged checkpoint "
+                              "(--model) instead")
+        experts = [self.repository.expert(n) for n in recipe.experts]
+        full = [e.name for e in experts if e.kind == "full"]
+        if full:
+            raise RecipeError(f"expert {full[0]!r} is a full checkpoint, so the merge has no adapter form; "
+                              "export the merged checkpoint (--model) instead")
+        for name in self.targets(recipe):
+            weights, densities = self._coefficients(recipe, name)
+            terms = self._terms(recipe, name, experts, weights, densities)
+            if terms:
+                b, a = factor_method(terms, name)
+                yield name, (b.mul_(recipe.scale) if recipe.scale != 1.0 else b), a
+
+    def _coefficients(self, recipe: MergeRecipe, name: str) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+        """The weights each expert's task vector is multiplied by on tensor `name`, and the densities."""
+        blocks = tuple(b.name for b in recipe.blocks)
+        weights, densities = recipe.coefficients(block_of(name, blocks) if blocks else None)
+        return effective_weights(recipe.method, weights), densities
+
+    def _terms(self, recipe: MergeRecipe, name: str, experts: list[Expert], weights: tuple[float, ...],
+               densities: tuple[float, ...] | None) -> list[lora.Term]:
+        """The adapters on tensor `name`, one `Term` per rank; an expert of weight 0 adds nothing (in
+        evo as well: β_i = 0 drops it from both factor sums), so it takes no rank."""
+        picked: dict[int, list[int]] = {}
+        for i, e in enumerate(experts):
+            if e.kind == "lora" and name in e.modules and weights[i] != 0.0:
+                picked.setdefault(e.modules[name].rank, []).append(i)
+        alphas = densities if densities is not None and recipe.method in lora.PRUNES_A else None
+        return [self._term(self._stacks[name][rank], [experts[i].name for i in idx], [weights[i] for i in idx],
+                           [1.0 if alphas is None else alphas[i] for i in idx])
+                for rank, idx in sorted(picked.items())]
 
     def _term(self, stack: lora.Stack, names: list[str], betas: list[float], alphas: list[float]) -> lora.Term:
         rows = torch.tensor([stack.rows[n] for n in names], device=self.device)
