@@ -32,10 +32,10 @@ SEED = 5
 
 
 def crash_campaign(root: Path, kills: int, budget: int) -> dict[str, Any]:
-    """`kills` random kill points (cycling evaluation / commit / checkpoint), each resumed."""
+    """`kills` random kill points (cycling evaluation / commit), each resumed."""
     ref = crash.reference_run(root / "reference.sqlite", budget, SEED)
     points = []
-    for i, (kind, after) in enumerate(crash.random_points(kills, budget, 2026, ref.last_checkpoint)):
+    for i, (kind, after) in enumerate(crash.random_points(kills, budget, 2026)):
         path = root / f"kill{i}.sqlite"
         start = time.perf_counter()
         point = crash.kill_during(path, budget, SEED, kind, after)

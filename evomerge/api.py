@@ -17,18 +17,13 @@ from evomerge.journal import Journal, Trial
 from evomerge.optimizers import Optimizer, make_optimizer
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
-from evomerge.scheduler.caps import Caps
+from evomerge.scheduler.ledger import Ledger
 from evomerge.scheduler.loop import Shared, StageRun
 from evomerge.scheduler.race import Race
 from evomerge.scheduler.selection import choose, shortlist, validate
 from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.score import Cost
 from evomerge.search_spaces._base import Plan, SearchSpace, as_plan
-
-
-CHECKPOINT_GENERATIONS = 10
-"""Optimizer checkpoints every this many generations of tells: a pickle costs milliseconds, and
-resume replays at most this many generations from the journal."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
            executor: str | Executor = "threads", ray_address: str | None = None, eval_timeout: float | None = None,
            max_retries: int = 2, lookahead: int | None = None, popsize: int | None = None,
            optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
-           max_tokens: int | None = None, checkpoint_every: int | None = None, progress: bool = False,
+           max_tokens: int | None = None, progress: bool = False,
            config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None,
            race: Race | None = None, start: bool = True) -> SearchResult:
     """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
@@ -109,7 +104,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     budgets = plan.budgets(budget)
     options = dict(optimizer_options or {})
     # Built before the journal exists, so a bad optimizer name or option leaves no file behind;
-    # its population size sets the default lookahead and checkpoint interval.
+    # its population size sets the default lookahead.
     probe = make_optimizer(optimizer, _probe_space(plan), seed=seed, popsize=popsize, **options)
     window = lookahead or max(probe.popsize, 2 * workers)
     fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
@@ -118,14 +113,15 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
                    "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
     store = _open_journal(journal, fingerprint, config, resume, force)
     pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
-    caps = Caps(max_queries, max_tokens)
+    bound = getattr(factory, "bound", None)
+    ledger = Ledger(store, max_queries, max_tokens, bound)
     bar = _progress(budget, store.count("fit") if resume else 0, progress)
-    shared = Shared(pool, store, caps, resumed=store.trials() if resume else [],
-                    on_result=lambda t: (bar(t), on_trial and on_trial(t)))
+    shared = Shared(pool, store, ledger, resumed=store.trials() if resume else [],
+                    on_result=lambda t: (bar(t), on_trial and on_trial(t)), paid=bound is not None)
     for t in shared.resumed:
         shared.by_key.setdefault((t.recipe.key(), t.split), t)
         if not t.cached:
-            caps.observe(t.score.cost)
+            ledger.observe(t.score.cost)
     try:
         summaries, all_trials, validated = [], [], {}
         previous: MergeRecipe | None = None
@@ -135,8 +131,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
             run = StageRun(stage, stage_space, stage_budget,
                            lambda sp, s=stage, b=stage_budget: _stage_optimizer(
                                sp, optimizer, options, seed + 1000 * s, popsize, b),
-                           shared, window, checkpoint_every or CHECKPOINT_GENERATIONS * probe.popsize, race, race_split,
-                           start, told)
+                           shared, window, race, race_split, start, told)
             trials = run.run()
             told = run.full_told
             all_trials.extend(trials)

@@ -19,19 +19,22 @@ def test_records_round_trip_in_commit_order(tmp_path):
                  per_example={"ce": (1.0, 2.0)}, example_ids=("x", "y")), 1.6, cached=False)
         j.record(0, 1, "fit", [0.3, 0.4], recipe(0.3), Score.failed("boom", Cost(1, 0, 0.1)), float("nan"), cached=False)
         j.record(0, 2, "fit", [0.1, 0.2], recipe(0.1), Score(1.5), 1.6, cached=True)
-        j.save_checkpoint(0, 2, b"state")
+        closed = j.reserve(0, 3, "fit", Cost(5, 500))
+        j.reserve(0, 4, "fit", Cost(2, 200))  # in flight when the run died
+        j.record(0, 3, "fit", [0.5, 0.5], recipe(0.5), Score(1.0, cost=Cost(1, 90)), 1.0, cached=False,
+                 reservation=closed)
     with Journal.open(path, {"run": 1}) as j:
         trials = j.trials()
-        assert [t.trial for t in trials] == [0, 1, 2]
-        first, failed, cached = trials
+        assert [t.trial for t in trials] == [0, 1, 2, 3]
+        first, failed, cached, _ = trials
         assert first.recipe == recipe(0.1) and first.z == (0.1, 0.2)
         assert first.score.per_example == {"ce": (1.0, 2.0)} and first.score.example_ids == ("x", "y")
         assert first.score.metrics == {"acc": 0.5} and first.objective == 1.6
         assert not failed.ok and failed.score.error == "boom"
         assert cached.cached
-        assert j.totals() == Cost(4, 40, pytest.approx(0.3))  # cached trials cost nothing
-        assert j.count("fit") == 2
-        assert j.latest_checkpoint(0) == (2, b"state")
+        assert j.totals() == Cost(5, 130, pytest.approx(0.3))  # cached trials cost nothing
+        assert j.count("fit") == 3
+        assert j.outstanding() == Cost(2, 200)  # a recorded result closes its reservation; the other stays
 
 
 def test_same_trial_cannot_be_committed_twice(tmp_path):

@@ -1,4 +1,4 @@
-"""The journal: SQLite record of every evaluation and optimizer checkpoint (resume, cache, report)."""
+"""The journal: SQLite record of every evaluation and spend reservation (resume, cache, report)."""
 
 from evomerge.journal.records import Trial
 from evomerge.journal.sqlite import Journal

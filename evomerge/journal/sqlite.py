@@ -1,9 +1,13 @@
-"""The journal: every evaluation and optimizer checkpoint of a run, in one SQLite file.
+"""The journal: every evaluation and spend reservation of a run, in one SQLite file.
 
 Only the scheduler writes it (one writer, append-only rows); a result is committed before it
 counts toward the budget, so a crash or `kill -9` loses at most evaluations in flight, which a
 resumed run asks again identically. WAL mode with synchronous=NORMAL survives a killed process
-(not a power cut) at ~0.1 ms a commit. Optimizer checkpoints live in their own versioned table.
+(not a power cut) at ~0.1 ms a commit. It holds data only: resume replays the journaled
+evaluations into a freshly seeded optimizer (an earlier version's pickled optimizer checkpoints
+are never read, so a journal from someone else cannot run code). A paid evaluation's spend is
+reserved in its own table before it is sent and closed when its result is recorded
+(`evomerge.scheduler.ledger`).
 """
 
 from __future__ import annotations
@@ -25,13 +29,11 @@ from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost, Score
 
 SCHEMA_VERSION = 1
-CHECKPOINT_VERSION = 1
 _MAGIC = "evomerge-journal"
 
 FAULT_COMMIT_DELAY = "EVOMERGE_FAULT_COMMIT_DELAY"
-FAULT_CHECKPOINT_DELAY = "EVOMERGE_FAULT_CHECKPOINT_DELAY"
-"""Fault hooks for the crash tests (tests/faults): seconds to sleep inside an open write
-transaction of an evaluation commit or a checkpoint, so a `kill -9` can land there. Unset: no-op."""
+"""Fault hook for the crash tests (tests/faults): seconds to sleep inside an open write
+transaction of an evaluation commit, so a `kill -9` can land there. Unset: no-op."""
 
 
 def _fault_delay(variable: str) -> None:
@@ -63,13 +65,14 @@ CREATE TABLE IF NOT EXISTS evaluations (
     UNIQUE (stage, trial, split)
 );
 CREATE INDEX IF NOT EXISTS evaluations_key ON evaluations (recipe_key, split);
-CREATE TABLE IF NOT EXISTS checkpoints (
+CREATE TABLE IF NOT EXISTS spend (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     stage INTEGER NOT NULL,
-    n_told INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    state BLOB NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (stage, n_told)
+    trial INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    queries INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    created REAL NOT NULL
 );
 """
 
@@ -126,7 +129,10 @@ class Journal:
         if refusal is not None:
             conn.close()
             raise JournalError(refusal)
-        return cls(path, cls._configure(conn))
+        conn = cls._configure(conn)
+        with conn:  # a journal of an earlier version gains the tables it lacks (none holds rows yet)
+            conn.executescript(_SCHEMA)
+        return cls(path, conn)
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -175,8 +181,9 @@ class Journal:
 
     # -- evaluations ------------------------------------------------------------------------
     def record(self, stage: int, trial: int, split: str, z: Any, recipe: MergeRecipe, score: Score,
-               objective: float, cached: bool) -> Trial:
-        """Commit one evaluation; it counts only once this returns."""
+               objective: float, cached: bool, reservation: int | None = None) -> Trial:
+        """Commit one evaluation; it counts only once this returns. Its spend `reservation`, if
+        any, is closed in the same transaction: from then on the row's own cost is its spend."""
         created = time.time()
         loss = score.loss if math.isfinite(score.loss) else None
         obj = objective if math.isfinite(objective) else None
@@ -190,6 +197,8 @@ class Journal:
                  dumps(_finite(score.metrics)), dumps({k: list(v) for k, v in score.per_example.items()} | (
                      {"_ids": list(score.example_ids)} if score.example_ids else {})),
                  score.cost.queries, score.cost.tokens, score.cost.seconds, int(cached), created))
+            if reservation is not None:
+                self._conn.execute("DELETE FROM spend WHERE id = ?", (reservation,))
         return Trial(int(cur.lastrowid), stage, trial, split, tuple(zl), recipe, score, objective, cached, created)
 
     def trials(self, stage: int | None = None, split: str | None = None) -> list[Trial]:
@@ -218,23 +227,26 @@ class Journal:
             " FROM evaluations WHERE cached = 0").fetchone()
         return Cost(int(q), int(t), float(s))
 
+    # -- spend reservations (evomerge.scheduler.ledger) ------------------------------------------
+    def reserve(self, stage: int, trial: int, split: str, cost: Cost) -> int:
+        """Commit a reservation of `cost` for an evaluation about to be sent, and return its id.
+        It commits at once, with whatever an open `batch` holds so far: a reservation must be
+        durable before its first request leaves, so a `kill -9` cannot forget the spend."""
+        cur = self._conn.execute("INSERT INTO spend (stage, trial, split, queries, tokens, created)"
+                                 " VALUES (?, ?, ?, ?, ?, ?)",
+                                 (stage, trial, split, cost.queries, cost.tokens, time.time()))
+        self._conn.commit()
+        return int(cur.lastrowid)
+
+    def outstanding(self) -> Cost:
+        """Reservations never closed by a recorded evaluation (a run killed while they were in
+        flight): what they may have spent, counted at their whole reservation."""
+        q, t = self._conn.execute("SELECT COALESCE(SUM(queries),0), COALESCE(SUM(tokens),0) FROM spend").fetchone()
+        return Cost(int(q), int(t))
+
     def count(self, split: str = "fit", paid_only: bool = True) -> int:
         sql = "SELECT COUNT(*) FROM evaluations WHERE split = ?" + (" AND cached = 0" if paid_only else "")
         return int(self._conn.execute(sql, (split,)).fetchone()[0])
-
-    # -- optimizer checkpoints ----------------------------------------------------------------
-    def save_checkpoint(self, stage: int, n_told: int, state: bytes) -> None:
-        with self._conn:
-            self._conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                               (stage, n_told, CHECKPOINT_VERSION, sqlite3.Binary(state), time.time()))
-            self._conn.execute("DELETE FROM checkpoints WHERE stage = ? AND n_told < ?", (stage, n_told))
-            _fault_delay(FAULT_CHECKPOINT_DELAY)
-
-    def latest_checkpoint(self, stage: int) -> tuple[int, bytes] | None:
-        row = self._conn.execute(
-            "SELECT n_told, state FROM checkpoints WHERE stage = ? AND version = ? ORDER BY n_told DESC LIMIT 1",
-            (stage, CHECKPOINT_VERSION)).fetchone()
-        return None if row is None else (int(row[0]), bytes(row[1]))
 
 
 def _finite(metrics: Any) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The base class keeps the bookkeeping (counts, best so far); a subclass implements `_ask` and
 `_tell`. `ask` never blocks waiting for tells (an asynchronous scheduler may ask ahead of a
 generation), and `tell` accepts points that were never asked, so a journal can be replayed.
-An optimizer is picklable: its pickle is the checkpoint the journal stores.
+An optimizer is picklable (a pickle resumes exactly); the journal never stores one: resume
+replays the journaled tells into a freshly seeded optimizer, so a journal holds data only.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Any executor fits: threads in this process, or Ray actors on a cluster. Backends are built by a
 picklable factory inside each worker, so they load once and evaluate many candidates.
+A paid evaluation also carries its `limit` (the spend the ledger reserved for it, enforced by the
+evaluator) and racing's `prior` (the candidate's minibatch score, so a finish on any worker pays
+only for the examples the minibatch did not score); the evaluator receives them as keywords.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from evomerge.errors import BackendError, ConfigError
 from evomerge.recipe import MergeRecipe
@@ -23,7 +26,8 @@ class Executor(Protocol):
 
     workers: int
 
-    def submit(self, recipe: MergeRecipe, split: str) -> "Future[Score]": ...
+    def submit(self, recipe: MergeRecipe, split: str, limit: Cost | None = None,
+               prior: Score | None = None) -> "Future[Score]": ...
 
     def shutdown(self) -> None: ...
 
@@ -35,6 +39,18 @@ class Job:
     recipe: MergeRecipe
     split: str
     future: "Future[Score]"
+    limit: Cost | None = None
+    prior: Score | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The evaluator's keywords: only those set, so an unpaid evaluator never sees them."""
+        return {k: v for k, v in (("limit", self.limit), ("prior", self.prior)) if v is not None}
+
+    def unknown_spend(self, error: str) -> Score:
+        """The failed score of an attempt whose spend is unknown (timed out, its worker dead): it
+        may have spent its whole limit, so that is its cost."""
+        return Score.failed(error, self.limit or Cost())
 
 
 class QueueExecutor:
@@ -53,12 +69,13 @@ class QueueExecutor:
         self._lock = threading.Lock()
         self._closed = False
 
-    def submit(self, recipe: MergeRecipe, split: str) -> "Future[Score]":
+    def submit(self, recipe: MergeRecipe, split: str, limit: Cost | None = None,
+               prior: Score | None = None) -> "Future[Score]":
         future: Future[Score] = Future()
         with self._lock:
             if self._closed:
                 raise BackendError(f"this {self.name} is shut down; create a new one to evaluate more")
-            self._jobs.put(Job(recipe, split, future))
+            self._jobs.put(Job(recipe, split, future, limit, prior))
         return future
 
     def _close(self) -> bool:
@@ -75,7 +92,8 @@ class QueueExecutor:
             if job is not None:
                 job.future.cancel()
 
-    def _timed_out(self, consequence: str) -> Score:
-        """The failed score of a candidate past `eval_timeout`; it cost the timeout."""
-        return Score.failed(f"timed out after {self.eval_timeout:g}s; {consequence}",
-                            Cost(seconds=float(self.eval_timeout or 0.0)))
+    def _timed_out(self, job: Job, consequence: str) -> Score:
+        """The failed score of a candidate past `eval_timeout`: it cost the timeout, and its whole
+        limit (what it went on spending after it was given up is not known)."""
+        score = job.unknown_spend(f"timed out after {self.eval_timeout:g}s; {consequence}")
+        return replace(score, cost=replace(score.cost, seconds=float(self.eval_timeout or 0.0)))

@@ -16,10 +16,9 @@ identical recipes are served from earlier results (cache) or wait on the one in 
 from __future__ import annotations
 
 import math
-import pickle
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -28,9 +27,9 @@ from evomerge.journal import Journal, Trial
 from evomerge.optimizers._base import Optimizer
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
-from evomerge.scheduler.caps import Caps
+from evomerge.scheduler.ledger import Grant, Ledger
 from evomerge.scheduler.race import Race
-from evomerge.score import STATUS_STOPPED, Score
+from evomerge.score import STATUS_STOPPED, Cost, Score
 from evomerge.search_spaces._base import SearchSpace
 
 STALL_LIMIT = 200
@@ -39,14 +38,33 @@ STALL_LIMIT = 200
 
 @dataclass
 class Shared:
-    """What every stage of a run shares: executor, journal, caps, the result cache."""
+    """What every stage of a run shares: executor, journal, spend ledger, the result cache.
+    `paid`: the evaluator takes a spend `limit` and racing's `prior` (it has a `bound`)."""
 
     executor: Executor
     journal: Journal
-    caps: Caps
+    ledger: Ledger
     resumed: list[Trial] = field(default_factory=list)
     by_key: dict[tuple[str, str], Trial] = field(default_factory=dict)
     on_result: Callable[[Trial], None] = lambda trial: None
+    paid: bool = False
+
+    def submit(self, stage: int, trial: int, recipe: MergeRecipe, split: str,
+               prior: Score | None = None) -> tuple[Future, Grant] | None:
+        """Reserve the evaluation's spend (journaled) and submit it; None when the caps leave too little now."""
+        grant = self.ledger.reserve(stage, trial, split)
+        if grant is None:
+            return None
+        future = self.executor.submit(recipe, split, limit=grant.limit, prior=prior if self.paid else None)
+        return future, grant
+
+    def record(self, stage: int, trial: int, split: str, z: object, recipe: MergeRecipe, score: Score,
+               objective: float, cached: bool, grant: Grant | None = None) -> Trial:
+        """Journal a result, closing its reservation in the same transaction, and settle the ledger."""
+        done = self.journal.record(stage, trial, split, z, recipe, score, objective, cached,
+                                   None if grant is None else grant.id)
+        self.ledger.settle(grant, score.cost)
+        return done
 
 
 @dataclass
@@ -55,7 +73,6 @@ class _Pending:
     recipe: MergeRecipe
     threshold: float | None = None
     """Racing's bar for this trial's minibatch objective (None: evaluate it fully at once)."""
-    minibatch: Score | None = None
 
 
 class StageRun:
@@ -66,62 +83,60 @@ class StageRun:
     result): the start is a sane merge by design (the uniform merge; a later stage's start is the
     previous stage's best, served from the cache), so it always competes in the final selection,
     and a search that only finds worse candidates returns it instead of one of them.
+
+    Resume replays the journal into a freshly seeded optimizer: every journaled trial is asked
+    again and served its journaled result, in the same order, so the optimizer reaches the state
+    it had without the journal holding anything but data (no pickle of an optimizer is ever
+    loaded: a journal from someone else cannot run code). Racing's minibatch results are journaled
+    as their own rows, so a crash between a minibatch and its finish does not pay the minibatch again.
     """
 
     def __init__(self, stage: int, space: SearchSpace, budget: int, make_optimizer: Callable[[SearchSpace], Optimizer],
-                 shared: Shared, lookahead: int, checkpoint_every: int, race: Race | None = None,
-                 race_split: str | None = None, start: bool = False, told: Sequence[float] = ()) -> None:
+                 shared: Shared, lookahead: int, race: Race | None = None, race_split: str | None = None,
+                 start: bool = False, told: Sequence[float] = ()) -> None:
         self.stage, self.space, self.budget, self.shared = stage, space, budget, shared
         self.race, self.race_split, self.start = race, race_split, start
         self.journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == "fit"}
+        self.minibatches = {t.trial: t for t in shared.resumed
+                            if t.stage == stage and race_split is not None and t.split == race_split}
         self.results: dict[int, Trial] = {}
         self.pending: dict[int, _Pending] = {}
-        self.futures: dict[Future, tuple[int, str]] = {}
+        self.futures: dict[Future, tuple[int, str, Grant]] = {}
         self.waiters: dict[tuple[str, str], list[int]] = {}
+        self.waiting: list[tuple[int, str, Score | None]] = []
+        """Evaluations the caps could not pay for yet: (trial, split, minibatch prior), in order."""
         self.trials: list[Trial] = []
-        self.checkpoint_every = max(1, checkpoint_every)
-        saved = shared.journal.latest_checkpoint(stage)
-        if saved is None:
-            self.opt = make_optimizer(space)
-            self.k_ask = self.k_tell = self.paid = self.stalled = 0
-            self.worst = -math.inf
-            restored: list[tuple[int, list[float], float | None]] = []
-        else:
-            state = pickle.loads(saved[1])
-            self.opt = state["optimizer"]
-            self.k_ask, self.k_tell, self.paid = state["k_ask"], state["k_tell"], state["paid"]
-            self.stalled, self.worst = state["stalled"], state["worst"]
-            restored = state["pending"]
-            self.trials = [t for k, t in sorted(self.journaled.items()) if k < self.k_tell]
+        self.opt = make_optimizer(space)
+        self.k_ask = self.k_tell = self.paid = self.stalled = 0
+        self.worst = -math.inf
         # Racing's bar carries over from earlier stages (`told`: same fit set, same objective), so
         # a later stage races from its first candidate instead of paying a fresh warmup in full.
-        self.full_told = [*told, *(t.objective for t in self.trials if t.ok)]
+        self.full_told = list(told)
         self.lookahead = max(1, lookahead)
-        for k, z, threshold in restored:  # asked before the checkpoint: already counted
-            self._dispatch(k, np.asarray(z, dtype=float), threshold, count=False)
 
     # -- asking ---------------------------------------------------------------------------------
-    def _can_ask(self) -> bool:
-        return (self.k_ask - self.k_tell < self.lookahead and self.paid < self.budget
-                and self.stalled < STALL_LIMIT and self.shared.caps.admit(self._paid_in_flight()))
-
-    def _paid_in_flight(self) -> int:
-        return sum(1 for _, split in self.futures.values() if split == "fit")
-
     def _ask_window(self) -> None:
-        while self._can_ask():
+        """Ask until the window is full. Whether to ask never depends on the caps' state at the
+        moment (a trial the caps cannot pay for yet waits), so a resumed run asks its journaled
+        trials between the same tells as the run that wrote them; only once the caps can pay for
+        nothing more, with nothing in flight to release, does the stage stop asking."""
+        self._submit_waiting()
+        while self.k_ask - self.k_tell < self.lookahead and self.paid < self.budget and self.stalled < STALL_LIMIT:
             threshold = self.race.threshold(self.full_told, self.opt.popsize) if self.race is not None else None
+            split = self.race_split if threshold is not None else "fit"
+            replayed = self.k_ask in self.journaled or self.k_ask in self.minibatches
+            if not replayed and self.shared.ledger.idle and not self.shared.ledger.affords(split):
+                return
             z = self.space.x0.copy() if self.start and self.k_ask == 0 else self.opt.ask()
             self._dispatch(self.k_ask, z, threshold)
             self.k_ask += 1
 
-    def _dispatch(self, k: int, z: np.ndarray, threshold: float | None, count: bool = True) -> None:
-        """Route trial k and, with `count`, update the counters: a paid trial resets the stall
-        count, one served without paying (journal cache hit, identical recipe) extends it."""
+    def _dispatch(self, k: int, z: np.ndarray, threshold: float | None) -> None:
+        """Route trial k and update the counters: a paid trial resets the stall count, one served
+        without paying (journal cache hit, identical recipe) extends it."""
         paid = self._route(k, z, threshold)
-        if count:
-            self.paid += paid
-            self.stalled = 0 if paid else self.stalled + 1
+        self.paid += paid
+        self.stalled = 0 if paid else self.stalled + 1
 
     def _route(self, k: int, z: np.ndarray, threshold: float | None) -> bool:
         """Send trial k to its journaled result, a cached result, an identical one in flight, or a
@@ -129,11 +144,11 @@ class StageRun:
         recipe = self.space.decode(z)
         self.pending[k] = _Pending(z, recipe, threshold)
         key = (recipe.key(), "fit")
-        old = self.journaled.get(k)
-        if old is not None:
-            if old.recipe.key() != key[0]:
-                raise JournalError(f"journal trial {k} of stage {self.stage} holds a different candidate than this run "
-                                   "asks; it was written by another version or configuration (start a new journal)")
+        old = self.journaled.get(k) or self.minibatches.get(k)
+        if old is not None and old.recipe.key() != key[0]:
+            raise JournalError(f"journal trial {k} of stage {self.stage} holds a different candidate than this run "
+                               "asks; it was written by another version or configuration (start a new journal)")
+        if k in self.journaled:
             self.results[k] = old
             self.shared.by_key.setdefault(key, old)
             return not old.cached
@@ -145,49 +160,74 @@ class StageRun:
             self.waiters[key].append(k)
             return False
         self.waiters[key] = [k]
-        split = self.race_split if threshold is not None else "fit"
-        self.futures[self.shared.executor.submit(recipe, split)] = (k, split)
+        if old is not None:  # a minibatch journaled before a crash: decide on it again
+            self._finish_or_stop(k, old)
+        else:
+            self.waiting.append((k, self.race_split if threshold is not None else "fit", None))
+            self._submit_waiting()
         return True
 
+    def _submit_waiting(self) -> None:
+        """Submit waiting evaluations in order while the ledger can reserve their spend."""
+        while self.waiting:
+            k, split, prior = self.waiting[0]
+            sent = self.shared.submit(self.stage, k, self.pending[k].recipe, split, prior)
+            if sent is None:
+                return
+            self.waiting.pop(0)
+            self.futures[sent[0]] = (k, split, sent[1])
+
+    def _abandon_waiting(self) -> None:
+        """Nothing is in flight and the caps cannot pay for what waits: end those trials (a raced
+        one keeps its minibatch score, stopped; a fresh one fails as over the caps)."""
+        for k, split, prior in self.waiting:
+            why = "the query/token caps leave too little for this evaluation; raise --max-queries / --max-tokens"
+            score = (replace(prior, status=STATUS_STOPPED, cost=Cost(), error=why) if prior is not None
+                     else Score.failed(f"BudgetExhausted: {why}"))
+            self._resolve(k, score)
+        self.waiting = []
+
     # -- results --------------------------------------------------------------------------------
-    def _complete(self, k: int, score: Score, cached: bool) -> None:
+    def _complete(self, k: int, score: Score, cached: bool, grant: Grant | None = None) -> None:
         p = self.pending[k]
         finite = score.ok or (score.status == STATUS_STOPPED and math.isfinite(score.loss))
         objective = score.loss + self.space.penalty(p.z) if finite else math.nan
-        trial = self.shared.journal.record(self.stage, k, "fit", p.z, p.recipe, score, objective, cached)
+        trial = self.shared.record(self.stage, k, "fit", p.z, p.recipe, score, objective, cached, grant)
         self.shared.by_key.setdefault((p.recipe.key(), "fit"), trial)
         self.results[k] = trial
         self.shared.on_result(trial)
+
+    def _resolve(self, k: int, score: Score, grant: Grant | None = None) -> None:
+        """Record trial k's final fit score and serve every identical trial waiting on it."""
+        first, *rest = self.waiters.pop((self.pending[k].recipe.key(), "fit"))
+        self._complete(first, score, cached=False, grant=grant)
+        for other in rest:
+            self._complete(other, score, cached=True)
 
     def _collect(self) -> None:
         done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
         with self.shared.journal.batch():
             for fut in sorted(done, key=lambda f: self.futures[f][0]):
-                k, split = self.futures.pop(fut)
+                k, split, grant = self.futures.pop(fut)
                 score = _result(fut)
-                self.shared.caps.observe(score.cost)
-                if split != "fit":
-                    score = self._raced(k, score)
-                    if score is None:
-                        continue
-                elif self.pending[k].minibatch is not None:
-                    score = replace(score, cost=score.cost + self.pending[k].minibatch.cost)
-                first, *rest = self.waiters.pop((self.pending[k].recipe.key(), "fit"))
-                self._complete(first, score, cached=False)
-                for other in rest:
-                    self._complete(other, score, cached=True)
+                if split == "fit":
+                    self._resolve(k, score, grant)
+                    continue
+                p = self.pending[k]
+                mini = self.shared.record(self.stage, k, split, p.z, p.recipe, score,
+                                          score.loss + self.space.penalty(p.z) if score.ok else math.nan, False, grant)
+                self._finish_or_stop(k, mini)
 
-    def _raced(self, k: int, mini: Score) -> Score | None:
-        """Decide a minibatch result: the final score if the trial stops here, or None once its
-        full evaluation is submitted."""
+    def _finish_or_stop(self, k: int, mini: Trial) -> None:
+        """Decide a journaled minibatch: the trial stops there (its fit row costs nothing more: the
+        minibatch row holds the spend), or its finish waits to be submitted with the minibatch as prior."""
         p = self.pending[k]
         if not mini.ok:
-            return mini
-        if mini.loss + self.space.penalty(p.z) > p.threshold:
-            return replace(mini, status=STATUS_STOPPED)
-        p.minibatch = mini
-        self.futures[self.shared.executor.submit(p.recipe, "fit")] = (k, "fit")
-        return None
+            self._resolve(k, replace(mini.score, cost=Cost()))
+        elif mini.loss + self.space.penalty(p.z) > p.threshold:
+            self._resolve(k, replace(mini.score, status=STATUS_STOPPED, cost=Cost()))
+        else:
+            self.waiting.append((k, "fit", mini.score))
 
     def _tell_ready(self) -> bool:
         """Tell the next result in ask order, then refill the window; False if it is not ready."""
@@ -205,15 +245,7 @@ class StageRun:
         self.trials.append(trial)
         self.k_tell += 1
         self._ask_window()
-        if self.k_tell % self.checkpoint_every == 0:
-            self._checkpoint()
         return True
-
-    def _checkpoint(self) -> None:
-        state = {"optimizer": self.opt, "k_ask": self.k_ask, "k_tell": self.k_tell, "paid": self.paid,
-                 "stalled": self.stalled, "worst": self.worst,
-                 "pending": [(k, p.z.tolist(), p.threshold) for k, p in sorted(self.pending.items())]}
-        self.shared.journal.save_checkpoint(self.stage, self.k_tell, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     def run(self) -> list[Trial]:
         """Evaluate until the budget is spent and every asked trial is told."""
@@ -221,8 +253,12 @@ class StageRun:
         while self.k_tell < self.k_ask:
             if self._tell_ready():
                 continue
+            self._submit_waiting()
             if not self.futures:
-                raise JournalError(f"stage {self.stage}: trial {self.k_tell} has no result and nothing is running")
+                if not self.waiting:
+                    raise JournalError(f"stage {self.stage}: trial {self.k_tell} has no result and nothing is running")
+                self._abandon_waiting()
+                continue
             self._collect()
         return self.trials
 
@@ -236,30 +272,39 @@ def _result(fut: Future) -> Score:
 
 
 def evaluate_once(shared: Shared, stage: int, trials: list[tuple[int, MergeRecipe]], split: str) -> dict[int, Trial]:
-    """Score fixed recipes on `split` (validation re-scoring), journaled and cached like search
-    trials; recipes a query/token cap cannot pay for are left out of the result."""
+    """Score fixed recipes on `split` (validation re-scoring, the test table), journaled and cached
+    like search trials, each reserved on the ledger before it is sent; recipes the caps cannot pay
+    for (once nothing else is in flight) are left out of the result."""
     out: dict[int, Trial] = {}
     journaled = {t.trial: t for t in shared.resumed if t.stage == stage and t.split == split}
-    futures: dict[Future, list[tuple[int, MergeRecipe]]] = {}
+    futures: dict[Future, tuple[Grant, list[tuple[int, MergeRecipe]]]] = {}
     submitted: dict[str, Future] = {}
+
+    def settle(fut: Future) -> None:
+        grant, group = futures.pop(fut)
+        score = _result(fut)
+        for i, (k, recipe) in enumerate(group):
+            out[k] = shared.record(stage, k, split, (), recipe, score, score.loss, cached=i > 0,
+                                   grant=grant if i == 0 else None)
+            shared.by_key.setdefault((recipe.key(), split), out[k])
+
     for k, recipe in trials:
         key = (recipe.key(), split)
         if k in journaled:
             out[k] = shared.by_key.setdefault(key, journaled[k])
         elif key in shared.by_key:
             hit = shared.by_key[key]
-            out[k] = shared.journal.record(stage, k, split, (), recipe, hit.score, hit.score.loss, cached=True)
-        elif key[0] in submitted:
-            futures[submitted[key[0]]].append((k, recipe))
-        elif shared.caps.admit(len(futures)):  # a capped run validates what the cap still pays for
-            fut = shared.executor.submit(recipe, split)
-            submitted[key[0]] = fut
-            futures[fut] = [(k, recipe)]
-    for fut, group in futures.items():
-        score = _result(fut)
-        for i, (k, recipe) in enumerate(group):
-            out[k] = shared.journal.record(stage, k, split, (), recipe, score, score.loss, cached=i > 0)
-            if i == 0:
-                shared.caps.observe(score.cost)
-                shared.by_key.setdefault((recipe.key(), split), out[k])
+            out[k] = shared.record(stage, k, split, (), recipe, hit.score, hit.score.loss, cached=True)
+        elif key[0] in submitted and submitted[key[0]] in futures:
+            futures[submitted[key[0]]][1].append((k, recipe))
+        else:
+            while (sent := shared.submit(stage, k, recipe, split)) is None and futures:
+                done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    settle(fut)
+            if sent is not None:
+                submitted[key[0]] = sent[0]
+                futures[sent[0]] = (sent[1], [(k, recipe)])
+    while futures:
+        settle(next(iter(futures)))
     return out

@@ -13,7 +13,9 @@ timeout of one candidate is the timeout of one `ray.get`.
 Failures never escape as exceptions: an actor that dies mid-candidate (killed, out of memory,
 a crash in native code) is replaced and the candidate retried up to ``max_retries`` times, then
 resolved as a failed `Score`; a candidate running past ``eval_timeout`` has its actor killed and
-replaced, and resolves as failed.
+replaced, and resolves as failed. A paid candidate (one with a spend `limit`) is not retried
+after a death: what the dead attempt spent is unknown, so it resolves as failed at its whole
+limit, and the scheduler's ledger decides whether anything more may be spent.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ class _EvalActor:
         """Returns once the evaluator is built (the pid, for tests and logs)."""
         return os.getpid()
 
-    def evaluate(self, recipe: MergeRecipe, split: str) -> Score:
+    def evaluate(self, recipe: MergeRecipe, split: str, options: dict[str, Any]) -> Score:
         start = time.perf_counter()
         try:
-            return self._evaluate(recipe, split)
+            return self._evaluate(recipe, split, **options)
         except Exception as exc:  # an evaluator should not raise; if it does, the failure is data
             return Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))
 
@@ -227,15 +229,17 @@ class RayExecutor(QueueExecutor):
                 if error:
                     errors.append(error)
                     continue
-            ref = self._actors[index].evaluate.remote(job.recipe, job.split)
+            ref = self._actors[index].evaluate.remote(job.recipe, job.split, job.options)
             try:
                 return self._ray.get(ref, timeout=self.eval_timeout)
             except self._ray.exceptions.GetTimeoutError:
                 self._replace(index, "timed out")
-                return self._timed_out("the worker was restarted")
+                return self._timed_out(job, "the worker was restarted")
             except self._lost as exc:
                 self._replace(index, "died")
                 errors.append(f"the worker died: {_reason(exc)}")
+                if job.limit is not None:
+                    return job.unknown_spend(f"{errors[-1]}; a paid evaluation is not retried (its spend is unknown)")
             except self._ray.exceptions.RayError as exc:  # e.g. a Score that cannot be unpickled
                 return Score.failed(_reason(exc))
         if self._closed:

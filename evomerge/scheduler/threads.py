@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future
 
 from evomerge.backends._base import EvaluatorFactory
-from evomerge.scheduler._base import QueueExecutor
+from evomerge.scheduler._base import Job, QueueExecutor
 from evomerge.score import Score
 
 
@@ -28,7 +28,7 @@ class ThreadExecutor(QueueExecutor):
         self.workers = max(1, int(workers))
         self._factory = factory
         self._threads: set[threading.Thread] = set()   # live, not abandoned
-        self._running: dict[Future[Score], threading.Thread] = {}
+        self._running: dict[Future[Score], tuple[threading.Thread, Job]] = {}
         for _ in range(self.workers):
             self._start_thread()
 
@@ -44,7 +44,7 @@ class ThreadExecutor(QueueExecutor):
             if not future.set_running_or_notify_cancel():
                 continue
             with self._lock:
-                self._running[future] = threading.current_thread()
+                self._running[future] = (threading.current_thread(), job)
             timer = None
             if self.eval_timeout is not None:
                 timer = threading.Timer(self.eval_timeout, self._expire, (future,))
@@ -52,7 +52,7 @@ class ThreadExecutor(QueueExecutor):
                 timer.start()
             try:
                 evaluator = evaluator or self._factory()
-                score = evaluator(job.recipe, job.split)
+                score = evaluator(job.recipe, job.split, **job.options)
             except Exception as exc:  # an evaluator that raises is a failed candidate, not a crash
                 score = Score.failed(f"{type(exc).__name__}: {exc}")
             if timer is not None:
@@ -64,11 +64,12 @@ class ThreadExecutor(QueueExecutor):
 
     def _expire(self, future: "Future[Score]") -> None:
         with self._lock:
-            thread = self._running.pop(future, None)
-            if thread is None:  # finished just in time
+            running = self._running.pop(future, None)
+            if running is None:  # finished just in time
                 return
+            thread, job = running
             self._threads.discard(thread)
-            future.set_result(self._timed_out("its thread was abandoned and replaced"))
+            future.set_result(self._timed_out(job, "its thread was abandoned and replaced"))
             if not self._closed:
                 self._start_thread()
 

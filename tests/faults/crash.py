@@ -3,8 +3,8 @@
 Kinds of kill point:
 - ``evaluation``: while no write transaction is open (the process is mostly inside the slowed
   fitness function);
-- ``commit``: inside an evaluation commit, held open by EVOMERGE_FAULT_COMMIT_DELAY;
-- ``checkpoint``: inside an optimizer checkpoint, held open by EVOMERGE_FAULT_CHECKPOINT_DELAY.
+- ``commit``: inside an evaluation commit, held open by EVOMERGE_FAULT_COMMIT_DELAY.
+(The journal holds no optimizer checkpoints any more: resume replays the evaluations.)
 
 Where the process is gets probed from outside with SQLite's own lock: ``BEGIN IMMEDIATE`` with
 no wait fails exactly while the search holds the journal's write transaction open. Shared by
@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.cli import main
-from evomerge.journal.sqlite import FAULT_CHECKPOINT_DELAY, FAULT_COMMIT_DELAY
+from evomerge.journal.sqlite import FAULT_COMMIT_DELAY
 
 ROOT = Path(__file__).resolve().parents[2]
 FITNESS = f"{ROOT / 'tests' / '_fitness.py'}:slow_demo"
-KINDS = ("evaluation", "commit", "checkpoint")
+KINDS = ("evaluation", "commit")
 EVAL_DELAY = "0.002"
 """Seconds per evaluation (EVOMERGE_TEST_DELAY of tests/_fitness.py): the run lasts seconds."""
-_HOLD = {"commit": (FAULT_COMMIT_DELAY, "0.05"), "checkpoint": (FAULT_CHECKPOINT_DELAY, "1.0")}
+_HOLD = {"commit": (FAULT_COMMIT_DELAY, "0.05")}
 
 
 def reference_args(journal: Path, budget: int, seed: int) -> list[str]:
@@ -46,9 +46,8 @@ def search(journal: Path, budget: int, seed: int, resume: bool = False, env: dic
            ) -> subprocess.Popen:
     """Start `python -m evomerge search --backend python` on the slowed demo fitness."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), EVOMERGE_TEST_DELAY=EVAL_DELAY, **(env or {}))
-    for name in (FAULT_COMMIT_DELAY, FAULT_CHECKPOINT_DELAY):
-        if env is None or name not in env:
-            full_env.pop(name, None)
+    if env is None or FAULT_COMMIT_DELAY not in env:
+        full_env.pop(FAULT_COMMIT_DELAY, None)
     args = [sys.executable, "-m", "evomerge", *reference_args(journal, budget, seed)]
     return subprocess.Popen(args + (["--resume"] if resume else []), env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -128,9 +127,6 @@ def _at(journal: Path, kind: str) -> bool:
     if not writing(journal):
         time.sleep(0.001)
         return False
-    if kind == "checkpoint":  # a commit, even with SQLite's own WAL checkpoint, is far shorter than the hold
-        time.sleep(0.3)
-        return writing(journal)
     return True
 
 
@@ -141,22 +137,10 @@ def _alive(proc: subprocess.Popen, deadline: float, kind: str, after: int) -> No
         raise AssertionError(f"no {kind} kill point after {after} evaluations in time")
 
 
-def last_checkpoint(journal: Path) -> int:
-    """Paid evaluations when a finished run wrote its last optimizer checkpoint."""
-    with sqlite3.connect(journal) as conn:
-        per_stage = dict(conn.execute("SELECT stage, COUNT(*) FROM evaluations WHERE split='fit' AND cached=0"
-                                      " GROUP BY stage").fetchall())
-        stage, n_told = conn.execute("SELECT stage, n_told FROM checkpoints ORDER BY stage DESC, n_told DESC"
-                                     " LIMIT 1").fetchone()
-    return sum(n for s, n in per_stage.items() if s < stage) + n_told
-
-
-def random_points(n: int, budget: int, seed: int, last_checkpoint: int) -> list[tuple[str, int]]:
-    """`n` (kind, after) kill points cycling through the kinds, `after` drawn at random; a
-    checkpoint kill lands in the first checkpoint written after `after` evaluations."""
+def random_points(n: int, budget: int, seed: int) -> list[tuple[str, int]]:
+    """`n` (kind, after) kill points cycling through the kinds, `after` drawn at random."""
     rng = random.Random(seed)
-    return [(kind, rng.randint(1, last_checkpoint - 10) if kind == "checkpoint" else rng.randint(1, budget - 5))
-            for kind in (KINDS[i % len(KINDS)] for i in range(n))]
+    return [(KINDS[i % len(KINDS)], rng.randint(1, budget - 5)) for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -165,7 +149,6 @@ class Reference:
 
     best: str
     evaluations: list[tuple]
-    last_checkpoint: int
 
 
 def reference_run(path: Path, budget: int, seed: int) -> Reference:
@@ -183,7 +166,7 @@ def reference_run(path: Path, budget: int, seed: int) -> Reference:
             os.environ["EVOMERGE_TEST_DELAY"] = old
     if code != 0:
         raise AssertionError(f"the reference run failed with exit code {code}")
-    return Reference(best_line(out.getvalue()), sorted(r[1:] for r in rows(path)), last_checkpoint(path))
+    return Reference(best_line(out.getvalue()), sorted(r[1:] for r in rows(path)))
 
 
 @dataclass(frozen=True)

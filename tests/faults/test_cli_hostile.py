@@ -125,7 +125,7 @@ def content(path: Path) -> list[list[tuple]]:
     main file, which changes bytes but not content)."""
     with sqlite3.connect(path) as conn:
         return [conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
-                for table in ("meta", "evaluations", "checkpoints")]
+                for table in ("meta", "evaluations", "spend")]
 
 
 def test_a_journal_of_another_configuration_is_refused_untouched_unless_forced(tmp_path) -> None:

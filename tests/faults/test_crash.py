@@ -1,4 +1,4 @@
-"""`kill -9` during an evaluation, a journal commit and an optimizer checkpoint, then `--resume`:
+"""`kill -9` during an evaluation and a journal commit, then `--resume`:
 no corruption, nothing lost or paid twice, and the uninterrupted run's result."""
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def resume_and_check(path: Path, budget: int, ref: Reference) -> None:
     assert done.ok(budget)
 
 
-def test_sigkill_in_an_evaluation_a_commit_and_a_checkpoint_then_resume(tmp_path, reference) -> None:
+def test_sigkill_in_an_evaluation_and_commits_then_resume(tmp_path, reference) -> None:
     """One run killed three times (the later kills hit resumed runs), then resumed to the end."""
     path = tmp_path / "run.sqlite"
     committed, again = 0, False
-    for kind, after in (("evaluation", 37), ("commit", 91), ("checkpoint", 120)):
+    for kind, after in (("evaluation", 37), ("commit", 91), ("commit", 120)):
         before = rows(path) if again else []
         point = kill_during(path, BUDGET, SEED, kind, max(after, committed + 1), resume=again)
         assert committed < point.committed < BUDGET, kind
@@ -55,7 +55,7 @@ def test_sigkill_in_an_evaluation_a_commit_and_a_checkpoint_then_resume(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(SLOW_POINTS))
 def test_sigkill_at_random_points_then_resume(tmp_path, slow_reference, index) -> None:
-    kind, after = random_points(SLOW_POINTS, SLOW_BUDGET, 2026, slow_reference.last_checkpoint)[index]
+    kind, after = random_points(SLOW_POINTS, SLOW_BUDGET, 2026)[index]
     path = tmp_path / "run.sqlite"
     point = kill_during(path, SLOW_BUDGET, SEED, kind, after)
     assert point.committed >= after
