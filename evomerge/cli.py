@@ -17,7 +17,7 @@ def _search(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("backend", "budget", "optimizer", "seed", "journal", "workers",
                                                 "fitness", "output", "repository", "executor", "ray_address",
-                                                "eval_timeout", "max_queries", "max_tokens")}
+                                                "eval_timeout", "max_queries", "max_tokens", "export_model")}
     if args.workers and args.workers > 1 and args.executor is None:
         overrides["executor"] = "ray"
     if args.api_base is not None:
@@ -84,11 +84,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evomerge.export import write_exports
+    from evomerge.export import write_exports, write_model
     from evomerge.report import load_run
+    from evomerge.run import run_repository
 
     run = load_run(args.journal)
-    paths = write_exports(run.best.recipe, args.out or Path(args.journal).with_suffix(""), args.base)
+    weights = args.adapter is not None or args.model is not None
+    repo = run_repository(run.config, args.repository, need=weights)
+    paths = write_exports(run.best.recipe, args.out or Path(args.journal).with_suffix(""), repo, args.base)
+    if weights:
+        paths.update(write_model(run.best.recipe, repo, args.adapter, args.model, device=args.device))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -138,17 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
     s.add_argument("--race", type=float, metavar="FRACTION",
                    help="score candidates on this fraction of the fit examples first; finish only the promising")
-    s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML and config")
+    s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML, config and (local "
+                                               "backend) the merged adapter or checkpoint")
+    s.add_argument("--no-export-model", dest="export_model", action="store_false", default=None,
+                   help="local backend: do not write the merged adapter or checkpoint into --output")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_search)
     r = sub.add_parser("report", help="write a Markdown report with plots from a journal")
     r.add_argument("journal", type=Path)
     r.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
     r.set_defaults(func=_report)
-    e = sub.add_parser("export", help="write the best recipe as JSON and mergekit YAML")
+    e = sub.add_parser("export", help="write the best recipe as JSON and mergekit YAML, a PEFT adapter or a merged model")
     e.add_argument("journal", type=Path)
     e.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
-    e.add_argument("--base", default="BASE_MODEL", help="base model path to write into the mergekit YAML")
+    e.add_argument("--base", default="BASE_MODEL", help="base model name for the mergekit YAML when no repository is known")
+    e.add_argument("--repository", type=Path, help="the repository the run searched (default: the run's config)")
+    e.add_argument("--adapter", type=Path, metavar="DIR", help="write the merge as one PEFT LoRA adapter (low-rank methods)")
+    e.add_argument("--model", type=Path, metavar="DIR", help="write the merged Hugging Face checkpoint (any method)")
+    e.add_argument("--device", help="merge on this device (default: cpu)")
     e.set_defaults(func=_export)
     from evomerge.serve.cli import register as register_serve
     from evomerge.zoo.cli import register as register_zoo

@@ -90,6 +90,8 @@ class SearchConfig(_Frozen):
     top_k: int = Field(5, ge=1)
     journal: Path | None = None
     output: Path | None = None
+    export_model: bool = True
+    """Local backend: also write the merged adapter (or checkpoint) into `output`."""
     fitness: str | None = None
     repository: Path | None = None
     experts: list[str] | None = None

@@ -1,70 +1,183 @@
-"""Exports of a recipe: JSON (evomerge's own) and a mergekit YAML for the methods both share.
+"""Exports of a recipe: JSON (evomerge's own), a mergekit YAML, a PEFT adapter, a merged checkpoint.
 
-mergekit has no Evo-Merging method; an `evo`/`evo_tv` recipe is exported as the nearest mergekit
-merge (task arithmetic of the LoRA-augmented experts, β as weights) and the YAML says so.
+The mergekit YAML is exact for the methods mergekit shares: every per-tensor weight is the one
+evomerge multiplies that tensor's task vector by, block overrides become filters checked against
+every base tensor name (mergekit takes the first filter that is a substring of the name), LoRA
+experts are ``base+adapter`` references. What mergekit cannot express (the keep ratios α of
+`evo`/`evo_tv`, the factor products of `evo`, the exact DARE masks) is said in a comment at the top.
+The adapter and checkpoint come from `evomerge.merging.save` (torch loads only there).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Sequence
 
 import yaml
 
 from evomerge.blocks import block_of
-from evomerge.recipe import MergeRecipe
+from evomerge.errors import RecipeError
+from evomerge.recipe import MergeRecipe, effective_weights
+from evomerge.repository import Repository
 
-_MERGEKIT = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "linear",
+_MERGEKIT = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "task_arithmetic",
              "uniform": "task_arithmetic", "evo": "task_arithmetic", "evo_tv": "task_arithmetic"}
+_LAYER_PART = 3  # "model.layers.N.self_attn.q_proj.weight" -> group "model.layers.N.self_attn."
+
+Value = Callable[[tuple[float, ...], "tuple[float, ...] | None"], float]
+"""One expert's mergekit parameter from the weights and densities in force on a tensor."""
 
 
-def _value(recipe: MergeRecipe, i: int, field: str, num_layers: int | None) -> Any:
-    """A per-expert parameter, as mergekit's filter list where blocks override it."""
-    pick = (lambda w, d: w[i]) if field == "weight" else (lambda w, d: None if d is None else d[i])
-    default = pick(recipe.weights, recipe.densities)
-    if not recipe.blocks or num_layers is None:
+def _values(recipe: MergeRecipe, as_linear: bool) -> dict[str, Callable[[int], Value]]:
+    """mergekit's per-expert parameters, each as a function of the coefficients in force."""
+    def weight(i: int) -> Value:
+        def f(w: tuple[float, ...], d: tuple[float, ...] | None) -> float:
+            if as_linear:                              # mergekit's linear normalises by Σw itself
+                return w[i]
+            ew = effective_weights(recipe.method, w)[i]
+            if recipe.method == "dare":                # evomerge rescales survivors by 1/density
+                density = 1.0 if d is None else d[i]
+                return 0.0 if density == 0.0 else ew / density
+            return ew
+        return f
+
+    def density(i: int) -> Value:
+        return lambda w, d: 1.0 if d is None else d[i]
+
+    return {"weight": weight, **({"density": density} if recipe.method in ("ties", "dare") else {})}
+
+
+def _groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """Base tensors by the component after their layer index (one filter covers each group)."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        i = next((k for k, p in enumerate(parts[:-1]) if p == "layers" and parts[k + 1].isdigit()), None)
+        key = name if i is None or len(parts) <= i + _LAYER_PART else ".".join(parts[: i + _LAYER_PART]) + "."
+        out.setdefault(key, []).append(name)
+    return out
+
+
+def _resolve(entries: list[dict[str, Any]], name: str) -> float:
+    """What mergekit takes for tensor `name`: the first entry whose filter is a substring of it."""
+    return next(e["value"] for e in entries if "filter" not in e or e["filter"] in name)
+
+
+def _setting(recipe: MergeRecipe, value: Value, names: Sequence[str]) -> Any:
+    """A scalar, or mergekit filters giving each base tensor the value evomerge uses on it."""
+    default = value(*recipe.coefficients(None))
+    if not recipe.blocks or not names:
         return default
-    entries = []
-    for layer in range(num_layers):
-        for module, kind in (("self_attn", "attn"), ("mlp", "mlp")):
-            name = block_of(f"model.layers.{layer}.{module}.x", [b.name for b in recipe.blocks])
-            if name is not None:
-                value = pick(*recipe.coefficients(name))
-                if value is not None:
-                    entries.append({"filter": f"layers.{layer}.{module}.", "value": value})
-    return entries + [{"value": default}] if entries else default
+    blocks = tuple(b.name for b in recipe.blocks)
+    want = {n: value(*recipe.coefficients(block_of(n, blocks))) for n in names}
+    for grouped in (True, False):
+        entries = []
+        for key, members in (_groups(names) if grouped else {n: [n] for n in sorted(names, key=len, reverse=True)}).items():
+            values = {want[m] for m in members}
+            if len(values) == 1 and (v := values.pop()) != default:
+                entries.append({"filter": key, "value": v})
+        entries.append({"value": default})
+        if all(_resolve(entries, n) == want[n] for n in names):
+            return entries if len(entries) > 1 else default
+    raise RecipeError("the block overrides cannot be written as mergekit filters over these tensor names")
 
 
-def to_mergekit(recipe: MergeRecipe, base: str, expert_paths: Mapping[str, str] | None = None,
-                lora: bool = False, num_layers: int | None = None, dtype: str = "float32") -> str:
-    """A mergekit YAML config of `recipe` (exact for linear, task arithmetic, TIES, DARE)."""
-    paths = dict(expert_paths or {})
+def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
+    """What the YAML does not reproduce, in plain words."""
+    notes = []
+    lora = repository is not None and any(repository.expert(e).kind == "lora" for e in recipe.experts)
+    if recipe.method == "evo" and (lora or repository is None):
+        notes.append("Not exact: evo multiplies merged LoRA factors, (Σ β_i·s_i·B_i)(Σ β_i·S_α_i(A_i)), which is "
+                     "quadratic in β with cross terms; mergekit has no such method. Below is task arithmetic with "
+                     "the scales β as weights.")
+    if recipe.method in ("evo", "evo_tv") and any(d < 1.0 for d in _all_densities(recipe)):
+        notes.append("Not exact: mergekit cannot express the keep ratios α (each expert's LoRA A, or task vector, "
+                     "pruned to its largest-magnitude fraction α); this is the merge with every α = 1.")
+    if recipe.method == "dare":
+        notes.append(f"DARE drops entries at random: mergekit draws its own masks (run it with --random-seed "
+                     f"{recipe.seed or 0}, the recipe's seed), evomerge seeds each mask by (seed, expert, tensor), "
+                     "so the two agree in distribution, not entry by entry. Each weight holds the 1/density rescale "
+                     "(rescale: false).")
+    if repository is None:
+        notes.append("Experts are named, not located, and block overrides are left out: export with --repository "
+                     "for paths and per-tensor filters.")
+    if notes:
+        notes.append("The exact merge: evomerge export JOURNAL --adapter DIR (LoRA, low-rank methods) or --model DIR.")
+    return notes
+
+
+def _all_densities(recipe: MergeRecipe) -> list[float]:
+    out = list(recipe.densities or ())
+    for b in recipe.blocks:
+        out += list(b.densities or ())
+    return out
+
+
+def to_mergekit(recipe: MergeRecipe, repository: Repository | None = None, base: str = "BASE_MODEL",
+                dtype: str = "float32") -> str:
+    """A mergekit YAML config of `recipe` (exact for linear, task arithmetic, uniform and TIES; DARE
+    up to its random masks); `repository` gives the paths and tensor names."""
+    as_linear = recipe.method == "linear" and recipe.scale == 1.0
+    base_ref = str(repository.base.resolve()) if repository is not None else base
+    names = list(repository.base_files) if repository is not None else []
+    values = _values(recipe, as_linear)
     models = []
     for i, name in enumerate(recipe.experts):
-        path = paths.get(name, name)
-        params: dict[str, Any] = {"weight": _value(recipe, i, "weight", num_layers)}
-        if recipe.densities is not None and recipe.method in ("ties", "dare"):
-            params["density"] = _value(recipe, i, "density", num_layers)
-        models.append({"model": f"{base}+{path}" if lora else path, "parameters": params})
-    config: dict[str, Any] = {"merge_method": _MERGEKIT[recipe.method], "base_model": base, "models": models,
-                              "dtype": dtype}
-    if recipe.method in ("task_arithmetic", "ties", "dare", "uniform", "evo", "evo_tv"):
-        config["parameters"] = {"normalize": False, "lambda": recipe.scale}
+        ref = name
+        if repository is not None:
+            expert = repository.expert(name)
+            ref = f"{base_ref}+{expert.path.resolve()}" if expert.kind == "lora" else str(expert.path.resolve())
+        models.append({"model": ref, "parameters": {k: _setting(recipe, v(i), names) for k, v in values.items()}})
+    config: dict[str, Any] = {"merge_method": "linear" if as_linear else _MERGEKIT[recipe.method]}
+    if not as_linear:   # mergekit's linear would take a base_model as one more (unweighted) input
+        config["base_model"] = base_ref
+    config["models"] = models
+    if as_linear:
+        config["parameters"] = {"normalize": True}
+    else:
+        config["parameters"] = {"normalize": recipe.method == "ties", "lambda": recipe.scale}
+        if recipe.method == "dare":
+            config["parameters"]["rescale"] = False
+    config["dtype"] = dtype
     text = yaml.safe_dump(config, sort_keys=False)
-    if recipe.method in ("evo", "evo_tv"):
-        text = ("# Approximate: mergekit has no Evo-Merging method. This is task arithmetic with the\n"
-                "# signed scales β as weights; the keep ratios α (sparsified LoRA A) are not expressible.\n" + text)
-    return text
+    notes = _caveats(recipe, repository)
+    return "".join(f"# {line}\n" for line in notes) + text
 
 
-def write_exports(recipe: MergeRecipe, out_dir: str | Path, base: str = "BASE_MODEL",
-                  expert_paths: Mapping[str, str] | None = None, lora: bool = False,
-                  num_layers: int | None = None) -> dict[str, Path]:
+def write_exports(recipe: MergeRecipe, out_dir: str | Path, repository: Repository | None = None,
+                  base: str = "BASE_MODEL") -> dict[str, Path]:
     """Write best_recipe.json and mergekit.yaml into `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"recipe": out / "best_recipe.json", "mergekit": out / "mergekit.yaml"}
     paths["recipe"].write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    paths["mergekit"].write_text(to_mergekit(recipe, base, expert_paths, lora, num_layers))
+    paths["mergekit"].write_text(to_mergekit(recipe, repository, base))
     return paths
+
+
+def write_model(recipe: MergeRecipe, repository: Repository, adapter: str | Path | None = None,
+                model: str | Path | None = None, choose: str | Path | None = None,
+                device: str | None = None) -> dict[str, Path]:
+    """Write the merged PEFT adapter and/or the merged Hugging Face checkpoint of `recipe`. With
+    `choose`, write the one artifact to ship into that folder: ``adapter/`` where the merge stays
+    low-rank (and changes something), else the checkpoint in ``model/``."""
+    from evomerge.merging import Merger
+    from evomerge.merging.save import save_adapter, save_checkpoint
+
+    merger = Merger(repository, device or "cpu")
+    try:
+        if choose is not None:
+            changes = any(recipe.weights) or any(any(b.weights) for b in recipe.blocks)
+            if merger.low_rank_refusal(recipe) is None and changes:
+                adapter = Path(choose) / "adapter"
+            else:
+                model = Path(choose) / "model"
+        paths = {}
+        if adapter is not None:
+            paths["adapter"] = save_adapter(merger, recipe, adapter)
+        if model is not None:
+            paths["model"] = save_checkpoint(merger, recipe, model)
+        return paths
+    finally:
+        merger.close()

@@ -1,7 +1,8 @@
 """From a validated `SearchConfig` to a finished search: the code path the CLI and Ray jobs share.
 
 It builds the experts list, the search space, the evaluator of the configured backend and calls
-`evomerge.search`; then writes the outputs (resolved config, best recipe JSON, mergekit YAML).
+`evomerge.search`; then writes the outputs (resolved config, best recipe JSON, mergekit YAML, and on the local
+backend the merged adapter or checkpoint).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from evomerge.api import SearchResult, search
 from evomerge.baselines import TestReport, compare_on_test
 from evomerge.config import SearchConfig, TaskConfig
 from evomerge.errors import ConfigError
-from evomerge.export import write_exports
+from evomerge.export import write_exports, write_model
 from evomerge.journal import Journal
 from evomerge.repository import Repository
 from evomerge.scheduler.race import Race
@@ -32,9 +33,7 @@ class Prepared:
     experts: tuple[str, ...]
     fitness: Callable[..., Any] | None = None
     evaluator: Any = None
-    base: str = "BASE_MODEL"
-    expert_paths: dict[str, str] | None = None
-    lora: bool = False
+    repository: Repository | None = None  # where the weights are on this machine (paths for the exports)
     num_layers: int | None = None
     splits: Splits | None = None
 
@@ -115,6 +114,25 @@ def _repository_dir(config: SearchConfig) -> Path:
     return Path(config.repository)
 
 
+def run_repository(config: Mapping[str, Any], override: str | Path | None = None,
+                   need: bool = False) -> Repository | None:
+    """The repository a journaled run searched, for its exports: `override`, else the config's,
+    else the tiny demo zoo where the run used it (built only when `need`, i.e. weights are to be
+    written). None when the weights are elsewhere (a remote provider, a python fitness)."""
+    path = override or config.get("repository")
+    if path is None and config.get("backend") in ("local", "api") and not (config.get("api") or {}).get("base"):
+        from evomerge.zoo import default_tiny_dir, ensure_tiny
+        from evomerge.zoo.builder import is_built
+
+        if need or is_built(default_tiny_dir(), "tiny", 0):
+            path = ensure_tiny()
+    if path is None:
+        if need:
+            raise ConfigError("writing the merged weights needs the repository the run searched; give --repository DIR")
+        return None
+    return Repository.open(path)
+
+
 def _experts(config: SearchConfig, available: Sequence[str]) -> tuple[str, ...]:
     experts = tuple(config.experts or sorted(available))
     unknown = [e for e in experts if e not in available]
@@ -170,7 +188,7 @@ def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
     caps = UsageCap(config.max_queries, config.max_tokens) if config.max_queries or config.max_tokens else None
     factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective),
                                   options, caps)
-    return Prepared(experts, evaluator=factory, splits=splits,
+    return Prepared(experts, evaluator=factory, splits=splits, repository=repo,
                     num_layers=repo.block_layers if repo is not None else None)
 
 
@@ -191,10 +209,7 @@ def _prepare_local(config: SearchConfig) -> Prepared:
     factory = LocalEvaluatorFactory(str(repo_dir), splits, Objective.from_config(config.objective),
                                     device=config.device, dtype=config.dtype,
                                     max_new_tokens=_generation_length(config, splits), chat=config.task.chat, **batch)
-    kinds = {repo.experts[e].kind for e in experts}
-    return Prepared(experts, evaluator=factory, base=str(repo.base),
-                    expert_paths={e: str(repo.experts[e].path) for e in experts}, lora=kinds == {"lora"},
-                    num_layers=repo.block_layers, splits=splits)
+    return Prepared(experts, evaluator=factory, repository=repo, num_layers=repo.block_layers, splits=splits)
 
 
 def run(config: SearchConfig, resume: bool = False, force: bool = False,
@@ -233,7 +248,9 @@ def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-        write_exports(result.best_recipe, out, prepared.base, prepared.expert_paths, prepared.lora, prepared.num_layers)
+        write_exports(result.best_recipe, out, prepared.repository)
+        if config.export_model and config.backend == "local":   # the weights are here: write what ships
+            write_model(result.best_recipe, prepared.repository, choose=out, device=config.device)
         if report is not None:
             (out / "test_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return result, report

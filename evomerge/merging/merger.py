@@ -19,8 +19,8 @@ import torch
 from evomerge.blocks import block_of
 from evomerge.errors import RecipeError
 from evomerge.merging import lora
-from evomerge.merging.methods import METHODS, Contribution, effective_weights
-from evomerge.recipe import MergeRecipe
+from evomerge.merging.methods import METHODS, Contribution
+from evomerge.recipe import MergeRecipe, effective_weights
 from evomerge.repository import Expert, Repository, TensorReader
 
 BaseTensor = Callable[[str], torch.Tensor]
@@ -94,19 +94,25 @@ class Merger:
                 delta.mul_(recipe.scale)
             yield name, delta
 
+    def low_rank_refusal(self, recipe: MergeRecipe) -> str | None:
+        """Why `recipe` has no adapter form (None when it stays low-rank: LoRA experts only, merged
+        by a factor method of `lora.FACTOR_METHODS`)."""
+        if recipe.method not in lora.FACTOR_METHODS:
+            return (f"a {recipe.method} merge of LoRA experts is not low-rank (it trims or drops entries of each "
+                    "full update B·A), so it has no adapter form; export the merged checkpoint (--model) instead")
+        full = next((n for n in recipe.experts if self.repository.expert(n).kind == "full"), None)
+        if full is not None:
+            return (f"expert {full!r} is a full checkpoint, so the merge has no adapter form; export the merged "
+                    "checkpoint (--model) instead")
+        return None
+
     def low_rank(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(tensor name, B, A) with B·A the very ΔW `deltas` gives, for a recipe that stays low-rank:
-        LoRA experts only, merged by a factor method (`lora.FACTOR_METHODS`)."""
-        factor_method = lora.FACTOR_METHODS.get(recipe.method)
-        if factor_method is None:
-            raise RecipeError(f"a {recipe.method} merge of LoRA experts is not low-rank (it trims or drops entries "
-                              "of each full update B·A), so it has no adapter form; export the merged checkpoint "
-                              "(--model) instead")
+        """(tensor name, B, A) with B·A the very ΔW `deltas` gives, for a recipe that stays low-rank."""
+        refusal = self.low_rank_refusal(recipe)
+        if refusal is not None:
+            raise RecipeError(refusal)
+        factor_method = lora.FACTOR_METHODS[recipe.method]
         experts = [self.repository.expert(n) for n in recipe.experts]
-        full = [e.name for e in experts if e.kind == "full"]
-        if full:
-            raise RecipeError(f"expert {full[0]!r} is a full checkpoint, so the merge has no adapter form; "
-                              "export the merged checkpoint (--model) instead")
         for name in self.targets(recipe):
             weights, densities = self._coefficients(recipe, name)
             terms = self._terms(recipe, name, experts, weights, densities)

@@ -72,24 +72,7 @@ def task_arithmetic(contribs: Sequence[Contribution], tensor: str, seed: int | N
     return _weighted_sum(contribs, lambda c, d: d)
 
 
-def effective_weights(method: str, weights: Sequence[float]) -> tuple[float, ...]:
-    """The weights each task vector is multiplied by; linear and uniform are task arithmetic with these.
-
-    ``linear`` (θ = Σ w_i·θ_i / Σ w_i) is θ_0 + Σ (w_i/Σw)·τ_i; ``uniform`` is θ_0 + Σ τ_i/N. Doing
-    the normalisation over the recipe's experts (not over those touching a tensor) keeps adapters
-    that leave a tensor alone counted as τ_i = 0 there.
-    """
-    if method == "uniform":
-        return (1.0 / len(weights),) * len(weights)
-    if method == "linear":
-        total = sum(weights)
-        if abs(total) < 1e-8:
-            raise RecipeError("linear merge weights sum to zero; use task_arithmetic for signed weights")
-        return tuple(w / total for w in weights)
-    return tuple(weights)
-
-
-METHODS["linear"] = METHODS["uniform"] = task_arithmetic
+METHODS["linear"] = METHODS["uniform"] = task_arithmetic  # with `evomerge.recipe.effective_weights`
 
 
 @merge_method("evo")
