@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -84,10 +85,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evomerge.export import write_exports, write_model
+    from evomerge.export import register_on_provider, write_exports, write_model
     from evomerge.report import load_run
     from evomerge.run import run_repository
 
+    if args.provider is not None and not args.name:
+        raise ConfigError("--provider needs --name, the model id to register the merge under")
     run = load_run(args.journal)
     weights = args.adapter is not None or args.model is not None
     repo = run_repository(run.config, args.repository, need=weights)
@@ -96,6 +99,9 @@ def _export(args: argparse.Namespace) -> int:
         paths.update(write_model(run.best.recipe, repo, args.adapter, args.model, device=args.device))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if args.provider is not None:
+        model = register_on_provider(run.best.recipe, args.provider, args.name, os.environ.get(args.api_key_env))
+        print(f"provider model: {model['id']} at {args.provider}")
     return 0
 
 
@@ -161,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", type=Path, metavar="DIR", help="write the merge as one PEFT LoRA adapter (low-rank methods)")
     e.add_argument("--model", type=Path, metavar="DIR", help="write the merged Hugging Face checkpoint (any method)")
     e.add_argument("--device", help="merge on this device (default: cpu)")
+    e.add_argument("--provider", metavar="URL", help="register the merge as a model on this provider (…/v1)")
+    e.add_argument("--name", help="with --provider: the model id to register")
+    e.add_argument("--api-key-env", default="EVOMERGE_API_KEY", metavar="VAR",
+                   help="with --provider: environment variable holding the provider key (default: %(default)s)")
     e.set_defaults(func=_export)
     from evomerge.serve.cli import register as register_serve
     from evomerge.zoo.cli import register as register_zoo

@@ -181,3 +181,26 @@ def write_model(recipe: MergeRecipe, repository: Repository, adapter: str | Path
         return paths
     finally:
         merger.close()
+
+
+def register_on_provider(recipe: MergeRecipe, base_url: str, name: str, api_key: str | None = None,
+                         timeout: float = 60.0) -> dict[str, Any]:
+    """Register `recipe` on an evomerge provider as the model `name` (POST {base_url}/models);
+    returns the provider's model object."""
+    from evomerge._imports import require
+    from evomerge.errors import BackendError
+
+    httpx = require("httpx", "registering a model on a provider")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        reply = httpx.post(base_url.rstrip("/") + "/models", json={"id": name, "merge": recipe.to_dict()},
+                           headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise BackendError(f"cannot reach the provider at {base_url}: {exc}") from None
+    if reply.status_code != 200:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text[:200]
+        raise BackendError(f"the provider refused to register {name!r} (HTTP {reply.status_code}): {message}")
+    return reply.json()

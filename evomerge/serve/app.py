@@ -1,6 +1,6 @@
 """The reference provider: an OpenAI-compatible API whose every request may carry a merge recipe.
 
-Routes: GET /v1/models, POST /v1/completions (echo + logprobs for client-side scoring),
+Routes: GET /v1/models (POST / DELETE register merges as models: `evomerge.serve.registry`), POST /v1/completions (echo + logprobs for client-side scoring),
 POST /v1/chat/completions (the model's chat template; echo + continue_final_message + logprobs
 score a final assistant message), the merge-session API (`evomerge.serve.sessions`), GET /v1/stats.
 All model work goes through one `MergeWorker`, so one merge is active at a time and a burst
@@ -21,6 +21,7 @@ from evomerge.errors import EvomergeError, TaskError
 from evomerge.serve.guard import Guard
 from evomerge.serve.host import Generated, ModelHost, Scored
 from evomerge.serve.protocol import Limits, answer_start, chat_prompt, ends_after, generation_prompt
+from evomerge.serve.registry import ModelRegistry, add_model_routes
 from evomerge.serve.schemas import ApiError, ChatRequest, CompletionRequest, parse_merge
 from evomerge.serve.sessions import add_session_routes
 from evomerge.serve.worker import MergeWorker
@@ -30,14 +31,22 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)
 """pydantic's union-member tags in an error location, not field names: dropped from ``param``."""
 
 
-def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Limits(), cache_size: int = 256) -> Any:
-    """The ASGI app serving `host` (auth and body limits applied before any route)."""
+def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Limits(), cache_size: int = 256,
+               registry: ModelRegistry | None = None) -> Any:
+    """The ASGI app serving `host` (auth and body limits applied before any route); `registry` keeps
+    the merges registered as models (default: in memory)."""
     fastapi = require("fastapi", "evomerge serve")
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch)
+    registry = registry if registry is not None else ModelRegistry()
+
+    def recipe_of(merge: dict[str, Any] | None, model: str | None) -> Any:
+        """The body's merge, else the registered model's recipe, else what `parse_merge` makes of `model`."""
+        registered = registry.get(model) if merge is None else None
+        return registered if registered is not None else parse_merge(merge, model, host, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -77,11 +86,15 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The base model and every expert (an expert's name as `model` answers with that expert alone)."""
+        """The base model, every expert (an expert's name as `model` answers with that expert alone) and
+        every registered merge."""
         now = int(time.time())
         names = [host.base_name, *host.experts]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "evomerge",
-                                            "kind": "base" if n == host.base_name else "expert"} for n in names]}
+        data = [{"id": n, "object": "model", "created": now, "owned_by": "evomerge",
+                 "kind": "base" if n == host.base_name else "expert"} for n in names]
+        data += [{"id": n, "object": "model", "created": c, "owned_by": "evomerge", "kind": "merge"}
+                 for n, c in registry.listing()]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
@@ -93,7 +106,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         """OpenAI completions; `echo` + `logprobs` with `max_tokens` 0 returns the prompt's token logprobs."""
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         _check_batch(prompts, req.max_tokens, limits)
-        recipe = parse_merge(req.merge, req.model, host, limits)
+        recipe = recipe_of(req.merge, req.model)
         generated = [Generated("", 0)] * len(prompts)
         if req.max_tokens > 0:
             generated = await worker.call(recipe, lambda h: h.generate(prompts, req.max_tokens, req.temperature,
@@ -123,7 +136,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None), 16)
         prompt, final = _chat_turns(host, req)
         _check_batch([prompt], max_tokens, limits)
-        recipe = parse_merge(req.merge, req.model, host, limits)
+        recipe = recipe_of(req.merge, req.model)
         text = prompt + final
         source = generation_prompt(text) if max_tokens > 0 else text  # what generation continues
         out, prompt_tokens = await worker.call(recipe, lambda h: (
@@ -142,6 +155,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
                 "usage": _usage(prompt_tokens, out.tokens)}
 
     add_session_routes(app, host, worker, limits)
+    add_model_routes(app, host, registry, limits)
     return Guard(app, api_key, limits.max_body_bytes)
 
 

@@ -31,6 +31,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (1 is fastest for small models "
                                                        "on a busy CPU)")
     p.add_argument("--cache-size", type=int, default=256, help="merged states kept (LRU by recipe key)")
+    p.add_argument("--registry", type=Path, metavar="FILE",
+                   help="where merges registered as models are kept (default: REPOSITORY/registered_models.json)")
     p.set_defaults(func=serve)
     return p
 
@@ -39,6 +41,7 @@ def serve(args: argparse.Namespace) -> int:
     from evomerge._imports import require
     from evomerge.serve.app import create_app
     from evomerge.serve.embedded import bind, load_host, uvicorn_server
+    from evomerge.serve.registry import ModelRegistry
 
     key = None
     if args.api_key_env:
@@ -55,8 +58,9 @@ def serve(args: argparse.Namespace) -> int:
         require("torch", "evomerge serve").set_num_threads(args.torch_threads)
     sock = bind(args.host, args.port)  # fail fast on a taken port, before loading the model
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
+    registry = ModelRegistry(args.registry or Path(repository) / "registered_models.json")
     app = create_app(load_host(repository, args.device, args.dtype), api_key=key, limits=limits,
-                     cache_size=args.cache_size)
+                     cache_size=args.cache_size, registry=registry)
     print(f"evomerge serve: {repository} on http://{args.host}:{args.port}/v1"
           f" (auth {'on' if key else 'off'})", flush=True)
     uvicorn_server(app).run(sockets=[sock])
