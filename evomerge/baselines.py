@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from evomerge.backends._base import Evaluator
 from evomerge.recipe import MergeRecipe, uniform
+from evomerge.score import Cost, Score
+
+
+TABLES = ("none", "summary", "full")
+SUMMARY_ABOVE = 16
+"""Experts beyond which the test table is a summary by default (best, uniform, best single): the
+full table pays two evaluations per expert, hundreds of paid calls for a repository of hundreds."""
+
+Scorer = Callable[[list[tuple[int, MergeRecipe]], str], dict[int, Score]]
+"""(numbered recipes, split) -> their scores; a recipe the caps cannot pay for is left out."""
 
 
 def single(expert: str) -> MergeRecipe:
@@ -22,36 +31,54 @@ def single(expert: str) -> MergeRecipe:
 
 @dataclass(frozen=True)
 class TestReport:
-    """Test metrics per entry ("best", "uniform", "best_single", "expert:NAME")."""
+    """Test metrics per entry ("best", "uniform", "best_single", "expert:NAME") and what they cost."""
 
     rows: dict[str, dict[str, Any]]
     best_single: str | None
     tasks: tuple[str, ...] = ()
     examples: int = 0
+    cost: Cost = Cost()
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "best_single": self.best_single, "tasks": list(self.tasks),
-                "examples": self.examples}
+                "examples": self.examples, "cost": self.cost.to_dict()}
 
 
-def _row(score: Any) -> dict[str, Any]:
-    """The metrics of a test score (the blended loss of the reported metrics means nothing alone)."""
+UNPAID = {"status": "not scored", "error": "the query/token caps were spent before this entry"}
+
+
+def _row(score: Score | None) -> dict[str, Any]:
+    """The metrics of a test score (the blended loss of the reported metrics means nothing alone),
+    or why there are none."""
+    if score is None:
+        return dict(UNPAID)
+    if not score.ok:
+        return {"status": score.status, "error": score.error}
     return {"status": score.status, **{k: v for k, v in score.metrics.items() if "/" not in k}}
 
 
-def compare_on_test(search: Evaluator, test: Evaluator, best: MergeRecipe, experts: Sequence[str],
-                    selection_split: str) -> TestReport:
-    """Score `best`, the uniform merge and each expert alone on test with the `test` evaluator (the
-    reported metrics); pick the best single expert by the search loss on `selection_split`."""
-    scored = test(best, "test")
-    rows = {"best": _row(scored), "uniform": _row(test(uniform(experts), "test"))}
+def compare_on_test(score: Scorer, best: MergeRecipe, experts: Sequence[str], selection_split: str,
+                    table: str = "full") -> TestReport:
+    """Score `best`, the uniform merge and (``full``) each expert alone on test with `score`
+    (which uses the reported metrics on "test" and the search's loss elsewhere); the best single
+    expert is chosen by the search loss on `selection_split`, and ``summary`` tests only that one.
+    Entries are numbered alike in both tables (0 best, 1 uniform, 2 + i expert i), so a resumed
+    run finds the entries it journaled."""
+    singles = [(2 + i, single(name)) for i, name in enumerate(experts)]
+    selection = score(singles, selection_split)
     chosen, low = None, math.inf
-    for name in experts:
-        sel = search(single(name), selection_split)
-        if sel.ok and sel.loss < low:
-            chosen, low = name, sel.loss
-        rows[f"expert:{name}"] = _row(test(single(name), "test"))
+    for k, _ in singles:
+        sel = selection.get(k)
+        if sel is not None and sel.ok and sel.loss < low:
+            chosen, low = experts[k - 2], sel.loss
+    tested = [(0, best), (1, uniform(experts))]
+    tested += singles if table == "full" else [(2 + experts.index(chosen), single(chosen))] if chosen else []
+    scores = score(tested, "test")
+    rows = {"best": _row(scores.get(0)), "uniform": _row(scores.get(1))}
+    if table == "full":
+        rows.update({f"expert:{name}": _row(scores.get(2 + i)) for i, name in enumerate(experts)})
     if chosen is not None:
-        rows["best_single"] = {"expert": chosen, **rows[f"expert:{chosen}"]}
-    tasks = sorted({k.split("/", 1)[1] for k in scored.metrics if "/" in k and not k.startswith("loss/")})
-    return TestReport(rows, chosen, tuple(tasks), len(scored.example_ids))
+        rows["best_single"] = {"expert": chosen, **_row(scores.get(2 + experts.index(chosen)))}
+    first = next((s for s in scores.values() if s.ok), None)
+    tasks = sorted({k.split("/", 1)[1] for k in (first.metrics if first else {}) if "/" in k and not k.startswith("loss/")})
+    return TestReport(rows, chosen, tuple(tasks), len(first.example_ids) if first else 0)

@@ -18,7 +18,7 @@ def _search(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("backend", "budget", "optimizer", "seed", "journal", "workers",
                                                 "fitness", "output", "repository", "executor", "ray_address",
-                                                "eval_timeout", "max_queries", "max_tokens", "export_model")}
+                                                "eval_timeout", "max_queries", "max_tokens", "test_table", "export_model")}
     if args.workers and args.workers > 1 and args.executor is None:
         overrides["executor"] = "ray"
     if args.api_base is not None:
@@ -64,14 +64,16 @@ def format_recipe(recipe) -> str:
 def format_test_report(report) -> str:
     """The test-split table: the best recipe beside the uniform merge and the experts alone."""
     rows = report.rows
-    metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
+    metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert", "error")})
     labels = {name: f"best_single ({row['expert']})" if name == "best_single" else name for name, row in rows.items()}
     width = max(len("test split"), *map(len, labels.values()))
-    lines = [f"test split: {', '.join(report.tasks)}, {report.examples} examples"] if report.examples else []
+    cost = f" ({report.cost.queries} queries, {report.cost.tokens} tokens)" if report.cost.queries else ""
+    lines = [f"test split: {', '.join(report.tasks)}, {report.examples} examples{cost}"] if report.examples else []
     lines.append(f"  {'':<{width}}  " + "  ".join(f"{m:>12}" for m in metrics))
     for name, row in rows.items():
         cells = [f"{row[m]:12.4f}" if isinstance(row.get(m), float) else f"{'—':>12}" for m in metrics]
-        lines.append(f"  {labels[name]:<{width}}  " + "  ".join(cells))
+        why = f"  {row['status']}: {row['error']}" if row.get("error") else ""
+        lines.append(f"  {labels[name]:<{width}}  " + "  ".join(cells) + why)
     return "\n".join(lines)
 
 
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "backend) the merged adapter or checkpoint")
     s.add_argument("--no-export-model", dest="export_model", action="store_false", default=None,
                    help="local backend: do not write the merged adapter or checkpoint into --output")
+    s.add_argument("--test-table", choices=["none", "summary", "full"],
+                   help="the test table after the search, paid under the same caps (default: summary "
+                        "beyond 16 experts, else full)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_search)
     r = sub.add_parser("report", help="write a Markdown report with plots from a journal")

@@ -102,6 +102,10 @@ class SearchConfig(_Frozen):
     race: RaceConfig | None = None
     test_metrics: list[str] = Field(default_factory=lambda: ["ce", "exact_match"], min_length=1)
     """Metrics reported on the test split (configured apart from the search objective)."""
+    test_table: Literal["none", "summary", "full"] | None = None
+    """The test table after the search, paid under the same caps: ``full`` (best, uniform, every
+    expert alone, best single), ``summary`` (best, uniform, best single), ``none``; None: summary
+    beyond 16 experts, else full."""
     device: str | None = None
     dtype: str | None = None
     batch_size: int | None = Field(None, ge=1)

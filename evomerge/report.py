@@ -117,7 +117,7 @@ def write_report(journal: str | Path, out: str | Path | None = None, top: int = 
         lines.append(f"| {t.stage} | {t.trial} | {_fmt(t.loss)} | {_fmt(v.loss if v else None)} |")
     if run.test:
         rows = run.test["rows"]
-        metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert")})
+        metrics = sorted({k for row in rows.values() for k in row if k not in ("status", "expert", "error")})
         lines += ["", "## Test split (never seen by the search)", "",
                   "| recipe | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         for name, row in rows.items():

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from evomerge.api import SearchResult, search
-from evomerge.baselines import TestReport, compare_on_test
+from evomerge.baselines import SUMMARY_ABOVE, TestReport, compare_on_test
 from evomerge.config import SearchConfig, TaskConfig
 from evomerge.errors import ConfigError
 from evomerge.export import write_exports, write_model
 from evomerge.journal import Journal
 from evomerge.repository import Repository
 from evomerge.scheduler.race import Race
+from evomerge.score import Cost
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Example, Splits, generation_length, load_jsonl, split_search
 
@@ -161,7 +162,7 @@ def _generation_length(config: SearchConfig, splits: Splits, limit: int | None =
 def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
     """The api backend: the provider at --api-base, or the reference server started on loopback
     over the repository (default: the tiny demo zoo). The user's examples stay on this side."""
-    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory
     from evomerge.objectives import Objective
     from evomerge.serve.protocol import Limits
 
@@ -185,9 +186,7 @@ def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
         experts = _experts(config, probe.experts())
     finally:
         probe.close()
-    caps = UsageCap(config.max_queries, config.max_tokens) if config.max_queries or config.max_tokens else None
-    factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective),
-                                  options, caps)
+    factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective), options)
     return Prepared(experts, evaluator=factory, splits=splits, repository=repo,
                     num_layers=repo.block_layers if repo is not None else None)
 
@@ -234,16 +233,7 @@ def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
                     optimizer_options=config.optimizer_options, top_k=config.top_k, max_queries=config.max_queries,
                     max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"),
                     race=None if config.race is None else Race(**config.race.model_dump()))
-    report = None
-    if prepared.splits is not None and prepared.splits.test:
-        from evomerge.objectives import Objective
-
-        tester = replace(prepared.evaluator, objective=Objective({m: 1.0 for m in config.test_metrics}))
-        report = compare_on_test(prepared.evaluator(), tester(), result.best_recipe, prepared.experts,
-                                 "validation" if prepared.splits.validation else "fit")
-        if config.journal is not None:
-            with Journal.open(config.journal) as journal:
-                journal.set_meta("test_report", report.to_dict())
+    report = _test_table(config, prepared, result)
     if config.output is not None:
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -254,6 +244,51 @@ def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
         if report is not None:
             (out / "test_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return result, report
+
+
+TEST_STAGE = -1
+"""The journal stage of the test table's evaluations (after every search stage)."""
+
+
+def _test_table(config: SearchConfig, prepared: Prepared, result: SearchResult) -> TestReport | None:
+    """The test table (`baselines.compare_on_test`), paid through the same spend ledger as the
+    search: each evaluation reserved under the caps that are left, journaled (stage -1), reused on
+    resume, and what the table cost reported with it. ``config.test_table`` None: a summary when
+    the repository has more than `SUMMARY_ABOVE` experts, else the full table."""
+    table = config.test_table or ("summary" if len(prepared.experts) > SUMMARY_ABOVE else "full")
+    if table == "none" or prepared.splits is None or not prepared.splits.test:
+        return None
+    from evomerge.objectives import Objective
+    from evomerge.scheduler.ledger import Ledger
+    from evomerge.scheduler.loop import Shared, evaluate_once
+    from evomerge.scheduler.threads import ThreadExecutor
+
+    searcher = prepared.evaluator
+    tester = replace(searcher, objective=Objective({m: 1.0 for m in config.test_metrics}))
+    paid = getattr(tester, "bound", None) is not None
+    bound = (lambda split: (tester if split == "test" else searcher).bound(split)) if paid else None
+    kept = config.journal is not None
+    journal = Journal.open(config.journal) if kept else Journal.create(":memory:", {})
+    ledger = Ledger(journal, config.max_queries, config.max_tokens, bound, None if kept else result.cost)
+    before = ledger.spent
+    resumed = journal.trials(stage=TEST_STAGE)
+    pools = {"test": ThreadExecutor(tester), "selection": ThreadExecutor(searcher)}
+
+    def score(items: list[tuple[int, Any]], split: str) -> dict[int, Any]:
+        pool = pools["test" if split == "test" else "selection"]
+        shared = Shared(pool, journal, ledger, resumed=resumed, paid=paid)
+        return {k: t.score for k, t in evaluate_once(shared, TEST_STAGE, items, split).items()}
+
+    try:
+        report = compare_on_test(score, result.best_recipe, prepared.experts,
+                                 "validation" if prepared.splits.validation else "fit", table)
+        report = replace(report, cost=ledger.spent + Cost(-before.queries, -before.tokens))
+        journal.set_meta("test_report", report.to_dict())
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+        journal.close()
+    return report
 
 
 def _space_options(config: SearchConfig, prepared: Prepared) -> dict[str, Any]:

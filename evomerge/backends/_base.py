@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
-from typing import Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import MergeRecipe
@@ -29,10 +29,12 @@ class Backend(ABC):
 
     name: ClassVar[str]
 
-    def evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
+    def evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], **options: Any) -> Score:
+        """Score `recipe` on `examples`; `options` are what a paid backend takes from the scheduler
+        (its spend `limit`, racing's `prior`)."""
         start = time.perf_counter()
         try:
-            score = self._evaluate(recipe, examples)
+            score = self._evaluate(recipe, examples, **options)
         except Exception as exc:  # a candidate's failure is data, not a crash
             return Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))
         if score.cost.seconds == 0.0:
@@ -40,7 +42,7 @@ class Backend(ABC):
         return score
 
     @abstractmethod
-    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
+    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], **options: Any) -> Score:
         """Score `recipe` on `examples`; may raise, `evaluate` records the failure."""
 
     def close(self) -> None:

@@ -13,8 +13,12 @@ extensions) and generated after the user turn.
 Requests run on one background event loop with the `openai` async client: at most ``concurrency``
 in flight, retries with exponential backoff and jitter on 429/5xx/connection errors (honouring
 ``Retry-After``), and a `UsageCap` reserved before every request, so a query or token cap is never
-exceeded. A query is a request the provider answered usably (its tokens are the provider's usage),
-or one it may have served without a usable answer (timed out, garbled: counted at its token bound).
+exceeded: the backend's own (`caps`, for direct use) and the evaluation's `limit` (what the search's
+ledger reserved for it, `evomerge.scheduler.ledger`). A query is a request the provider answered
+usably, or one it may have served without a usable answer (timed out, garbled: counted at its
+token bound). Its tokens are the provider's usage; an answer without usage is counted by the
+client at the request's token bound (each token covers at least one UTF-8 byte, plus the
+generation's `max_tokens`): an upper bound, never 0.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from evomerge.serve.protocol import (MERGE_FIELD, all_greedy, answer_greedy, ans
 from evomerge.tasks import Example, Splits, generation_length
 
 MODES = ("logprobs", "session")
+BATCH_SIZE = 16
+RETRIES = 5
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 CHAT_TEMPLATE_TOKENS = 128
 """What a chat template may add to one request's tokens (the caps reserve it; usage settles them)."""
@@ -102,11 +108,12 @@ class UsageCap:
 
 @dataclass
 class _Tally:
-    """What one evaluation spent so far (reported even when it fails)."""
+    """What one evaluation spent so far (reported even when it fails), within its own `cap`."""
 
     queries: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    cap: UsageCap | None = None
 
     def cost(self) -> Cost:
         return Cost(self.queries, self.tokens, time.perf_counter() - self.started)
@@ -134,13 +141,27 @@ def _token_bound(texts: Sequence[str], chat: bool = False) -> int:
     return sum(len(t.encode("utf-8")) + 4 + (CHAT_TEMPLATE_TOKENS if chat else 0) for t in texts)
 
 
+def request_plan(objective: Objective, examples: Sequence[Example], per_request: int, chat: bool, length: int,
+                 mode: str) -> Cost:
+    """The queries and a token bound of one scoring pass over `examples`, no retry counted: what
+    `ApiBackend` sends for them (the session mode: open the session, evaluate in it)."""
+    if mode == "session":
+        return Cost(2, _token_bound([e.prompt + e.answer for e in examples]))
+    wanted = objective.metrics
+    texts = [e.prompt + e.answer for e in examples] if "ce" in wanted or "greedy_match" in wanted else []
+    choices = [e.prompt + c for e in examples for c in e.choices or ()] if "accuracy" in wanted else []
+    prompts = [e.prompt for e in examples] if objective.needs_generation else []
+    queries = sum(-(-len(group) // per_request) for group in (texts, choices, prompts))
+    return Cost(queries, _token_bound(texts + choices + prompts, chat) + len(prompts) * length)
+
+
 @register_backend("api")
 class ApiBackend(Backend):
     """Scores recipes by querying an OpenAI-compatible provider that applies them server-side."""
 
     def __init__(self, api_base: str, api_key: str | None = None, api_key_env: str = "EVOMERGE_API_KEY",
                  model: str | None = None, mode: str = "logprobs", concurrency: int = 8, timeout: float = 60.0,
-                 retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int = 16,
+                 retries: int = RETRIES, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int = BATCH_SIZE,
                  caps: UsageCap | None = None, objective: Objective | None = None, max_new_tokens: int | None = None,
                  chat: bool = False) -> None:
         if mode not in MODES:
@@ -196,8 +217,9 @@ class ApiBackend(Backend):
         """Send until answered: reserve the cap, hold a concurrency slot, retry transient failures."""
         openai = require("openai", "the api backend")
         retries = self.retries if retries is None else retries
+        caps = [self.caps] + ([tally.cap] if tally is not None and tally.cap is not None else [])
         for attempt in range(retries + 1):
-            self.caps.reserve(token_bound)
+            _reserve(caps, token_bound)
             used: int | None = None
             try:
                 async with self._sem:
@@ -225,7 +247,8 @@ class ApiBackend(Backend):
                         tally.queries += 1
                         tally.tokens += used
             finally:
-                self.caps.settle(token_bound, used)
+                for cap in caps:
+                    cap.settle(token_bound, used)
             if attempt == retries:
                 raise BackendError(f"gave up after {retries + 1} attempts; last: {failure}")
             delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -234,13 +257,22 @@ class ApiBackend(Backend):
 
     # -- scoring -------------------------------------------------------------------------------------------
 
-    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
-        tally = _Tally()
+    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], limit: Cost | None = None,
+                  prior: Score | None = None) -> Score:
+        """`limit`: the most this evaluation may spend (its own cap); `prior`: its minibatch's score
+        (racing), whose examples it need not pay for again."""
+        tally = _Tally(cap=None if limit is None else UsageCap(limit.queries, limit.tokens))
         examples = list(examples)
         tasks = [e.task for e in examples]
         length = self.max_new_tokens or generation_length(examples)  # all given, not the memo's missing few
+        key = (recipe.key(), self.objective.metrics)
+        if prior is not None and prior.per_example:
+            by_id = {e.id: e for e in examples}
+            if all(i in by_id for i in prior.example_ids):
+                self.memo.remember(key, [by_id[i] for i in prior.example_ids],
+                                   {k: v for k, v in prior.per_example.items()})
         try:
-            per_example = self.memo.scores((recipe.key(), self.objective.metrics), examples,
+            per_example = self.memo.scores(key, examples,
                                            lambda missing: self._run(self._metrics(recipe, missing, tally, length)))
             objective = self._objective_for(examples, tally, length)
         except (BackendError, BudgetExhausted) as exc:
@@ -288,11 +320,9 @@ class ApiBackend(Backend):
                     raise BackendError(f"example {e.id!r} needs 'choices' holding its answer for choice accuracy")
             pairs["accuracy"] = [(e.prompt, c) for e in examples for c in e.choices or ()]
         prompts = [e.prompt for e in examples] if self.objective.needs_generation else []
-        size = self._per_request
-        chunks = sum(-(-len(p) // size) for p in pairs.values()) + -(-len(prompts) // size)
-        bound = _token_bound([p + a for v in pairs.values() for p, a in v] + prompts, self.chat)
-        if not self.caps.fits(chunks, bound + len(prompts) * length):
-            raise BudgetExhausted(f"the caps leave too little for a {chunks}-query evaluation; "
+        plan = request_plan(self.objective, examples, self._per_request, self.chat, length, self.mode)
+        if not all(cap.fits(plan.queries, plan.tokens) for cap in (self.caps, tally.cap) if cap is not None):
+            raise BudgetExhausted(f"the caps leave too little for a {plan.queries}-query evaluation; "
                                   "raise --max-queries / --max-tokens to go on")
         if self.mode == "session":
             return {"ce": np.asarray(await self._score_session(recipe, examples, tally))}
@@ -351,7 +381,7 @@ class ApiBackend(Backend):
                     answer_greedy(lp["tokens"], lp["token_logprobs"], lp.get("top_logprobs"), lp["text_offset"], p)
                     if top else math.nan)
                    for lp, (p, _) in zip(lps, chunk)]
-            return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))
+            return out, _tokens(resp, sum(len(lp["tokens"]) for lp in lps))  # echo: every prompt token
 
         # the openai client's raw post: the same request as completions.create(extra_body={"merge": ...}),
         # answered as a dict, which skips building typed models (a third of the client's time per query)
@@ -373,10 +403,11 @@ class ApiBackend(Backend):
                 raise ValueError("the provider's chat answer lacks the answer's logprobs")
             lps = [c["logprob"] for c in content]
             greedy = all_greedy(lps, [[t["logprob"] for t in c.get("top_logprobs") or ()] for c in content])
-            return [(mean_nll(lps), greedy if top else math.nan)], _tokens(resp, len(content))
+            return [(mean_nll(lps), greedy if top else math.nan)], _tokens(resp, bound)
 
+        bound = _token_bound([prompt + answer], chat=True)  # the answer's logprobs alone omit the prompt
         return await self._request(lambda: self._client.post("/chat/completions", body=body, cast_to=object),
-                                   _json_object(parse), _token_bound([prompt + answer], chat=True), tally)
+                                   _json_object(parse), bound, tally)
 
     async def _answers(self, recipe: MergeRecipe | None, prompts: list[str], tally: _Tally, length: int) -> list[str]:
         """Greedy answers of at most `length` tokens, cut at the first newline and stripped (as
@@ -394,11 +425,12 @@ class ApiBackend(Backend):
                     raise ValueError("the provider's answer lacks a choice")
                 texts = [str(c["message"]["content"] if self.chat else c["text"]).split("\n", 1)[0].strip()
                          for c in choices]
-                return texts, _tokens(resp, 0)
+                return texts, _tokens(resp, bound)
 
             path = "/chat/completions" if self.chat else "/completions"
+            bound = _token_bound(part, self.chat) + len(part) * length
             return await self._request(lambda: self._client.post(path, body=body, cast_to=object),
-                                       _json_object(parse), _token_bound(part, self.chat) + len(part) * length, tally)
+                                       _json_object(parse), bound, tally)
 
         size = self._per_request
         parts = [prompts[i:i + size] for i in range(0, len(prompts), size)]
@@ -489,6 +521,17 @@ class ApiBackend(Backend):
                                    "a provider that supports echo+logprobs") from None
 
 
+def _reserve(caps: list[UsageCap], tokens: int) -> None:
+    """Reserve one query of `tokens` on every cap, or on none (a refusal releases the others)."""
+    for i, cap in enumerate(caps):
+        try:
+            cap.reserve(tokens)
+        except BudgetExhausted:
+            for held in caps[:i]:
+                held.settle(tokens, None)
+            raise
+
+
 async def _all(jobs: list[Awaitable[Any]]) -> list[Any]:
     """Await every job; then raise the first failure. No sibling is cancelled: a request once sent
     is answered and counted, or released, so the caps and the provider's count agree."""
@@ -558,8 +601,10 @@ def _message(exc: Any) -> str:
 class ApiEvaluatorFactory:
     """A picklable recipe for an api evaluator: each worker builds its own `ApiBackend` from it.
 
-    Holds the key's environment variable name, never the key. A `caps` object shared in one process
-    stays shared; pickled to another process it is a copy, so give each process its share of the cap.
+    Holds the key's environment variable name, never the key (`secret_env`: a Ray executor passes
+    that variable to its actors through their runtime_env). `bound` tells the search's spend ledger
+    the worst case of one evaluation, and the evaluator takes the `limit` the ledger reserved and
+    racing's `prior` (`evomerge.scheduler._base`).
     """
 
     api_base: str
@@ -568,9 +613,27 @@ class ApiEvaluatorFactory:
     uses_gpu = False  # a client: Ray places it on CPU even on a GPU cluster
     objective: Objective | None = None
     options: tuple[tuple[str, Any], ...] = ()
-    caps: UsageCap | None = None
+
+    @property
+    def secret_env(self) -> tuple[str, ...]:
+        return (self.api_key_env,)
+
+    def bound(self, split: str) -> tuple[Cost, Cost]:
+        """(the worst case of one evaluation on `split`: every request retried to the limit, the
+        base model's references queried too; what it needs when nothing fails)."""
+        options = dict(self.options)
+        objective = self.objective or Objective()
+        examples = self.splits.get(split)
+        per_request = 1 if options.get("chat") else options.get("batch_size", BATCH_SIZE)
+        length = options.get("max_new_tokens") or generation_length(examples)
+        mode = options.get("mode", "logprobs")
+        once = request_plan(objective, examples, per_request, bool(options.get("chat")), length, mode)
+        # the session mode opens a session the provider evicted once more; normalized adds the references
+        passes = 2 if mode == "session" or objective.needs_references else 1
+        attempts = options.get("retries", RETRIES) + 1
+        return Cost(once.queries * passes * attempts, once.tokens * passes * attempts), once
 
     def __call__(self) -> Evaluator:
         backend = ApiBackend(self.api_base, api_key_env=self.api_key_env, objective=self.objective,
-                             caps=self.caps, **dict(self.options))
-        return lambda recipe, split: backend.evaluate(recipe, self.splits.get(split))
+                             **dict(self.options))
+        return lambda recipe, split, **options: backend.evaluate(recipe, self.splits.get(split), **options)

@@ -30,6 +30,13 @@ class ExampleMemo:
         """Examples scored through the memo (reused ones excluded): what the candidates paid."""
         self._values: OrderedDict[tuple[str, tuple[str, ...]], dict[Example, dict[str, float]]] = OrderedDict()
 
+    def remember(self, key: tuple[str, tuple[str, ...]], examples: Sequence[Example], values: PerExample) -> None:
+        """Take per-example values scored elsewhere (racing's minibatch, on another worker)."""
+        with self._lock:
+            known = self._values.setdefault(key, {})
+            for i, e in enumerate(examples):
+                known[e] = {name: float(v[i]) for name, v in values.items()}
+
     def scores(self, key: tuple[str, tuple[str, ...]], examples: Sequence[Example],
                score: Callable[[list[Example]], PerExample]) -> PerExample:
         """Per-example values on `examples` for (recipe key, metrics) `key`; `score` is called

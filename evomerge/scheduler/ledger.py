@@ -48,11 +48,13 @@ class Ledger:
     """Query and token caps over one search's evaluations; see the module docstring."""
 
     def __init__(self, journal: Journal, max_queries: int | None = None, max_tokens: int | None = None,
-                 bound: Bound | None = None) -> None:
+                 bound: Bound | None = None, spent: Cost | None = None) -> None:
+        """`spent`: what was paid before (default: what the journal records, reservations left
+        open included)."""
         self.journal = journal
         self.max_queries, self.max_tokens = max_queries, max_tokens
         self._bound = bound
-        self.spent = journal.totals() + journal.outstanding() if self.active else Cost()
+        self.spent = spent if spent is not None else journal.totals() + journal.outstanding()
         self._held: dict[int, Cost] = {}
         self._next = 0
         self._max_seen: Cost | None = None

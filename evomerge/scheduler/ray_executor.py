@@ -103,6 +103,16 @@ def worker_pythonpath(*paths: str) -> Iterator[None]:
             os.environ["PYTHONPATH"] = old
 
 
+def _secrets(factory: EvaluatorFactory) -> dict[str, Any]:
+    """The actor option that hands the factory's secrets (`secret_env`: names of environment
+    variables, such as the api key's) to its actors, the way Ray passes secrets: as env vars of
+    their runtime_env, so a worker on a node started without the key has it, while the key stays
+    out of the pickled factory, the journal and every log line. Only variables set here are passed."""
+    names = getattr(factory, "secret_env", ())
+    env = {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def actor_resources(workers: int, num_gpus: float | None, num_cpus: float | None) -> tuple[float, float]:
     """(num_cpus, num_gpus) per actor: one GPU each where the cluster has GPUs, and a CPU share
     small enough that `workers` actors fit (evaluations wait on I/O or a GPU, not on the CPU)."""
@@ -144,8 +154,8 @@ class RayExecutor(QueueExecutor):
         if num_gpus_per_worker is None and not getattr(factory, "uses_gpu", True):
             num_gpus_per_worker = 0.0  # an api client or a plain fitness leaves the GPUs free
         cpus, gpus = actor_resources(workers, num_gpus_per_worker, num_cpus_per_worker)
-        self._actor_class = self._ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                             max_task_retries=0)(_EvalActor)
+        self._actor_class = self._ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+                                             **_secrets(factory))(_EvalActor)
         errors = self._ray.exceptions
         self._lost = (errors.RayActorError, errors.OutOfMemoryError, errors.NodeDiedError,
                       errors.WorkerCrashedError, errors.ObjectLostError)
