@@ -66,3 +66,38 @@ def test_resume_refuses_another_configuration(tmp_path):
     _, err = other.communicate(timeout=60)
     assert other.returncode == 2
     assert err.strip().count("\n") == 0 and "different configuration" in err and "seed" in err
+
+
+class _Payload:
+    """Unpickling this runs code: it writes `path` (what a journal from someone else could do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pwned"))
+
+
+def test_a_malicious_checkpoint_pickle_runs_nothing_and_resume_replays_the_evaluations(tmp_path):
+    """An earlier version stored pickled optimizers in a `checkpoints` table; a journal carrying a
+    hostile pickle there resumes from its journaled evaluations and executes nothing."""
+    import pickle
+
+    import evomerge
+    from evomerge.demo import demo_fitness
+    from evomerge.search_spaces import build_space
+
+    space = build_space("linear", ["a", "b", "c"])
+    reference = evomerge.search(demo_fitness, space, budget=40, seed=3, journal=tmp_path / "ref.sqlite")
+    path, marker = tmp_path / "run.sqlite", tmp_path / "executed"
+    evomerge.search(demo_fitness, space, budget=40, seed=3, journal=path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM evaluations WHERE seq > 25")  # a run killed after 25 evaluations
+        conn.execute("CREATE TABLE checkpoints (stage INTEGER, n_told INTEGER, version INTEGER, state BLOB,"
+                     " created REAL, PRIMARY KEY (stage, n_told))")
+        for version in (1, 2):
+            conn.execute("INSERT INTO checkpoints VALUES (0, ?, ?, ?, 0)",
+                         (10 * version, version, pickle.dumps(_Payload(marker))))
+    resumed = evomerge.search(demo_fitness, space, budget=40, seed=3, journal=path, resume=True)
+    assert not marker.exists()
+    assert resumed.history == reference.history and resumed.best_recipe == reference.best_recipe
