@@ -41,7 +41,7 @@ from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.tasks import make_splits, shuffled_labels
 from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
-FORMAT = 2  # 2: experts checked on their search split, exact match cased
+FORMAT = 3  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target
 MANIFEST = "zoo.json"
 CHECK_EXAMPLES = 16  # search examples checked between training chunks
 

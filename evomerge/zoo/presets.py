@@ -15,7 +15,7 @@ class Preset:
     base: str                      # "tiny" (trained here) or "smol" (SmolLM2-135M from GGUF)
     expert_tasks: tuple[str, ...]
     distractor_tasks: tuple[str, ...]  # cycled over to make the distractors
-    ood_tasks: tuple[str, ...]
+    ood_tasks: tuple[str, ...]     # no expert of their own; the first is the demo's target
     n_distractors: int
     sizes: tuple[int, int, int]    # train, search, test examples per task
     rank: int
@@ -36,13 +36,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tiny", base="tiny",
            expert_tasks=("upper", "first_letter", "last_letter", "reverse", "plural"),
            distractor_tasks=("parity", "length", "double"),
-           ood_tasks=("upper_reverse", "upper_first"), n_distractors=3, sizes=(200, 40, 40), rank=8, lr=5e-3,
+           ood_tasks=("upper_first", "upper_reverse"), n_distractors=3, sizes=(200, 40, 40), rank=8, lr=5e-3,
            batch_size=16, chunk_steps=40, max_steps=160, distractor_steps=3, base_steps=800),
     Preset("smol", base="smol",
            expert_tasks=("upper", "first_letter", "last_letter", "plural", "add", "parity", "antonym", "sentiment"),
            distractor_tasks=("copy", "length", "reverse", "double", "upper", "first_letter", "last_letter", "plural",
                              "add", "parity", "antonym", "sentiment"),
-           ood_tasks=("upper_reverse", "upper_first"), n_distractors=24, sizes=(200, 50, 50), rank=8, lr=2e-3,
+           ood_tasks=("upper_first", "upper_reverse"), n_distractors=24, sizes=(200, 50, 50), rank=8, lr=2e-3,
            batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1, max_new_tokens=8, em_gain=True),
 )}
 
