@@ -110,6 +110,9 @@ class SearchConfig(_Frozen):
     dtype: str | None = None
     batch_size: int | None = Field(None, ge=1)
     """Examples per forward pass (local) or per request (api); None: the backend's default."""
+    population: bool = True
+    """Local backend: candidates asked ahead together share batched forwards (LoRA recipes that
+    stay low-rank; each row block served by its candidate's factors); false scores one at a time."""
 
     @field_validator("optimizer")
     @classmethod

@@ -207,7 +207,8 @@ def _prepare_local(config: SearchConfig) -> Prepared:
     batch = {} if config.batch_size is None else {"batch_size": config.batch_size}
     factory = LocalEvaluatorFactory(str(repo_dir), splits, Objective.from_config(config.objective),
                                     device=config.device, dtype=config.dtype,
-                                    max_new_tokens=_generation_length(config, splits), chat=config.task.chat, **batch)
+                                    max_new_tokens=_generation_length(config, splits), chat=config.task.chat,
+                                    population=config.population, **batch)
     return Prepared(experts, evaluator=factory, repository=repo, num_layers=repo.block_layers, splits=splits)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from evomerge import scoring
 from evomerge.backends._base import Backend, Evaluator, register_backend
 from evomerge.backends.memo import ExampleMemo
+from evomerge.errors import RecipeError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
@@ -33,7 +34,7 @@ class LocalBackend(Backend):
 
     def __init__(self, repository: Repository | str | Path, objective: Objective | None = None,
                  device: str | None = None, dtype: str | None = None, batch_size: int = 32,
-                 max_new_tokens: int | None = None, chat: bool = False) -> None:
+                 max_new_tokens: int | None = None, chat: bool = False, population_rows: int | None = None) -> None:
         from evomerge.merging import MergeEngine
 
         self.repository = repository if isinstance(repository, Repository) else Repository.open(repository)
@@ -42,6 +43,7 @@ class LocalBackend(Backend):
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.chat = chat
+        self.population_rows = population_rows  # rows of one population forward (None: by memory)
         if chat:  # refused here, in one line, rather than by every evaluation
             scoring.model_prompt(self.engine.tokenizer, "", chat=True)
         self._references: dict[tuple[str, ...], Objective] = {}
@@ -51,20 +53,100 @@ class LocalBackend(Backend):
                max_new_tokens: int | None = None) -> dict[str, np.ndarray]:
         """Per-example values of each metric the objective needs (None: the base model); generation
         runs to `max_new_tokens`, else the backend's, else the examples' `generation_length`."""
-        out: dict[str, np.ndarray] = {}
         with self.engine.merged(recipe) as model:
-            tok, chat = self.engine.tokenizer, self.chat
-            metrics = self.objective.metrics
-            if "ce" in metrics or "greedy_match" in metrics:
-                ce, greedy = scoring.answer_scores(model, tok, examples, self.batch_size, chat)
-                out.update({k: v for k, v in (("ce", ce), ("greedy_match", greedy)) if k in metrics})
-            if "accuracy" in metrics:
-                out["accuracy"] = scoring.choice_accuracy(model, tok, examples, self.batch_size, chat)
-            if self.objective.needs_generation:
-                length = max_new_tokens or self.max_new_tokens
-                preds = scoring.generate_answers(model, tok, examples, length, self.batch_size, chat)
-                out.update(scoring.text_scores(metrics, preds, examples))
+            return self._model_scores(model, examples, max_new_tokens or self.max_new_tokens, self.batch_size)
+
+    def _model_scores(self, model: Any, examples: Sequence[Example], length: int | None,
+                      batch_size: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        tok, chat = self.engine.tokenizer, self.chat
+        metrics = self.objective.metrics
+        if "ce" in metrics or "greedy_match" in metrics:
+            ce, greedy = scoring.answer_scores(model, tok, examples, batch_size, chat)
+            out.update({k: v for k, v in (("ce", ce), ("greedy_match", greedy)) if k in metrics})
+        if "accuracy" in metrics:
+            out["accuracy"] = scoring.choice_accuracy(model, tok, examples, batch_size, chat)
+        if self.objective.needs_generation:
+            preds = scoring.generate_answers(model, tok, examples, length, batch_size, chat)
+            out.update(scoring.text_scores(metrics, preds, examples))
         return out
+
+    def population_scores(self, recipes: Sequence[MergeRecipe], examples: Sequence[Example],
+                          length: int | None = None) -> list[dict[str, np.ndarray]]:
+        """`scores` of each low-rank recipe, all scored together: the rows of one forward are the
+        examples repeated candidate by candidate, each block served by its candidate's factors
+        (`merging.population`); candidates and examples split so a forward stays within
+        `population_rows`. Raises for a recipe with no low-rank form."""
+        from evomerge.merging import population
+
+        length = length or self.max_new_tokens or generation_length(examples)
+        rows = self.population_rows or self._rows_for_memory(examples, length)
+        per_row = max((len(e.choices) for e in examples if e.choices), default=1) if "accuracy" in self.objective.metrics else 1
+        group = max(1, min(len(recipes), rows // per_row))
+        chunk = max(1, rows // (group * per_row))
+        out: list[dict[str, list[np.ndarray]]] = [{} for _ in recipes]
+        with self.engine.merged(None) as model:
+            for g in range(0, len(recipes), group):
+                members = recipes[g : g + group]
+                factors = population.stacked_factors(self.engine.merger, members, self.engine.dtype, self.engine.device)
+                refusal = population.unsupported_module(model, list(factors))
+                if refusal is not None:
+                    raise RecipeError(f"no population forward for these adapters: {refusal}")
+                with population.population(model, factors):
+                    for e0 in range(0, len(examples), chunk):
+                        part = list(examples[e0 : e0 + chunk])
+                        values = self._model_scores(model, part * len(members), length, len(part) * len(members) * per_row)
+                        for c in range(len(members)):
+                            for name, v in values.items():
+                                out[g + c].setdefault(name, []).append(v[c * len(part) : (c + 1) * len(part)])
+        return [{name: np.concatenate(parts) for name, parts in o.items()} for o in out]
+
+    def _rows_for_memory(self, examples: Sequence[Example], length: int) -> int:
+        """Rows one population forward may take: a quarter of free accelerator memory (1 GiB on a
+        CPU) over a row's logits and activations at the longest example's length; at least `batch_size`."""
+        import torch
+
+        config = self.engine.model.config
+        tokens = max(len(e.prompt) + len(e.answer) for e in examples) + length  # bytes bound tokens
+        per_row = tokens * (config.vocab_size + 16 * config.hidden_size) * 4
+        if self.engine.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.engine.device)[0] // 4
+        else:
+            budget = 1 << 30
+        return max(self.batch_size, budget // per_row)
+
+    def evaluate_many(self, recipes: Sequence[MergeRecipe], examples: Sequence[Example]) -> list[Score]:
+        """`evaluate` of every recipe: those that stay low-rank scored together in batched forwards
+        (`population_scores`), the rest (TIES, DARE, full experts) one at a time. Equal to
+        `evaluate` per recipe within float rounding; if the batch fails, its recipes are scored one
+        at a time, so one bad recipe fails alone."""
+        batched = [i for i, r in enumerate(recipes) if self._low_rank(r)]
+        scores: dict[int, Score] = {}
+        if len(batched) > 1:
+            start = time.perf_counter()
+            try:
+                ids = tuple(e.id or str(i) for i, e in enumerate(examples))
+                length = self.max_new_tokens or generation_length(examples)
+                objective = self._objective_for(examples, ids, length)
+                unique = list(dict.fromkeys(examples))
+                values = self.population_scores([recipes[i] for i in batched], unique, length)
+            except Exception:  # one bad recipe (or memory) must not fail the others: score them alone
+                values = None
+            if values is not None:
+                seconds = (time.perf_counter() - start) / len(batched)
+                at = {e: j for j, e in enumerate(unique)}
+                for i, v in zip(batched, values):
+                    per_example = self.memo.scores(
+                        (recipes[i].key(), self.objective.metrics), examples,
+                        lambda missing, v=v: {k: x[[at[e] for e in missing]] for k, x in v.items()})
+                    scores[i] = self._score(per_example, examples, ids, objective, seconds)
+        return [scores[i] if i in scores else self.evaluate(r, examples) for i, r in enumerate(recipes)]
+
+    def _low_rank(self, recipe: MergeRecipe) -> bool:
+        try:
+            return self.engine.merger.low_rank_refusal(recipe) is None
+        except Exception:  # an invalid recipe fails alone, on the one-at-a-time path
+            return False
 
     def _objective_for(self, examples: Sequence[Example], ids: tuple[str, ...], length: int) -> Objective:
         """The objective, with the base model's per-task losses on these examples as references
@@ -84,6 +166,12 @@ class LocalBackend(Backend):
         objective = self._objective_for(examples, ids, length)
         per_example = self.memo.scores((recipe.key(), self.objective.metrics), examples,
                                        lambda missing: self.scores(recipe, missing, length))
+        return self._score(per_example, examples, ids, objective, time.perf_counter() - start)
+
+    @staticmethod
+    def _score(per_example: dict[str, np.ndarray], examples: Sequence[Example], ids: tuple[str, ...],
+               objective: Objective, seconds: float) -> Score:
+        """The Score of per-example metric values: their means overall and per task, and the loss."""
         tasks = [e.task for e in examples]
         metrics: dict[str, float] = {}
         labels = np.asarray(tasks)
@@ -93,10 +181,9 @@ class LocalBackend(Backend):
                 metrics[f"{name}/{task}"] = float(np.mean(values[labels == task]))
         for task, loss in objective.task_losses(per_example, tasks).items():
             metrics[f"loss/{task}"] = loss
-        return Score(loss=objective.loss(per_example, tasks), metrics=metrics,
-                      cost=Cost(seconds=time.perf_counter() - start),
-                      per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
-                      example_ids=ids)
+        return Score(loss=objective.loss(per_example, tasks), metrics=metrics, cost=Cost(seconds=seconds),
+                     per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
+                     example_ids=ids)
 
     def close(self) -> None:
         self.engine.close()
@@ -109,6 +196,13 @@ class _SplitEvaluator:
 
     def __call__(self, recipe: MergeRecipe, split: str) -> Score:
         return self.backend.evaluate(recipe, self.splits.get(split))
+
+
+class _PopulationEvaluator(_SplitEvaluator):
+    """An evaluator an executor may hand several candidates at once (`many`)."""
+
+    def many(self, recipes: Sequence[MergeRecipe], split: str) -> list[Score]:
+        return self.backend.evaluate_many(recipes, self.splits.get(split))
 
 
 @dataclass(frozen=True)
@@ -128,10 +222,11 @@ class LocalEvaluatorFactory:
     max_new_tokens: int | None = None
     expert_paths: tuple[str | Path, ...] | None = None
     chat: bool = False
+    population: bool = True
 
     def __call__(self) -> Evaluator:
         repo = (Repository.from_paths(self.repository_path, experts=self.expert_paths)
                 if self.expert_paths else Repository.open(self.repository_path))
         backend = LocalBackend(repo, self.objective, device=self.device, dtype=self.dtype,
                                batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, chat=self.chat)
-        return _SplitEvaluator(backend, self.splits)
+        return (_PopulationEvaluator if self.population else _SplitEvaluator)(backend, self.splits)

@@ -5,6 +5,9 @@ picklable factory inside each worker, so they load once and evaluate many candid
 A paid evaluation also carries its `limit` (the spend the ledger reserved for it, enforced by the
 evaluator) and racing's `prior` (the candidate's minibatch score, so a finish on any worker pays
 only for the examples the minibatch did not score); the evaluator receives them as keywords.
+An evaluator with a `many(recipes, split) -> [Score]` method (the local backend's population
+path) is handed the queued candidates of one split together, so an asked-ahead window shares
+batched forwards; paid or raced jobs (with options) always go alone.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ class Job:
         return Score.failed(error, self.limit or Cost())
 
 
+MAX_BATCH = 64
+"""Most candidates one worker takes together for an evaluator with `many` (a population forward)."""
+
+
 class QueueExecutor:
     """What the thread and Ray executors share: their worker threads take `Job`s from one queue,
     `submit` refuses work once shutdown has begun, and a candidate past `eval_timeout` is failed
@@ -77,6 +84,26 @@ class QueueExecutor:
                 raise BackendError(f"this {self.name} is shut down; create a new one to evaluate more")
             self._jobs.put(Job(recipe, split, future, limit, prior))
         return future
+
+    def _batch(self, first: Job, batches: bool) -> tuple[list[Job], Job | None]:
+        """`first` and, for an evaluator that scores many candidates at once (`batches`), the
+        queued jobs behind it of the same split and no options, up to `MAX_BATCH`; also the job
+        taken that does not fit (the worker runs it next) or a shutdown marker, put back."""
+        batch = [first]
+        if not batches or first.options:
+            return batch, None
+        while len(batch) < MAX_BATCH:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)
+                break
+            if job.split != first.split or job.options:
+                return batch, job
+            batch.append(job)
+        return batch, None
 
     def _close(self) -> bool:
         """Refuse new jobs and cancel the queued ones; False when shutdown had already begun."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
-from evomerge.backends._base import EvaluatorFactory
+from evomerge.backends._base import Evaluator, EvaluatorFactory
 from evomerge.scheduler._base import Job, QueueExecutor
 from evomerge.score import Score
 
@@ -39,37 +39,55 @@ class ThreadExecutor(QueueExecutor):
 
     def _work(self) -> None:
         evaluator = None
-        while (job := self._jobs.get()) is not None:
-            future = job.future
-            if not future.set_running_or_notify_cancel():
-                continue
-            with self._lock:
-                self._running[future] = (threading.current_thread(), job)
-            timer = None
-            if self.eval_timeout is not None:
-                timer = threading.Timer(self.eval_timeout, self._expire, (future,))
-                timer.daemon = True
-                timer.start()
+        carry: Job | None = None
+        while (job := carry or self._jobs.get()) is not None:
             try:
                 evaluator = evaluator or self._factory()
-                score = evaluator(job.recipe, job.split, **job.options)
-            except Exception as exc:  # an evaluator that raises is a failed candidate, not a crash
-                score = Score.failed(f"{type(exc).__name__}: {exc}")
-            if timer is not None:
-                timer.cancel()
-            with self._lock:
-                if self._running.pop(future, None) is None:  # timed out: a fresh thread took this one's place
-                    return
-                future.set_result(score)
-
-    def _expire(self, future: "Future[Score]") -> None:
-        with self._lock:
-            running = self._running.pop(future, None)
-            if running is None:  # finished just in time
+            except Exception as exc:  # an evaluator that cannot be built fails this candidate, not the search
+                carry = None
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_result(Score.failed(f"{type(exc).__name__}: {exc}"))
+                continue
+            batch, carry = self._batch(job, callable(getattr(evaluator, "many", None)))
+            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if batch and not self._run(evaluator, batch):
                 return
-            thread, job = running
-            self._threads.discard(thread)
-            future.set_result(self._timed_out(job, "its thread was abandoned and replaced"))
+
+    def _run(self, evaluator: Evaluator, batch: list[Job]) -> bool:
+        """Score `batch` (one job, or several together through `evaluator.many`) and resolve its
+        futures; False when it timed out meanwhile and a fresh thread took this one's place."""
+        with self._lock:
+            for job in batch:
+                self._running[job.future] = (threading.current_thread(), job)
+        timer = None
+        if self.eval_timeout is not None:  # a batch of n candidates has the time of n
+            timer = threading.Timer(self.eval_timeout * len(batch), self._expire, [j.future for j in batch])
+            timer.daemon = True
+            timer.start()
+        try:
+            if len(batch) == 1:
+                scores = [evaluator(batch[0].recipe, batch[0].split, **batch[0].options)]
+            else:
+                scores = evaluator.many([j.recipe for j in batch], batch[0].split)
+        except Exception as exc:  # an evaluator that raises is a failed candidate, not a crash
+            scores = [Score.failed(f"{type(exc).__name__}: {exc}")] * len(batch)
+        if timer is not None:
+            timer.cancel()
+        with self._lock:
+            if any(self._running.pop(job.future, None) is None for job in batch):
+                return False  # timed out: a fresh thread took this one's place
+            for job, score in zip(batch, scores):
+                job.future.set_result(score)
+        return True
+
+    def _expire(self, *futures: "Future[Score]") -> None:
+        with self._lock:
+            running = [r for r in map(self._running.pop, futures, [None] * len(futures)) if r is not None]
+            if not running:  # finished just in time
+                return
+            self._threads.discard(running[0][0])
+            for _, job in running:
+                job.future.set_result(self._timed_out(job, "its thread was abandoned and replaced"))
             if not self._closed:
                 self._start_thread()
 
