@@ -52,12 +52,23 @@ class _EvalActor:
         """Returns once the evaluator is built (the pid, for tests and logs)."""
         return os.getpid()
 
+    def batches(self) -> bool:
+        """Whether the evaluator scores several candidates at once (`many`: a population forward)."""
+        return callable(getattr(self._evaluate, "many", None))
+
     def evaluate(self, recipe: MergeRecipe, split: str, options: dict[str, Any]) -> Score:
         start = time.perf_counter()
         try:
             return self._evaluate(recipe, split, **options)
         except Exception as exc:  # an evaluator should not raise; if it does, the failure is data
             return Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))
+
+    def many(self, recipes: list[MergeRecipe], split: str) -> list[Score]:
+        start = time.perf_counter()
+        try:
+            return self._evaluate.many(recipes, split)
+        except Exception as exc:
+            return [Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))] * len(recipes)
 
 
 def _reason(exc: BaseException) -> str:
@@ -164,6 +175,7 @@ class RayExecutor(QueueExecutor):
         self._started = threading.Condition(self._lock)
         self._actors: list[Any] = [None] * workers
         self._live = [False] * workers
+        self._batches = [False] * workers  # whether slot i's evaluator takes several candidates at once
         self.restarts = 0
         """Actors replaced after a death or a timeout (for tests and logs)."""
         self._threads = [threading.Thread(target=self._drive, args=(i,), name=f"evomerge-ray-{i}", daemon=True)
@@ -200,10 +212,14 @@ class RayExecutor(QueueExecutor):
     def _drive(self, index: int) -> None:
         """Keep slot `index` warm: (re)start its actor before taking the next job, not after."""
         start_error = self._start(index)
-        while (job := self._jobs.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():
+        carry: Job | None = None
+        while (job := carry or self._jobs.get()) is not None:
+            batch, carry = self._batch(job, self._batches[index])
+            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not batch:
                 continue
-            job.future.set_result(self._run(index, job, start_error))
+            for j, score in zip(batch, self._run(index, batch, start_error)):
+                j.future.set_result(score)
             start_error = self._start(index) if self._actors[index] is None and not self._closed else None
 
     def _start(self, index: int) -> str | None:
@@ -216,6 +232,7 @@ class RayExecutor(QueueExecutor):
             self._actors[index] = actor
         try:
             self._ray.get(actor.ready.remote())
+            self._batches[index] = self._ray.get(actor.batches.remote())
         except self._ray.exceptions.RayError as exc:
             self._actors[index] = None
             if self._closed:
@@ -227,34 +244,39 @@ class RayExecutor(QueueExecutor):
             self._started.notify_all()
         return None
 
-    def _run(self, index: int, job: Job, start_error: str | None) -> Score:
-        """Evaluate one job on slot `index`, replacing a dead actor and retrying up to the limit.
+    def _run(self, index: int, batch: list[Job], start_error: str | None) -> list[Score]:
+        """Evaluate one job, or several of one split through the actor's `many`, on slot `index`,
+        replacing a dead actor and retrying up to the limit (a batch has the time of its jobs).
         A failed start before the job (`start_error`) counts as its first attempt."""
         errors: list[str] = []
+        job = batch[0]
         for _ in range(1 + self.max_retries):
             if self._closed:
-                return Score.failed(SHUTDOWN_ERROR)
+                return [Score.failed(SHUTDOWN_ERROR)] * len(batch)
             if self._actors[index] is None:
                 error, start_error = start_error or self._start(index), None
                 if error:
                     errors.append(error)
                     continue
-            ref = self._actors[index].evaluate.remote(job.recipe, job.split, job.options)
+            actor = self._actors[index]
+            ref = (actor.evaluate.remote(job.recipe, job.split, job.options) if len(batch) == 1
+                   else actor.many.remote([j.recipe for j in batch], job.split))
             try:
-                return self._ray.get(ref, timeout=self.eval_timeout)
+                result = self._ray.get(ref, timeout=None if self.eval_timeout is None else self.eval_timeout * len(batch))
+                return [result] if len(batch) == 1 else result
             except self._ray.exceptions.GetTimeoutError:
                 self._replace(index, "timed out")
-                return self._timed_out(job, "the worker was restarted")
+                return [self._timed_out(j, "the worker was restarted") for j in batch]
             except self._lost as exc:
                 self._replace(index, "died")
                 errors.append(f"the worker died: {_reason(exc)}")
-                if job.limit is not None:
-                    return job.unknown_spend(f"{errors[-1]}; a paid evaluation is not retried (its spend is unknown)")
+                if job.limit is not None:  # a paid job is always alone
+                    return [job.unknown_spend(f"{errors[-1]}; a paid evaluation is not retried (its spend is unknown)")]
             except self._ray.exceptions.RayError as exc:  # e.g. a Score that cannot be unpickled
-                return Score.failed(_reason(exc))
+                return [Score.failed(_reason(exc))] * len(batch)
         if self._closed:
-            return Score.failed(SHUTDOWN_ERROR)
-        return Score.failed(f"gave up after {len(errors)} attempt(s); last: {errors[-1]}")
+            return [Score.failed(SHUTDOWN_ERROR)] * len(batch)
+        return [Score.failed(f"gave up after {len(errors)} attempt(s); last: {errors[-1]}")] * len(batch)
 
     def _replace(self, index: int, why: str) -> None:
         if self._closed:

@@ -134,3 +134,30 @@ def test_actor_resources_share_the_cpus_and_honour_overrides(ray_session):
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         RayExecutor(ProbeFactory(), **kwargs)
+
+
+def test_a_population_evaluator_takes_the_queued_candidates_together(ray_session, tmp_path):
+    """An actor whose evaluator has `many` (the local backend's population path) is handed the
+    queued candidates of one split at once: the same scores as in-process, one shared cost."""
+    from evomerge.backends.local import LocalEvaluatorFactory
+    from evomerge.objectives import Objective
+    from evomerge.tasks import Example, Splits
+    from tests import _tiny
+
+    base = _tiny.build_base(tmp_path / "base")
+    experts = {}
+    for i in range(2):
+        _tiny.build_lora_expert(base, tmp_path / "experts" / f"lora{i}", seed=70 + i)
+        experts[f"lora{i}"] = {"path": f"experts/lora{i}", "kind": "lora", "task": None, "distractor": False}
+    _tiny.write_zoo(tmp_path, experts)
+    fit = tuple(Example(f"say {w}:", w, "word", f"w:{w}") for w in ("cat", "dog", "sun"))
+    factory = LocalEvaluatorFactory(str(tmp_path), Splits(fit, (), ()), Objective("ce"), device="cpu",
+                                    dtype="float32")
+    recipes = [MergeRecipe("evo_tv", ("lora0", "lora1"), (0.5 * i, -0.3), (1.0, 0.5)) for i in range(8)]
+    with RayExecutor(factory, workers=1, num_cpus_per_worker=0.25) as ex:
+        assert ex.wait_ready(timeout=60)
+        scores = [f.result(timeout=60) for f in [ex.submit(r, "fit") for r in recipes]]
+    evaluate = factory()
+    for r, s in zip(recipes, scores):
+        assert s.ok and s.loss == pytest.approx(evaluate(r, "fit").loss, abs=1e-5)
+    assert len({s.cost.seconds for s in scores}) < len(scores)  # a batch shares its time evenly
