@@ -22,6 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds a zoo")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=run_build)
+    export = actions.add_parser("export-gguf", help="write the base and LoRA experts as GGUF files llama.cpp loads")
+    export.add_argument("zoo", help="a zoo or base/ + experts/ folder (Llama base, PEFT LoRA experts)")
+    export.add_argument("out", help="folder to write base.gguf and experts/NAME.gguf into")
+    export.set_defaults(func=run_export_gguf)
+    serve = actions.add_parser("serve-gguf", help="serve an export-gguf folder with llama.cpp's server (xllamacpp)")
+    serve.add_argument("gguf_dir", help="a folder written by export-gguf")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    serve.add_argument("--parallel", type=int, default=2, help="requests served at once (slots; default: 2)")
+    serve.set_defaults(func=run_serve_gguf)
     return zoo
 
 
@@ -32,4 +42,22 @@ def run_build(args: argparse.Namespace) -> int:
     path = build(args.preset, args.out, args.seed, gguf=args.gguf, threads=args.threads, device=args.device,
                  force=args.force, progress=not args.no_progress)
     print(path)
+    return 0
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    """Convert, then print each file written."""
+    from evomerge.zoo.gguf_export import export_gguf
+
+    base, experts = export_gguf(args.zoo, args.out)
+    for path in (base, *experts.values()):
+        print(path)
+    return 0
+
+
+def run_serve_gguf(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    from evomerge.zoo.llamacpp import serve_forever
+
+    serve_forever(args.gguf_dir, args.port, threads=args.threads, parallel=args.parallel)
     return 0
