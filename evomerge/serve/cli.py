@@ -28,6 +28,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     p.add_argument("--max-batch", type=int, default=Limits.max_batch, help="prompts per request")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="longest prompt served, in tokens; longer ones get 400 at once (default: the model's "
+                        "context length; GET /v1/models states it)")
+    p.add_argument("--tokens-per-minute", type=int, metavar="N",
+                   help="tokens (prompts and generations) one API key may use per minute; beyond, 429 with "
+                        "Retry-After (default: no limit)")
+    p.add_argument("--deadline", type=float, default=Limits.deadline, metavar="SECONDS",
+                   help="a request unanswered after this long gets 504 and its queued work is dropped")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (1 is fastest for small models "
                                                        "on a busy CPU)")
     p.add_argument("--cache-size", type=int, default=256, help="merged states kept (LRU by recipe key)")
@@ -57,7 +65,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.torch_threads:
         require("torch", "evomerge serve").set_num_threads(args.torch_threads)
     sock = bind(args.host, args.port)  # fail fast on a taken port, before loading the model
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
+    for flag, value in (("--max-prompt-tokens", args.max_prompt_tokens), ("--tokens-per-minute", args.tokens_per_minute),
+                        ("--deadline", args.deadline)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} is {value}; give a positive number")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                    max_prompt_tokens=args.max_prompt_tokens, tokens_per_minute=args.tokens_per_minute,
+                    deadline=args.deadline)
     registry = ModelRegistry(args.registry or Path(repository) / "registered_models.json")
     app = create_app(load_host(repository, args.device, args.dtype), api_key=key, limits=limits,
                      cache_size=args.cache_size, registry=registry)

@@ -33,6 +33,7 @@ class EngineHost:
         self.runner = TransformersRunner(self.engine.model, self.engine.tokenizer)
         self.tokenizer = self.engine.tokenizer
         self.base_name = "base"
+        self.context_length: int | None = getattr(self.engine.model.config, "max_position_embeddings", None)
         self.experts = tuple(sorted(repository.experts))
         self._params = dict(self.engine.model.named_parameters())
         self._base: dict[str, Any] = {}
@@ -79,8 +80,8 @@ class EngineHost:
         return self.runner.score(texts, top, special)
 
     def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
-                 special: bool = True) -> list[Generated]:
-        return self.runner.generate(prompts, max_tokens, temperature, seed, special)
+                 special: bool = True, max_time: float | None = None) -> list[Generated]:
+        return self.runner.generate(prompts, max_tokens, temperature, seed, special, max_time)
 
     def count_tokens(self, text: str) -> int:
         return self.runner.count_tokens(text)

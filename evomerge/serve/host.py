@@ -40,6 +40,7 @@ class ModelHost(Protocol):
     base_name: str
     experts: tuple[str, ...]
     tokenizer: Any  # the chat route applies its chat template (`evomerge.serve.protocol.chat_prompt`)
+    context_length: int | None  # positions the model was trained on: the default prompt limit
 
     def check(self, recipe: MergeRecipe) -> None:
         """Raise `RecipeError` (naming the field) when this host cannot apply `recipe`."""
@@ -54,9 +55,10 @@ class ModelHost(Protocol):
         """Log-probabilities of every token of each text under the active weights."""
 
     def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
-                 special: bool = True) -> list[Generated]:
-        """A continuation of each prompt, at most `max_tokens` tokens, under the active weights
-        (one batched pass: a request's prompts share its merge)."""
+                 special: bool = True, max_time: float | None = None) -> list[Generated]:
+        """A continuation of each prompt, at most `max_tokens` tokens and `max_time` seconds (the
+        request's deadline), under the active weights (one batched pass: a request's prompts share
+        its merge)."""
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` costs (what usage reports)."""
@@ -105,13 +107,20 @@ class TransformersRunner:
                 offs.append(start)
                 lps.append(picked[row][t - 1] if t > 0 else None)
                 if top_values is not None:
-                    alts.append(None if t == 0 else {
-                        self.tokenizer.decode([i]): v for v, i in zip(top_values[row][t - 1], top_ids[row][t - 1])})
+                    alts.append(None if t == 0 else self._alternatives(top_values[row][t - 1], top_ids[row][t - 1]))
             out.append(Scored(tokens, lps, offs, alts if top_values is not None else None))
         return out
 
+    def _alternatives(self, values: list[float], ids: list[int]) -> dict[str, float]:
+        """The most likely tokens, best first, by text; tokens that decode alike (byte pieces of a
+        character all read as U+FFFD) keep the best value, so there may be fewer than asked."""
+        out: dict[str, float] = {}
+        for v, i in zip(values, ids):
+            out.setdefault(self.tokenizer.decode([i]), v)
+        return out
+
     def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
-                 special: bool = True) -> list[Generated]:
+                 special: bool = True, max_time: float | None = None) -> list[Generated]:
         torch = self.torch
         if max_tokens <= 0:
             return [Generated("", 0) for _ in prompts]
@@ -127,7 +136,7 @@ class TransformersRunner:
         with torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
                                       temperature=temperature if sample else None, top_p=None, top_k=None,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      pad_token_id=self.tokenizer.pad_token_id, max_time=max_time)
         done = []
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
             stop = next((i + 1 for i, t in enumerate(row) if t == self.tokenizer.eos_token_id), len(row))

@@ -26,9 +26,16 @@ MERGE_FIELD = "merge"
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the provider; beyond these it answers 413 or 422."""
+    """What one request may ask of the provider; beyond these it answers 400, 413, 422 or 429, and
+    a request still unanswered at its deadline gets 504 (`evomerge.serve.admission`)."""
 
     max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int | None = None
+    """Tokens of one prompt (None: the model's context length, else 4096)."""
+    tokens_per_minute: int | None = None
+    """Per API key, prompts and generations together (None: no limit)."""
+    deadline: float = 60.0
+    """Seconds a request may take, queueing included."""
     max_batch: int = 64
     max_tokens: int = 256
     max_abs_weight: float = 1.5

@@ -105,5 +105,5 @@ def add_model_routes(app: Any, host: ModelHost, registry: ModelRegistry, limits:
         """Remove a registered merge (the base and the experts cannot be removed)."""
         if not registry.remove(model_id):
             raise ApiError(404, f"model {model_id!r} is not a registered merge; GET /v1/models lists them",
-                           "model", "model_not_found")
+                           "model", code="model_not_found")
         return {"id": model_id, "object": "model", "deleted": True}

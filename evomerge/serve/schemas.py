@@ -20,9 +20,11 @@ from evomerge.serve.protocol import Limits
 class ApiError(Exception):
     """An HTTP error answered in OpenAI's error shape: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.code, self.headers = code, headers
 
 
 class _Body(BaseModel):
@@ -70,6 +72,16 @@ class ChatRequest(_Body):
     merge: dict[str, Any] | None = None
 
 
+class TokenizeRequest(_Body):
+    """POST /tokenize as vLLM takes it (``prompt`` or ``messages``), or llama.cpp (``content``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+
+
 class SessionExample(_Body):
     prompt: str
     answer: str = Field(min_length=1)
@@ -100,7 +112,7 @@ def parse_merge(data: dict[str, Any] | None, model: str | None, host: ModelHost,
         if model in host.experts:
             return MergeRecipe("task_arithmetic", (model,), (1.0,))
         raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists the base and the experts",
-                       "model", "model_not_found")
+                       "model", code="model_not_found")
     try:
         recipe = MergeRecipe.from_dict(data)
     except RecipeError as exc:

@@ -10,6 +10,7 @@ The loss is the mean over examples of the answer tokens' mean negative log-proba
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from evomerge.errors import RecipeError
 from evomerge.recipe import MergeRecipe
+from evomerge.serve.admission import PromptGate, TokenRate, within
 from evomerge.serve.host import ModelHost
 from evomerge.serve.protocol import Limits, answer_nll
 from evomerge.serve.schemas import ApiError, SessionEvaluateRequest, SessionRequest, check_bounds, parse_merge
@@ -58,8 +60,13 @@ def _alpha_beta(req: SessionEvaluateRequest, s: Session, host: ModelHost, limits
     return recipe
 
 
-def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: Limits) -> None:
-    """Attach the session routes to `app`; sessions live in memory, the oldest evicted past the cap."""
+def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: Limits, gate: PromptGate,
+                       rate: TokenRate) -> None:
+    """Attach the session routes to `app`; sessions live in memory, the oldest evicted past the cap.
+    An example over the prompt limit is refused when the session opens; an evaluation is charged
+    to its key's tokens per minute and answered within the deadline."""
+    from fastapi import Header
+
     sessions: OrderedDict[str, Session] = OrderedDict()
 
     @app.post("/v1/sessions")
@@ -75,7 +82,7 @@ def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: L
                            "examples")
         prompts = tuple(e.prompt for e in req.examples)
         answers = tuple(e.answer for e in req.examples)
-        tokens = await worker.anyweights(lambda h: sum(h.count_tokens(p + a) for p, a in zip(prompts, answers)))
+        tokens = gate.check([p + a for p, a in zip(prompts, answers)], "examples", indexed=True)
         s = Session(f"sess-{uuid.uuid4().hex}", tuple(req.experts), req.method, prompts, answers,
                     tuple(e.id or str(i) for i, e in enumerate(req.examples)), tokens)
         sessions[s.id] = s
@@ -87,19 +94,22 @@ def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: L
     def get(session_id: str) -> Session:
         if session_id not in sessions:
             raise ApiError(404, f"no session {session_id!r} (expired or never created); POST /v1/sessions",
-                           "session_id", "session_not_found")
+                           "session_id", code="session_not_found")
         sessions.move_to_end(session_id)
         return sessions[session_id]
 
     @app.post("/v1/sessions/{session_id}/evaluate")
-    async def evaluate(session_id: str, req: SessionEvaluateRequest) -> dict[str, Any]:
+    async def evaluate(session_id: str, req: SessionEvaluateRequest,
+                       authorization: str | None = Header(None)) -> dict[str, Any]:
         """Merge with α (keep ratios) and β (signed scales) and return the loss on the session's examples."""
+        deadline = time.monotonic() + limits.deadline
         s = get(session_id)
         recipe = _alpha_beta(req, s, host, limits)
         texts = [p + a for p, a in zip(s.prompts, s.answers)]
         scored = []
-        for at in range(0, len(texts), limits.max_batch):
-            scored += await worker.score(recipe, texts[at:at + limits.max_batch])
+        with rate.charged(authorization, s.tokens):
+            for at in range(0, len(texts), limits.max_batch):
+                scored += await within(deadline, worker.score(recipe, texts[at:at + limits.max_batch]))
         per = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, p) for x, p in zip(scored, s.prompts)]
         finite = [v for v in per if math.isfinite(v)]
         worker.stats.queries += 1
