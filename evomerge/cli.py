@@ -21,8 +21,9 @@ def _search(args: argparse.Namespace) -> int:
                                                 "eval_timeout", "max_queries", "max_tokens", "test_table", "export_model")}
     if args.workers and args.workers > 1 and args.executor is None:
         overrides["executor"] = "ray"
-    if args.api_base is not None:
-        overrides["api"] = {"base": args.api_base}
+    api = {k: v for k, v in (("base", args.api_base), ("provider", args.provider)) if v is not None}
+    if api:
+        overrides["api"] = api
     if args.race is not None:
         overrides["race"] = {"fraction": args.race}
     config = load_config(args.config, overrides)
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fitness", help="python backend: MODULE:CALLABLE returning a loss (default: built-in demo)")
     s.add_argument("--repository", type=Path, help="local/api backends: the repository directory")
     s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
+    s.add_argument("--provider", choices=["auto", "evomerge", "llama.cpp"],
+                   help="api backend: the server's kind (default: auto, asked from the server)")
     s.add_argument("--race", type=float, metavar="FRACTION",
                    help="score candidates on this fraction of the fit examples first; finish only the promising")
     s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML, config and (local "

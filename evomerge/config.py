@@ -62,6 +62,9 @@ class ApiConfig(_Frozen):
     timeout: float = Field(30.0, gt=0)
     max_retries: int = Field(4, ge=0)
     mode: Literal["logprobs", "session"] = "logprobs"
+    provider: Literal["auto", "evomerge", "llama.cpp"] = "auto"
+    """The server's profile: the reference provider (full recipes) or llama.cpp's server (adapter
+    scales, β only; `evomerge.backends.llamacpp`); auto asks the server (llama.cpp answers /props)."""
 
 
 class RaceConfig(_Frozen):

@@ -180,12 +180,19 @@ def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
     options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
                ("timeout", config.api.timeout), ("retries", config.api.max_retries), ("chat", config.task.chat),
                ("max_new_tokens", length)) + (() if config.batch_size is None else (("batch_size", config.batch_size),))
-    probe = ApiBackend(base, api_key_env=config.api.key_env, **dict(options))
+    probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, **dict(options))
     try:
         probe.check()
         experts = _experts(config, probe.experts())
     finally:
         probe.close()
+    options += (("provider", probe.provider),)  # settled: every worker speaks the same profile
+    if probe.provider == "llama.cpp":
+        from evomerge.backends.llamacpp import space_error
+
+        refused = space_error(config.space.name, config.space.options)
+        if refused is not None:
+            raise ConfigError(f"{base} is llama.cpp's server: {refused}")
     factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective), options)
     return Prepared(experts, evaluator=factory, splits=splits, repository=repo,
                     num_layers=repo.block_layers if repo is not None else None)

@@ -7,6 +7,9 @@ The user's optimizer sees only answers. Two modes:
   (the paper's protocol: labels go to the provider). Plain prompts only: the session API has no
   chat-template step, so ``chat`` with this mode is refused.
 Both follow `evomerge.serve.protocol`'s rule for the scored tokens, as the local backend does.
+``provider`` picks the server's profile: ``evomerge`` (the reference provider, full recipes in
+``merge``) or ``llama.cpp`` (adapter scales in ``lora``, β only: `evomerge.backends.llamacpp`);
+``auto`` asks the server which it is.
 With ``chat`` (``task.chat``) every request goes to /chat/completions, one example each: answers
 are scored as a final assistant message (``echo`` + ``continue_final_message``, vLLM's
 extensions) and generated after the user turn.
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 from evomerge._imports import require
+from evomerge.backends import llamacpp
 from evomerge.backends._base import Backend, Evaluator, register_backend
 from evomerge.backends.memo import ExampleMemo
 from evomerge.errors import BackendError, BudgetExhausted, ConfigError
@@ -142,17 +146,20 @@ def _token_bound(texts: Sequence[str], chat: bool = False) -> int:
 
 
 def request_plan(objective: Objective, examples: Sequence[Example], per_request: int, chat: bool, length: int,
-                 mode: str) -> Cost:
+                 mode: str, provider: str = "evomerge") -> Cost:
     """The queries and a token bound of one scoring pass over `examples`, no retry counted: what
-    `ApiBackend` sends for them (the session mode: open the session, evaluate in it)."""
+    `ApiBackend` sends for them (the session mode: open the session, evaluate in it; llama.cpp:
+    each scored answer decoded once more, `llamacpp.forced_fields`)."""
     if mode == "session":
         return Cost(2, _token_bound([e.prompt + e.answer for e in examples]))
     wanted = objective.metrics
-    texts = [e.prompt + e.answer for e in examples] if "ce" in wanted or "greedy_match" in wanted else []
-    choices = [e.prompt + c for e in examples for c in e.choices or ()] if "accuracy" in wanted else []
+    texts = [(e.prompt, e.answer) for e in examples] if "ce" in wanted or "greedy_match" in wanted else []
+    choices = [(e.prompt, c) for e in examples for c in e.choices or ()] if "accuracy" in wanted else []
     prompts = [e.prompt for e in examples] if objective.needs_generation else []
     queries = sum(-(-len(group) // per_request) for group in (texts, choices, prompts))
-    return Cost(queries, _token_bound(texts + choices + prompts, chat) + len(prompts) * length)
+    scored = texts + choices
+    forced = sum(llamacpp.forced_fields(p, a)["max_tokens"] for p, a in scored) if provider == "llama.cpp" else 0
+    return Cost(queries, _token_bound([p + a for p, a in scored] + prompts, chat) + len(prompts) * length + forced)
 
 
 @register_backend("api")
@@ -163,7 +170,8 @@ class ApiBackend(Backend):
                  model: str | None = None, mode: str = "logprobs", concurrency: int = 8, timeout: float = 60.0,
                  retries: int = RETRIES, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int = BATCH_SIZE,
                  caps: UsageCap | None = None, objective: Objective | None = None, max_new_tokens: int | None = None,
-                 chat: bool = False) -> None:
+                 chat: bool = False, provider: str = "evomerge") -> None:
+        llamacpp.check_provider(provider)
         if mode not in MODES:
             raise ConfigError(f"api mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
         if concurrency < 1 or batch_size < 1 or retries < 0:
@@ -183,6 +191,10 @@ class ApiBackend(Backend):
             raise ConfigError("the session mode scores plain prompts (it has no chat template step); "
                               "set task.chat to false or use the logprobs mode")
         self._per_request = 1 if chat else batch_size  # a chat request holds one conversation
+        self.provider = "auto"  # until `_use` settles it (for "auto": once the server is asked)
+        self._lora_ids: dict[str, int] | None = None
+        if provider != "auto":
+            self._use(provider)
         self._references: dict[tuple[str, ...], Objective] = {}
         self.memo = ExampleMemo()
         self.attempts = self.in_flight = self.max_in_flight = 0
@@ -194,6 +206,34 @@ class ApiBackend(Backend):
 
     def __repr__(self) -> str:
         return f"ApiBackend(api_base={self.api_base!r}, mode={self.mode!r}, concurrency={self.concurrency})"
+
+    def _use(self, provider: str) -> None:
+        """Settle the provider profile; llama.cpp's takes one prompt per request (its usage of a
+        many-prompt request counts the first prompt only) and has no chat or session scoring here."""
+        if provider == "llama.cpp" and (self.mode == "session" or self.chat):
+            raise ConfigError("through llama.cpp the api backend scores plain prompts in the logprobs mode; "
+                              "set task.chat to false and api.mode to logprobs")
+        self.provider = provider
+        if provider == "llama.cpp":
+            self._per_request = 1
+
+    async def _profile(self) -> str:
+        """The provider profile, asking the server once when it is "auto" (llama.cpp answers GET /props)."""
+        if self.provider == "auto":
+            openai = require("openai", "the api backend")
+            try:
+                props = await self._client.get(llamacpp.server_root(self.api_base) + "/props", cast_to=object)
+            except (openai.APIError, ValueError):  # the reference provider has no /props (404): not llama.cpp
+                props = None
+            self._use("llama.cpp" if llamacpp.is_llamacpp(props) else "evomerge")
+        return self.provider
+
+    async def _adapters(self) -> dict[str, int]:
+        """llama.cpp's adapter ids by expert name (GET /lora-adapters, once)."""
+        if self._lora_ids is None:
+            listing = await self._client.get(llamacpp.server_root(self.api_base) + "/lora-adapters", cast_to=object)
+            self._lora_ids = llamacpp.adapter_ids(listing)
+        return self._lora_ids
 
     async def _open(self) -> tuple[Any, asyncio.Semaphore]:
         openai = require("openai", "the api backend")
@@ -320,7 +360,9 @@ class ApiBackend(Backend):
                     raise BackendError(f"example {e.id!r} needs 'choices' holding its answer for choice accuracy")
             pairs["accuracy"] = [(e.prompt, c) for e in examples for c in e.choices or ()]
         prompts = [e.prompt for e in examples] if self.objective.needs_generation else []
-        plan = request_plan(self.objective, examples, self._per_request, self.chat, length, self.mode)
+        if await self._profile() == "llama.cpp":
+            await self._adapters()
+        plan = request_plan(self.objective, examples, self._per_request, self.chat, length, self.mode, self.provider)
         if not all(cap.fits(plan.queries, plan.tokens) for cap in (self.caps, tally.cap) if cap is not None):
             raise BudgetExhausted(f"the caps leave too little for a {plan.queries}-query evaluation; "
                                   "raise --max-queries / --max-tokens to go on")
@@ -361,7 +403,10 @@ class ApiBackend(Backend):
 
     def _body(self, recipe: MergeRecipe | None, **fields: Any) -> dict[str, Any]:
         body = {"model": self.model or "base", "temperature": 0.0, **fields}
-        if recipe is not None:
+        if self.provider == "llama.cpp":  # the adapters' scales (none: the base); no cache across merges
+            body["lora"] = [] if recipe is None else llamacpp.lora_field(recipe, self._lora_ids or {})
+            body["cache_prompt"] = False
+        elif recipe is not None:
             body[MERGE_FIELD] = recipe.to_dict()
         return body
 
@@ -369,6 +414,8 @@ class ApiBackend(Backend):
                            top: bool) -> list[tuple[float, float]]:
         if self.chat:
             return await self._score_chat(recipe, chunk[0], tally, top)
+        if self.provider == "llama.cpp":
+            return await self._score_forced(recipe, chunk[0], tally)
         texts = [p + a for p, a in chunk]
         body = self._body(recipe, prompt=texts, max_tokens=0, echo=True, logprobs=int(top))
 
@@ -387,6 +434,22 @@ class ApiBackend(Backend):
         # answered as a dict, which skips building typed models (a third of the client's time per query)
         return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
                                    _json_object(parse), _token_bound(texts), tally)
+
+    async def _score_forced(self, recipe: MergeRecipe | None, pair: tuple[str, str],
+                            tally: _Tally) -> list[tuple[float, float]]:
+        """(answer NLL, greedy match) of one answer decoded under a grammar admitting only it
+        (llama.cpp has no echo of prompt logprobs; `llamacpp`'s module docstring says which tokens)."""
+        prompt, answer = pair
+        fields = llamacpp.forced_fields(prompt, answer)
+        body = self._body(recipe, **fields)
+        bound = _token_bound([prompt + answer]) + fields["max_tokens"]
+
+        def parse(resp: Any) -> tuple[list[tuple[float, float]], int]:
+            content = (resp["choices"][0].get("logprobs") or {}).get("content")
+            return [llamacpp.forced_scores(content, llamacpp.continuation(prompt, answer))], _tokens(resp, bound)
+
+        return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
+                                   _json_object(parse), bound, tally)
 
     async def _score_chat(self, recipe: MergeRecipe | None, pair: tuple[str, str], tally: _Tally,
                           top: bool) -> list[tuple[float, float]]:
@@ -478,8 +541,10 @@ class ApiBackend(Backend):
         self._run(self._check())
 
     def experts(self) -> list[str]:
-        """The experts the provider serves (its /models entries other than the base)."""
+        """The experts the provider serves (its /models entries other than the base; llama.cpp's adapters)."""
         async def listed() -> list[str]:
+            if await self._profile() == "llama.cpp":
+                return sorted(await self._adapters())
             models = await self._client.get("/models", cast_to=object)
             return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
 
@@ -502,7 +567,13 @@ class ApiBackend(Backend):
                                "is --api-base the /v1 root of an OpenAI-compatible server?") from None
         if self.model is not None and self.model not in names:
             raise BackendError(f"{where} has no model {self.model!r}; it serves {', '.join(names[:10])}")
-        if self.mode == "logprobs" and self.chat:
+        if await self._profile() == "llama.cpp":
+            await self._adapters()
+            try:  # the base answers one forced answer with its tokens' logprobs
+                await self._score_forced(None, ("Hello", " world"), _Tally())
+            except BackendError as exc:
+                raise BackendError(f"{where} (llama.cpp) cannot score answers by grammar and logprobs: {exc}") from None
+        elif self.mode == "logprobs" and self.chat:
             body = {"model": self.model or names[0], "messages": chat_messages("Hello", " world"), "max_tokens": 0,
                     "logprobs": True, "echo": True, "continue_final_message": True, "add_generation_prompt": False}
             try:
@@ -624,10 +695,12 @@ class ApiEvaluatorFactory:
         options = dict(self.options)
         objective = self.objective or Objective()
         examples = self.splits.get(split)
-        per_request = 1 if options.get("chat") else options.get("batch_size", BATCH_SIZE)
+        # an unsettled provider ("auto") is bounded as llama.cpp: one prompt per request, answers decoded
+        provider = "llama.cpp" if options.get("provider") == "auto" else options.get("provider", "evomerge")
+        per_request = 1 if options.get("chat") or provider == "llama.cpp" else options.get("batch_size", BATCH_SIZE)
         length = options.get("max_new_tokens") or generation_length(examples)
         mode = options.get("mode", "logprobs")
-        once = request_plan(objective, examples, per_request, bool(options.get("chat")), length, mode)
+        once = request_plan(objective, examples, per_request, bool(options.get("chat")), length, mode, provider)
         # the session mode opens a session the provider evicted once more; normalized adds the references
         passes = 2 if mode == "session" or objective.needs_references else 1
         attempts = options.get("retries", RETRIES) + 1

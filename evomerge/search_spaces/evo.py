@@ -255,4 +255,5 @@ def evo(experts: Sequence[str], schedule: str = "two_stage", **options: Any) -> 
 def evo_joint(experts: Sequence[str], **options: Any) -> EvoPlan:
     """A sweep of the uniform merge's strength, then α and β together from its best, task-vector
     form by default (see the module docstring for why)."""
-    return EvoPlan(experts, "joint", **{"method": "evo_tv", "scale_grid": SCALE_GRID, "singles": True, **options})
+    schedule = options.pop("schedule", "joint")  # "beta": the scales alone (what llama.cpp's server can carry out)
+    return EvoPlan(experts, schedule, **{"method": "evo_tv", "scale_grid": SCALE_GRID, "singles": True, **options})

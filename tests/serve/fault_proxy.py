@@ -5,7 +5,7 @@ Faults, chosen per request from a script (deterministic tests) and then at rando
 ``delay`` (hold the request `delay` seconds, past a client's timeout, then forward it),
 ``truncate`` (forward, return half the JSON body) and ``corrupt`` (forward, mangle the JSON).
 ``ok`` forwards untouched. `counts` tallies what was done; `forwarded` counts requests the
-upstream server received. Runs its own event loop in a thread, so sync tests can use it.
+upstream server received, `routes` the same by "METHOD /path". Runs its own event loop in a thread, so sync tests can use it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class FaultProxy:
         self.delay, self.retry_after = delay, retry_after
         self.counts: collections.Counter[str] = collections.Counter()
         self.forwarded = 0
+        self.routes: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-proxy")
@@ -105,6 +106,7 @@ class FaultProxy:
                 fwd = {k.strip(): v.strip() for k, v in headers if k.strip().lower() not in _HOP}
                 resp = await self._client.request(method, self.upstream + path, headers=fwd, content=body)
                 self.forwarded += 1
+                self.routes[f"{method} {path}"] += 1
                 content = resp.content
                 if fault == "truncate":
                     content = content[: len(content) // 2]
