@@ -79,6 +79,32 @@ class EngineHost:
     def score(self, texts: Sequence[str], top: int = 0, special: bool = True) -> list[Scored]:
         return self.runner.score(texts, top, special)
 
+    def low_rank(self, recipe: MergeRecipe) -> bool:
+        """Whether `recipe` can share a forward with other recipes (`score_many`)."""
+        try:
+            return self.engine.merger.low_rank_refusal(recipe) is None
+        except Exception:  # an invalid recipe is refused on its own path, with its own error
+            return False
+
+    def score_many(self, recipes: Sequence[MergeRecipe], texts: Sequence[Sequence[str]], top: int = 0,
+                   special: bool = True) -> list[list[Scored]]:
+        """`score` of each recipe's texts, every recipe in one forward pass over the base weights,
+        each block of rows served by its recipe's low-rank factors (`merging.population`); blocks are
+        padded to the same number of rows. Leaves the base model active."""
+        from evomerge.merging import population
+
+        self.activate(None)
+        rows = max(len(t) for t in texts)
+        padded = [t for block in texts for t in (list(block) + [block[0]] * (rows - len(block)))]
+        engine = self.engine
+        factors = population.stacked_factors(engine.merger, recipes, engine.dtype, engine.device)
+        refusal = population.unsupported_module(engine.model, list(factors))
+        if refusal is not None:
+            raise RecipeError(f"no shared forward for these adapters: {refusal}")
+        with population.population(engine.model, factors):
+            scored = self.runner.score(padded, top, special)
+        return [scored[c * rows : c * rows + len(block)] for c, block in enumerate(texts)]
+
     def generate(self, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None,
                  special: bool = True, max_time: float | None = None) -> list[Generated]:
         return self.runner.generate(prompts, max_tokens, temperature, seed, special, max_time)

@@ -35,7 +35,9 @@ class Generated:
 
 
 class ModelHost(Protocol):
-    """What `evomerge serve` drives. `merge` is the expensive step the server caches and counts."""
+    """What `evomerge serve` drives. `merge` is the expensive step the server caches and counts.
+    A host may also offer `low_rank(recipe) -> bool` and `score_many(recipes, texts, top, special)`
+    (`EngineHost` does): score requests of distinct recipes then share one forward, with no merge."""
 
     base_name: str
     experts: tuple[str, ...]

@@ -4,7 +4,9 @@ Requests from any number of HTTP handlers queue here. The worker takes the oldes
 gathers every queued request for the same recipe, makes that recipe's merged state active
 (from an LRU cache keyed by `MergeRecipe.key()`, or by merging once on a miss), and answers
 them all through one forward pass. So concurrent clients with distinct recipes each get answers
-from their own weights, and a burst for one recipe merges once.
+from their own weights, and a burst for one recipe merges once. Scoring requests of distinct
+low-rank recipes (LoRA experts, a factor method) that wait together share one forward instead,
+on a host with `score_many`: no merge at all, each recipe's rows served by its own factors.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class MergeWorker:
         self._nbytes: Callable[[Any], int] = getattr(host, "nbytes", lambda state: 0)
         self._max_batch = max_batch_texts
         self._active: str | None = None
+        self._low_rank: dict[str, bool] = {}  # recipe key -> whether it can share a forward
         self._queue: list[_Job] = []
         self._cv = threading.Condition()
         self._stopped = False
@@ -113,12 +116,28 @@ class MergeWorker:
         self._thread.join(timeout=10)
 
     def _take(self) -> list[_Job] | None:
-        """The oldest job and every queued job for the same recipe (score jobs up to the batch cap)."""
+        """The oldest job and every queued job for the same recipe (score jobs up to the batch cap);
+        for a host that scores many recipes in one pass, the oldest score job and every queued score
+        job of a low-rank recipe tokenized alike, whatever its recipe."""
         with self._cv:
             while not self._queue and not self._stopped:
                 self._cv.wait()
             if self._stopped:
                 return None
+            shared = self._shareable(self._queue[0])
+            if shared:
+                batch, rest, texts = [], [], 0
+                for job in self._queue:
+                    n = len(job.payload[0]) if job.kind == "score" else 0
+                    fits = not batch or texts + n <= self._max_batch
+                    if fits and self._shareable(job) and job.payload[2] == self._queue[0].payload[2]:
+                        batch.append(job)
+                        texts += n
+                    else:
+                        rest.append(job)
+                if len({j.key for j in batch}) > 1:
+                    self._queue = rest
+                    return batch
             key = self._queue[0].key
             batch, rest, texts = [], [], 0
             for job in self._queue:
@@ -131,23 +150,42 @@ class MergeWorker:
             self._queue = rest
             return batch
 
+    def _shareable(self, job: _Job) -> bool:
+        """Whether `job` may share a forward with other recipes' score jobs (`host.score_many`)."""
+        if job.kind != "score" or job.recipe is None or not hasattr(self.host, "score_many"):
+            return False
+        known = self._low_rank.get(job.key)
+        if known is None:
+            if len(self._low_rank) >= 4096:  # a long-lived provider sees endless distinct recipes
+                self._low_rank.clear()
+            known = self._low_rank[job.key] = self.host.low_rank(job.recipe)
+        return known
+
     def _run(self) -> None:
         while (batch := self._take()) is not None:
-            try:
-                if batch[0].key != ANY_KEY:
-                    self._activate(batch[0].key, batch[0].recipe)
-            except BaseException as exc:  # a failed merge fails its requests, never the worker
-                for job in batch:
-                    job.done(None, exc)
-                continue
-            self.stats.jobs += len(batch)
-            self._run_scores([j for j in batch if j.kind == "score"])
+            if len({j.key for j in batch}) > 1:
+                self.stats.jobs += len(batch)
+                self._score_recipes(batch)
+            else:
+                self._run_one(batch)
+
+    def _run_one(self, batch: list[_Job]) -> None:
+        """Jobs of one recipe: its merged state active, their score jobs in shared passes."""
+        try:
+            if batch[0].key != ANY_KEY:
+                self._activate(batch[0].key, batch[0].recipe)
+        except BaseException as exc:  # a failed merge fails its requests, never the worker
             for job in batch:
-                if job.kind == "call":
-                    try:
-                        job.done(job.payload(self.host), None)
-                    except BaseException as exc:
-                        job.done(None, exc)
+                job.done(None, exc)
+            return
+        self.stats.jobs += len(batch)
+        self._run_scores([j for j in batch if j.kind == "score"])
+        for job in batch:
+            if job.kind == "call":
+                try:
+                    job.done(job.payload(self.host), None)
+                except BaseException as exc:
+                    job.done(None, exc)
 
     def _activate(self, key: str, recipe: MergeRecipe | None) -> None:
         if key == BASE_KEY:
@@ -195,11 +233,38 @@ class MergeWorker:
         at = 0
         for job in jobs:
             n = len(job.payload[0])
-            mine = scored[at:at + n]
+            _answer(job, scored[at:at + n], top)
             at += n
-            if job.payload[1] < top:
-                mine = [_trim_top(s, job.payload[1]) for s in mine]
-            job.done(mine, None)
+
+
+    def _score_recipes(self, jobs: list[_Job]) -> None:
+        """One forward pass for the score jobs of several low-rank recipes (`host.score_many`):
+        no merge, the base weights stay active, each recipe's rows see its own update."""
+        keys = list(dict.fromkeys(j.key for j in jobs))
+        recipes = [next(j.recipe for j in jobs if j.key == k) for k in keys]
+        texts = [[t for j in jobs if j.key == k for t in j.payload[0]] for k in keys]
+        top = max(j.payload[1] for j in jobs)
+        try:
+            self._active = None
+            scored = self.host.score_many(recipes, texts, top, jobs[0].payload[2])
+            self._active = BASE_KEY
+        except Exception:  # memory, or one recipe's fault: each recipe on its own path, failing alone
+            for key in keys:
+                self._run_one([j for j in jobs if j.key == key])
+            return
+        self.stats.forward_passes += 1
+        self.stats.texts_scored += sum(map(len, texts))
+        self.stats.distinct_recipes.update(keys)
+        at = dict.fromkeys(keys, 0)
+        for job in jobs:
+            n = len(job.payload[0])
+            _answer(job, scored[keys.index(job.key)][at[job.key] : at[job.key] + n], top)
+            at[job.key] += n
+
+
+def _answer(job: _Job, scored: list[Scored], top: int) -> None:
+    """Settle a score job with its texts' results, trimmed to the alternatives it asked for."""
+    job.done(scored if job.payload[1] >= top else [_trim_top(s, job.payload[1]) for s in scored], None)
 
 
 def _trim_top(s: Scored, top: int) -> Scored:

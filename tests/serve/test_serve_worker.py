@@ -48,7 +48,7 @@ def test_interleaved_recipes_come_from_the_cache(host) -> None:
 
 def test_a_failing_merge_fails_its_requests_only(host) -> None:
     worker = MergeWorker(host)
-    good = MergeRecipe("evo", ("math",), (1.0,))
+    good = MergeRecipe("ties", ("math",), (1.0,), (0.5,))  # TIES: merged, not served by shared factors
 
     class Broken:
         def __getattr__(self, name):
@@ -62,7 +62,7 @@ def test_a_failing_merge_fails_its_requests_only(host) -> None:
     worker.host = Broken()
 
     async def mixed() -> list:
-        return await asyncio.gather(worker.score(MergeRecipe("evo", ("math",), (-1.0,)), [TEXT]),
+        return await asyncio.gather(worker.score(MergeRecipe("ties", ("math",), (-1.0,), (0.5,)), [TEXT]),
                                     worker.score(good, [TEXT]), return_exceptions=True)
 
     try:
@@ -70,3 +70,28 @@ def test_a_failing_merge_fails_its_requests_only(host) -> None:
     finally:
         worker.close()
     assert isinstance(bad, RecipeError) and not isinstance(ok, BaseException)
+
+
+def test_score_jobs_of_distinct_low_rank_recipes_share_one_pass(host) -> None:
+    """Queued together, 8 evo_tv recipes (and a TIES one, which needs its merge) are answered as
+    each alone, the low-rank ones in shared passes with no merge."""
+    worker = MergeWorker(host, max_batch_texts=64)
+    recipes = [MergeRecipe("evo_tv", ("math", "colour"), (0.3 * i - 1.0, 0.6), (0.5, 1.0)) for i in range(8)]
+    ties = MergeRecipe("ties", ("math", "colour"), (0.7, 0.4), (0.5, 0.5))
+    expected = []
+    for r in (*recipes, ties):
+        host.activate(host.merge(r))
+        expected.append(host.score([TEXT, TEXT[:20]]))
+    host.activate(None)
+
+    async def burst() -> list:
+        return await asyncio.gather(*(worker.score(r, [TEXT, TEXT[:20]]) for r in (*recipes, ties)))
+
+    try:
+        out = asyncio.run(burst())
+    finally:
+        worker.close()
+    for got, want in zip(out, expected):
+        assert [g.token_logprobs for g in got] == [pytest.approx(w.token_logprobs, abs=1e-5) for w in want]
+    assert worker.stats.merges == 1  # TIES alone
+    assert worker.stats.forward_passes < len(recipes)
