@@ -25,6 +25,9 @@ from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.score import Cost
 from evomerge.search_spaces._base import Plan, SearchSpace, as_plan
 
+PROBE_STAGE = -2
+"""The journal stage of spend paid outside any evaluation (the start-up probe; the test table is -1)."""
+
 
 @dataclass(frozen=True)
 class StageSummary:
@@ -71,7 +74,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
            optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
            max_tokens: int | None = None, progress: bool = False,
            config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None,
-           race: Race | None = None, start: bool = True) -> SearchResult:
+           race: Race | None = None, start: bool = True, spent: Cost | None = None) -> SearchResult:
     """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
 
     Give either `fitness` (a callable: recipe -> loss or {"loss": ..., metric: ...}) or
@@ -80,7 +83,9 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
     by fit loss). `resume=True` continues the run journaled at `journal`. `race` scores each
     candidate on a minibatch of the fit examples first and finishes only the promising ones.
     `start` makes each stage's first trial its start point (the uniform merge for the evo spaces),
-    so the start competes in the final selection like any candidate.
+    so the start competes in the final selection like any candidate. `spent`: what was paid before
+    the search began (the api backend's start-up probe), journaled as spend no evaluation closes,
+    so the caps and the journal's ledger count it.
     """
     if (fitness is None) == (evaluator is None):
         raise ConfigError("give exactly one of fitness= (a callable) or evaluator= (a backend's evaluator factory)")
@@ -112,6 +117,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
                    "race": None if race is None else asdict(race), "start": start,
                    "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
     store = _open_journal(journal, fingerprint, config, resume, force)
+    if spent is not None and (spent.queries or spent.tokens):
+        store.reserve(PROBE_STAGE, 0, "probe", spent)
     pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
     bound = getattr(factory, "bound", None)
     ledger = Ledger(store, max_queries, max_tokens, bound)

@@ -37,6 +37,7 @@ class Prepared:
     repository: Repository | None = None  # where the weights are on this machine (paths for the exports)
     num_layers: int | None = None
     splits: Splits | None = None
+    spent: Cost = Cost()  # paid before the journal existed (the api backend's start-up probe)
 
 
 def load_fitness(spec: str) -> Callable[..., Any]:
@@ -61,7 +62,7 @@ def load_fitness(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def prepare(config: SearchConfig, stack: ExitStack) -> Prepared:
+def prepare(config: SearchConfig, stack: ExitStack, resume: bool = False) -> Prepared:
     """Resolve the backend: experts and evaluator (python, local or api). What must outlive the
     search (the embedded provider) is entered on `stack`."""
     if config.backend == "python":
@@ -72,7 +73,7 @@ def prepare(config: SearchConfig, stack: ExitStack) -> Prepared:
         return Prepared(experts, fitness=fitness)
     if config.backend == "local":
         return _prepare_local(config)
-    return _prepare_api(config, stack)
+    return _prepare_api(config, stack, resume)
 
 
 def _zoo_default_tasks(root: Path) -> list[str]:
@@ -159,10 +160,16 @@ def _generation_length(config: SearchConfig, splits: Splits, limit: int | None =
     return length
 
 
-def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
+def _prepare_api(config: SearchConfig, stack: ExitStack, resume: bool = False) -> Prepared:
     """The api backend: the provider at --api-base, or the reference server started on loopback
-    over the repository (default: the tiny demo zoo). The user's examples stay on this side."""
-    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory
+    over the repository (default: the tiny demo zoo). The user's examples stay on this side.
+
+    The start-up probe's paid request is counted (`Prepared.spent`, journaled by the search), so
+    the journal's ledger equals what the provider served. A resumed run probes with no caps left:
+    only the unpaid GET /models runs (its spend may already be at the cap, and the provider answered
+    the run that started it)."""
+    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+    from evomerge.errors import BudgetExhausted
     from evomerge.objectives import Objective
     from evomerge.serve.protocol import Limits
 
@@ -182,8 +189,13 @@ def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
                ("max_new_tokens", length)) + (() if config.batch_size is None else (("batch_size", config.batch_size),))
     probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, **dict(options))
     try:
-        probe.check()
+        probe.caps = UsageCap(0, 0) if resume else UsageCap(config.max_queries, config.max_tokens)
+        try:
+            probe.check()
+        except BudgetExhausted:  # resumed: the paid part of the probe is skipped
+            pass
         experts = _experts(config, probe.experts())
+        spent = Cost(probe.caps.queries, probe.caps.tokens)
     finally:
         probe.close()
     options += (("provider", probe.provider),)  # settled: every worker speaks the same profile
@@ -195,7 +207,7 @@ def _prepare_api(config: SearchConfig, stack: ExitStack) -> Prepared:
             raise ConfigError(f"{base} is llama.cpp's server: {refused}")
     factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective), options)
     return Prepared(experts, evaluator=factory, splits=splits, repository=repo,
-                    num_layers=repo.block_layers if repo is not None else None)
+                    num_layers=repo.block_layers if repo is not None else None, spent=spent)
 
 
 def _prepare_local(config: SearchConfig) -> Prepared:
@@ -224,7 +236,7 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
     """Run (or resume) the search `config` describes, score the result and the baselines on the
     test split (where there is one), and write the outputs."""
     with ExitStack() as stack:
-        return _run(config, prepare(config, stack), resume, force, progress)
+        return _run(config, prepare(config, stack, resume), resume, force, progress)
 
 
 def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
@@ -240,6 +252,7 @@ def _run(config: SearchConfig, prepared: Prepared, resume: bool, force: bool,
                     eval_timeout=config.eval_timeout, max_retries=config.max_retries, popsize=config.popsize,
                     optimizer_options=config.optimizer_options, top_k=config.top_k, max_queries=config.max_queries,
                     max_tokens=config.max_tokens, progress=progress, config=config.model_dump(mode="json"),
+                    spent=prepared.spent,
                     race=None if config.race is None else Race(**config.race.model_dump()))
     report = _test_table(config, prepared, result)
     if config.output is not None:
@@ -277,7 +290,8 @@ def _test_table(config: SearchConfig, prepared: Prepared, result: SearchResult) 
     bound = (lambda split: (tester if split == "test" else searcher).bound(split)) if paid else None
     kept = config.journal is not None
     journal = Journal.open(config.journal) if kept else Journal.create(":memory:", {})
-    ledger = Ledger(journal, config.max_queries, config.max_tokens, bound, None if kept else result.cost)
+    ledger = Ledger(journal, config.max_queries, config.max_tokens, bound,
+                    None if kept else result.cost + prepared.spent)
     before = ledger.spent
     resumed = journal.trials(stage=TEST_STAGE)
     pools = {"test": ThreadExecutor(tester), "selection": ThreadExecutor(searcher)}

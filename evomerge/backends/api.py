@@ -253,10 +253,10 @@ class ApiBackend(Backend):
     # -- one request, with caps, concurrency and retries -----------------------------------------------
 
     async def _request(self, send: Callable[[], Awaitable[Any]], parse: Callable[[Any], tuple[Any, int]],
-                       token_bound: int, tally: _Tally | None, retries: int | None = None) -> Any:
+                       token_bound: int, tally: _Tally | None) -> Any:
         """Send until answered: reserve the cap, hold a concurrency slot, retry transient failures."""
         openai = require("openai", "the api backend")
-        retries = self.retries if retries is None else retries
+        retries = self.retries
         caps = [self.caps] + ([tally.cap] if tally is not None and tally.cap is not None else [])
         for attempt in range(retries + 1):
             _reserve(caps, token_bound)
@@ -291,8 +291,8 @@ class ApiBackend(Backend):
                     cap.settle(token_bound, used)
             if attempt == retries:
                 raise BackendError(f"gave up after {retries + 1} attempts; last: {failure}")
-            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
-            await asyncio.sleep(min(self.max_backoff, failure.retry_after) if failure.retry_after is not None else delay)
+            await asyncio.sleep(min(self.max_backoff, failure.retry_after) if failure.retry_after is not None
+                                else self._backoff(attempt))
         raise BackendError("unreachable")  # the loop returns or raises
 
     # -- scoring -------------------------------------------------------------------------------------------
@@ -545,17 +545,40 @@ class ApiBackend(Backend):
         async def listed() -> list[str]:
             if await self._profile() == "llama.cpp":
                 return sorted(await self._adapters())
-            models = await self._client.get("/models", cast_to=object)
+            models = await self._unpaid_get("/models")
             return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
 
         return self._run(listed())
+
+    async def _unpaid_get(self, path: str) -> Any:
+        """GET an unpaid route (the model list): retried on transient failures and garbled answers as
+        a paid request is, but outside the caps, since the provider does not count it."""
+        openai = require("openai", "the api backend")
+        for attempt in range(self.retries + 1):
+            try:
+                answer = await self._client.get(path, cast_to=object)
+                if isinstance(answer, dict):
+                    return answer
+                if attempt == self.retries:
+                    raise BackendError(f"GET {path} answered {type(answer).__name__}, not a JSON object")
+            except openai.APIStatusError as exc:
+                if exc.status_code not in RETRY_STATUS or attempt == self.retries:
+                    raise
+            except (openai.APIConnectionError, ValueError):
+                if attempt == self.retries:
+                    raise
+            await asyncio.sleep(self._backoff(attempt))
+        raise BackendError("unreachable")  # the loop returns or raises
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before retry `attempt` + 1: exponential, capped, with jitter."""
+        return min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
     async def _check(self) -> None:
         openai = require("openai", "the api backend")
         where = f"the provider at {self.api_base}"
         try:
-            models = await self._client.models.list()
-            names = [m.id for m in models.data]
+            names = [str(m["id"]) for m in (await self._unpaid_get("/models"))["data"]]
         except openai.AuthenticationError:
             raise BackendError(f"{where} refused the API key (401); set {self.api_key_env} to a valid key") from None
         except openai.APIConnectionError as exc:
@@ -578,15 +601,14 @@ class ApiBackend(Backend):
                     "logprobs": True, "echo": True, "continue_final_message": True, "add_generation_prompt": False}
             try:
                 await self._request(lambda: self._client.post("/chat/completions", body=body, cast_to=object),
-                                    _json_object(_parse_chat_probe), _token_bound(["Hello world"], chat=True), None,
-                                    retries=1)
+                                    _json_object(_parse_chat_probe), _token_bound(["Hello world"], chat=True), None)
             except BackendError as exc:
                 raise BackendError(f"{where} cannot score chat answers (task.chat): {exc}") from None
         elif self.mode == "logprobs":
             try:
                 await self._request(lambda: self._client.completions.create(
                     model=self.model or names[0], prompt=["Hello world"], max_tokens=0, echo=True, logprobs=0),
-                    _parse_probe, _token_bound(["Hello world"]), None, retries=1)
+                    _parse_probe, _token_bound(["Hello world"]), None)
             except BackendError as exc:
                 raise BackendError(f"{where} cannot score by logprobs: {exc}; use the session mode or "
                                    "a provider that supports echo+logprobs") from None

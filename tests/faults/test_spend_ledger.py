@@ -7,6 +7,7 @@ import pytest
 
 from evomerge.scheduler.race import Race
 from tests.faults.api_search import search_through_faults
+from tests.faults.paid_kills import Campaign, kill_and_resume
 from tests.serve.fixtures import API_KEY
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,3 +32,31 @@ def test_the_cap_holds_across_ray_workers(ray_session, server, tmp_path, race) -
     run = search_through_faults(server.base_url, API_KEY, tmp_path / "run.sqlite", 0.0, budget=40, seed=3,
                                 max_queries=25, workers=2, executor="ray", race=race)
     assert run.served <= 25 and run.ledger == run.served
+
+
+def check_campaign(run: Campaign, max_queries: int) -> None:
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.served <= max_queries  # the cap holds at the provider, kills and resumes included
+    assert run.served <= run.ledger <= run.served + sum(run.in_flight)  # over only by what kills left in flight
+    assert run.duplicates == 0  # no journaled evaluation paid twice
+
+
+def test_kill_9_and_resume_through_faults_keep_the_cap(server, tmp_path) -> None:
+    run = kill_and_resume(server.base_url, API_KEY, tmp_path, rate=0.3, kills=2, seed=11, race=RACE.fraction)
+    check_campaign(run, 120)
+    assert len(run.in_flight) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+@pytest.mark.parametrize("race", [None, RACE.fraction], ids=["full", "raced"])
+@pytest.mark.parametrize("executor", ["threads", "ray"])
+def test_kill_campaign(ray_session, server, tmp_path, executor, race, rate, seed) -> None:
+    """racing on/off × threads or 2 Ray workers × 0 % / 30 % faults × kills at random points."""
+    address = ray_session.get_runtime_context().gcs_address if executor == "ray" else None
+    run = kill_and_resume(server.base_url, API_KEY, tmp_path, rate=rate, kills=3, seed=seed, race=race,
+                          ray_address=address)
+    check_campaign(run, 120)
+    print(f"CAMPAIGN {executor} race={race} rate={rate} seed={seed}: served {run.served}, ledger {run.ledger}, "
+          f"in flight at kills {run.in_flight}, paid {run.paid}")
