@@ -5,7 +5,8 @@ Faults, chosen per request from a script (deterministic tests) and then at rando
 ``delay`` (hold the request `delay` seconds, past a client's timeout, then forward it),
 ``truncate`` (forward, return half the JSON body) and ``corrupt`` (forward, mangle the JSON).
 ``ok`` forwards untouched. `counts` tallies what was done; `forwarded` counts requests the
-upstream server received, `routes` the same by "METHOD /path". Runs its own event loop in a thread, so sync tests can use it.
+upstream server received, `routes` the same by "METHOD /path". Runs its own event loop in a
+thread, so sync tests can use it.
 """
 
 from __future__ import annotations
