@@ -58,6 +58,11 @@ class LocalBackend(Backend):
 
     def _model_scores(self, model: Any, examples: Sequence[Example], length: int | None,
                       batch_size: int) -> dict[str, np.ndarray]:
+        return {**self._forward_scores(model, examples, batch_size),
+                **self._generated_scores(model, examples, length, batch_size)}
+
+    def _forward_scores(self, model: Any, examples: Sequence[Example], batch_size: int) -> dict[str, np.ndarray]:
+        """The teacher-forced metrics: answer CE, greedy match, choice accuracy."""
         out: dict[str, np.ndarray] = {}
         tok, chat = self.engine.tokenizer, self.chat
         metrics = self.objective.metrics
@@ -66,24 +71,31 @@ class LocalBackend(Backend):
             out.update({k: v for k, v in (("ce", ce), ("greedy_match", greedy)) if k in metrics})
         if "accuracy" in metrics:
             out["accuracy"] = scoring.choice_accuracy(model, tok, examples, batch_size, chat)
-        if self.objective.needs_generation:
-            preds = scoring.generate_answers(model, tok, examples, length, batch_size, chat)
-            out.update(scoring.text_scores(metrics, preds, examples))
         return out
+
+    def _generated_scores(self, model: Any, examples: Sequence[Example], length: int | None,
+                          batch_size: int) -> dict[str, np.ndarray]:
+        """The metrics of generated answers (exact match, F1), when the objective needs them."""
+        if not self.objective.needs_generation:
+            return {}
+        preds = scoring.generate_answers(model, self.engine.tokenizer, examples, length, batch_size, self.chat)
+        return scoring.text_scores(self.objective.metrics, preds, examples)
 
     def population_scores(self, recipes: Sequence[MergeRecipe], examples: Sequence[Example],
                           length: int | None = None) -> list[dict[str, np.ndarray]]:
         """`scores` of each low-rank recipe, all scored together: the rows of one forward are the
         examples repeated candidate by candidate, each block served by its candidate's factors
-        (`merging.population`); candidates and examples split so a forward stays within
-        `population_rows`. Raises for a recipe with no low-rank form."""
+        (`merging.population`). Candidates and examples split so a teacher-forced forward (whose
+        logits dominate) and a generation (whose KV cache does) each stay within their memory
+        budget, or within `population_rows`. Raises for a recipe with no low-rank form."""
         from evomerge.merging import population
 
         length = length or self.max_new_tokens or generation_length(examples)
-        rows = self.population_rows or self._rows_for_memory(examples, length)
-        per_row = max((len(e.choices) for e in examples if e.choices), default=1) if "accuracy" in self.objective.metrics else 1
-        group = max(1, min(len(recipes), rows // per_row))
-        chunk = max(1, rows // (group * per_row))
+        forward_rows, generate_rows = ((self.population_rows,) * 2 if self.population_rows
+                                       else self._rows_for_memory(examples, length))
+        per_example = max((len(e.choices) for e in examples if e.choices), default=1) \
+            if "accuracy" in self.objective.metrics else 1
+        group = max(1, min(len(recipes), max(forward_rows // per_example, generate_rows)))
         out: list[dict[str, list[np.ndarray]]] = [{} for _ in recipes]
         with self.engine.merged(None) as model:
             for g in range(0, len(recipes), group):
@@ -92,28 +104,37 @@ class LocalBackend(Backend):
                 refusal = population.unsupported_module(model, list(factors))
                 if refusal is not None:
                     raise RecipeError(f"no population forward for these adapters: {refusal}")
+                n = len(members)
+                passes = ((lambda part: self._forward_scores(model, part, len(part) * per_example),
+                           max(1, forward_rows // (n * per_example))),
+                          (lambda part: self._generated_scores(model, part, length, len(part)),
+                           max(1, generate_rows // n)))
                 with population.population(model, factors):
-                    for e0 in range(0, len(examples), chunk):
-                        part = list(examples[e0 : e0 + chunk])
-                        values = self._model_scores(model, part * len(members), length, len(part) * len(members) * per_row)
-                        for c in range(len(members)):
-                            for name, v in values.items():
-                                out[g + c].setdefault(name, []).append(v[c * len(part) : (c + 1) * len(part)])
+                    for run, chunk in passes:
+                        for e0 in range(0, len(examples), chunk):
+                            part = list(examples[e0 : e0 + chunk])
+                            for name, v in run(part * n).items():
+                                for c in range(n):
+                                    out[g + c].setdefault(name, []).append(v[c * len(part) : (c + 1) * len(part)])
         return [{name: np.concatenate(parts) for name, parts in o.items()} for o in out]
 
-    def _rows_for_memory(self, examples: Sequence[Example], length: int) -> int:
-        """Rows one population forward may take: a quarter of free accelerator memory (1 GiB on a
-        CPU) over a row's logits and activations at the longest example's length; at least `batch_size`."""
+    def _rows_for_memory(self, examples: Sequence[Example], length: int) -> tuple[int, int]:
+        """Rows one population forward may take (teacher-forced, then generation): a quarter of free
+        accelerator memory (1 GiB on a CPU) over a row's logits and activations, or its KV cache and
+        activations, at the longest example's length; each at least `batch_size`."""
         import torch
 
         config = self.engine.model.config
         tokens = max(len(e.prompt) + len(e.answer) for e in examples) + length  # bytes bound tokens
-        per_row = tokens * (config.vocab_size + 16 * config.hidden_size) * 4
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv = 2 * config.num_hidden_layers * heads * (config.hidden_size // config.num_attention_heads)
         if self.engine.device.type == "cuda":
             budget = torch.cuda.mem_get_info(self.engine.device)[0] // 4
         else:
             budget = 1 << 30
-        return max(self.batch_size, budget // per_row)
+        forward = tokens * (config.vocab_size + 16 * config.hidden_size) * 4
+        generate = tokens * (kv + 16 * config.hidden_size) * 4 + 2 * config.vocab_size * 4
+        return max(self.batch_size, budget // forward), max(self.batch_size, budget // generate)
 
     def evaluate_many(self, recipes: Sequence[MergeRecipe], examples: Sequence[Example]) -> list[Score]:
         """`evaluate` of every recipe: those that stay low-rank scored together in batched forwards

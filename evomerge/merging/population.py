@@ -55,8 +55,9 @@ def _hook(a: torch.Tensor, b: torch.Tensor):
         if x.shape[0] % count:
             raise RecipeError(f"a population batch of {x.shape[0]} rows does not split into {count} candidates")
         blocks = x.reshape(count, -1, x.shape[-1])
-        update = torch.bmm(torch.bmm(blocks, a.transpose(1, 2)), b.transpose(1, 2))
-        return output + update.reshape(output.shape)
+        out = output.view(count, -1, output.shape[-1])  # the Linear's fresh output, added to in place
+        out.baddbmm_(torch.bmm(blocks, a.transpose(1, 2)), b.transpose(1, 2))
+        return output
 
     return add_update
 
