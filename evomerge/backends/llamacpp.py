@@ -23,7 +23,6 @@ each request is another merge, and the token counts then equal the server's own 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import PurePosixPath
 from typing import Any, Mapping
@@ -100,9 +99,13 @@ def space_error(name: str, options: Mapping[str, Any]) -> str | None:
     return f"space {name!r} is not a scale per adapter, which is all llama.cpp's server takes; {BETA_ONLY}"
 
 
+_GBNF_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def grammar_literal(text: str) -> str:
-    """A GBNF grammar that admits exactly `text`."""
-    return "root ::= " + json.dumps(text, ensure_ascii=False)
+    """A GBNF grammar that admits exactly `text` (llama.cpp's escapes: \\" \\\\ \\n \\r \\t \\xHH)."""
+    body = "".join(_GBNF_ESCAPES.get(ch) or (f"\\x{ord(ch):02X}" if ord(ch) < 0x20 else ch) for ch in text)
+    return f'root ::= "{body}"'
 
 
 def continuation(prompt: str, answer: str) -> str:

@@ -132,3 +132,36 @@ def test_server_killed_mid_search_fails_candidates_and_the_search_finishes(tiny_
     failed = [i for i, (status, _) in enumerate(rows) if status == "failed"]
     assert failed and all("attempts" in rows[i][1] or "Connection" in rows[i][1] for i in failed)
     assert rows[-1][0] == "ok" and failed[0] > 0  # evaluations before the kill and after the restart
+
+
+def test_forced_answers_spell_any_text(llama: LlamaServer) -> None:
+    """Quotes, backslashes, tabs and UTF-8 in an answer reach the grammar intact (a wrong escape
+    makes the server refuse the grammar or spell something else, and the score fails)."""
+    from evomerge.tasks import Example
+
+    odd = [Example("Say it:", ' "a\\b"\tcafé\x08', task="t", id="odd"), Example("Then ", "}{::=", task="t", id="gbnf")]
+    api = ApiBackend(llama.url, provider="llama.cpp", objective=Objective("ce", "mean"))
+    try:
+        score = api.evaluate(MergeRecipe("evo_tv", ("upper",), (0.5,)), odd)
+    finally:
+        api.close()
+    assert score.ok and all(v > 0 for v in score.per_example["ce"])
+
+
+def test_profile_rules_without_a_server() -> None:
+    from evomerge.backends.llamacpp import adapter_ids, lora_field, space_error
+    from evomerge.errors import BackendError
+
+    ids = adapter_ids([{"id": 0, "path": "/x/experts/upper.gguf"}, {"id": 1, "path": "C:\\z\\plural.gguf"}])
+    assert ids == {"upper": 0, "plural": 1}
+    with pytest.raises(BackendError, match="two adapters named"):
+        adapter_ids([{"id": 0, "path": "a/upper.gguf"}, {"id": 1, "path": "b/upper.gguf"}])
+    recipe = MergeRecipe("linear", ("upper", "plural"), (3.0, 1.0), scale=2.0)
+    assert lora_field(recipe, ids) == [{"id": 0, "scale": 1.5}, {"id": 1, "scale": 0.5}]
+    with pytest.raises(BackendError, match="no adapter named 'last'"):
+        lora_field(MergeRecipe("evo_tv", ("last",), (1.0,)), ids)
+    with pytest.raises(BackendError, match="method 'ties'"):
+        lora_field(MergeRecipe("ties", ("upper",), (1.0,), densities=(1.0,)), ids)
+    assert space_error("evo_joint", {"schedule": "beta"}) is None and space_error("task_arithmetic", {}) is None
+    for name, options in (("evo_joint", {}), ("evo", {"schedule": "beta"}), ("blockwise", {})):
+        assert "schedule: beta" in space_error(name, options), name
