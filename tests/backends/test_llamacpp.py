@@ -81,11 +81,12 @@ def test_llamacpp_refuses_keep_ratios_in_one_line(tiny_zoo: Path, llama: LlamaSe
     assert len(err) == 1 and "llama.cpp" in err[0] and "schedule: beta" in err[0]
 
 
-def _search(zoo: Path, url: str, journal: Path, budget: int, **options: object) -> evomerge.SearchResult:
+def _search(zoo: Path, url: str, journal: Path, budget: int, max_queries: int | None = None,
+            **options: object) -> evomerge.SearchResult:
     factory = ApiEvaluatorFactory(url, "NO_KEY", _splits(zoo), OBJECTIVE,
                                   options=(("provider", "llama.cpp"), ("max_new_tokens", 12), *options.items()))
     return evomerge.search(space=build_space("evo_joint", list(EXPERTS), schedule="beta"), evaluator=factory,
-                           budget=budget, seed=0, journal=journal, workers=2)
+                           budget=budget, seed=0, journal=journal, workers=2, max_queries=max_queries)
 
 
 def test_search_through_llamacpp_matches_the_servers_count(tiny_zoo: Path, llama: LlamaServer,
@@ -107,6 +108,17 @@ def test_search_through_llamacpp_matches_the_servers_count(tiny_zoo: Path, llama
     assert spent.tokens == served and after["prompt_tokens_cached_total"] == before["prompt_tokens_cached_total"]
     assert all(w == 0.0 or abs(w) <= 1.5 for w in result.best_recipe.weights) and result.best_recipe.densities in (
         None, (1.0,) * len(EXPERTS))
+
+
+def test_query_cap_through_llamacpp_is_never_passed(tiny_zoo: Path, llama: LlamaServer, tmp_path: Path) -> None:
+    """The spend ledger reserves each evaluation's worst case (llama.cpp's bound: one request per
+    answer decoded and per generation) before sending: the cap stops the search, never the server."""
+    with FaultProxy(llama.url) as proxy:
+        _search(tiny_zoo, proxy.base_url, tmp_path / "run.sqlite", budget=30, max_queries=150)
+        completions = proxy.routes["POST /v1/completions"]
+    with Journal.open(tmp_path / "run.sqlite") as journal:
+        spent = journal.totals().queries + journal.outstanding().queries
+    assert 0 < completions == spent <= 150
 
 
 def test_server_killed_mid_search_fails_candidates_and_the_search_finishes(tiny_zoo: Path, tiny_gguf: Path,  # noqa: F811

@@ -12,7 +12,7 @@ import pytest
 from evomerge.tasks import load_jsonl
 from tests.zoo.llamacpp_server import LlamaServer, require_xllamacpp, tiny_gguf  # noqa: F401 (fixture)
 
-EXAMPLES = 16
+EXAMPLES = 12
 
 
 def _server_answers(server: LlamaServer, prompts: list[str], scales: dict[str, float], length: int) -> list[str]:
