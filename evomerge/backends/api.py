@@ -542,30 +542,38 @@ class ApiBackend(Backend):
 
     def experts(self) -> list[str]:
         """The experts the provider serves (its /models entries other than the base; llama.cpp's adapters)."""
+        openai = require("openai", "the api backend")
+
         async def listed() -> list[str]:
             if await self._profile() == "llama.cpp":
                 return sorted(await self._adapters())
-            models = await self._unpaid_get("/models")
+            try:
+                models = await self._unpaid_get("/models")
+            except (openai.APIError, ValueError) as exc:
+                raise BackendError(f"the provider at {self.api_base} did not list its models "
+                                   f"({type(exc).__name__}: {exc}); is it up? check --api-base") from None
             return [m["id"] for m in models.get("data", []) if m.get("kind", "expert") != "base"]
 
         return self._run(listed())
 
     async def _unpaid_get(self, path: str) -> Any:
-        """GET an unpaid route (the model list): retried on transient failures and garbled answers as
-        a paid request is, but outside the caps, since the provider does not count it."""
+        """GET an unpaid route (the model list): retried on transient failures and garbled answers,
+        outside the caps (the provider does not count it), at least `RETRIES` times: it costs nothing,
+        and a start-up that fails on one is a run that never starts."""
         openai = require("openai", "the api backend")
-        for attempt in range(self.retries + 1):
+        retries = max(self.retries, RETRIES)
+        for attempt in range(retries + 1):
             try:
                 answer = await self._client.get(path, cast_to=object)
                 if isinstance(answer, dict):
                     return answer
-                if attempt == self.retries:
+                if attempt == retries:
                     raise BackendError(f"GET {path} answered {type(answer).__name__}, not a JSON object")
             except openai.APIStatusError as exc:
-                if exc.status_code not in RETRY_STATUS or attempt == self.retries:
+                if exc.status_code not in RETRY_STATUS or attempt == retries:
                     raise
             except (openai.APIConnectionError, ValueError):
-                if attempt == self.retries:
+                if attempt == retries:
                     raise
             await asyncio.sleep(self._backoff(attempt))
         raise BackendError("unreachable")  # the loop returns or raises

@@ -41,6 +41,12 @@ def check_campaign(run: Campaign, max_queries: int) -> None:
     assert run.duplicates == 0  # no journaled evaluation paid twice
 
 
+def test_the_cli_journal_counts_its_start_up_probe(server, tmp_path) -> None:
+    run = kill_and_resume(server.base_url, API_KEY, tmp_path, rate=0.0, kills=0, seed=4)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.ledger == run.served and run.in_flight == []  # the probe's query included
+
+
 def test_kill_9_and_resume_through_faults_keep_the_cap(server, tmp_path) -> None:
     run = kill_and_resume(server.base_url, API_KEY, tmp_path, rate=0.3, kills=2, seed=11, race=RACE.fraction)
     check_campaign(run, 120)
