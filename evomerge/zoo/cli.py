@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     actions = zoo.add_subparsers(dest="zoo_command", required=True)
     build = actions.add_parser("build", help="build or reuse a zoo directory (deterministic by seed)")
     build.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                       help="tiny: byte-level model trained here (~2 min); smol: SmolLM2-135M (tens of minutes)")
+                       help="tiny: byte-level model trained here (~2 min); smol: SmolLM2-135M (tens of minutes); "
+                            "smol-mini: SmolLM2 with 4 experts and 2 distractors (~7 min)")
     build.add_argument("--out", required=True, help="zoo directory to write (reused when already built)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--gguf", default=None, help="local SmolLM2-135M-Instruct GGUF file (smol preset)")

@@ -64,7 +64,7 @@ def test_smol_zoo_gguf_answers_as_peft(tmp_path: Path) -> None:
     from evomerge.zoo import build
     from evomerge.zoo.gguf_export import export_gguf
 
-    zoo = Path(os.environ.get("EVOMERGE_SMOL_ZOO") or build("smol", tmp_path / "smol", seed=0, progress=False))
+    zoo = Path(os.environ.get("EVOMERGE_SMOL_ZOO") or build("smol-mini", tmp_path / "smol", seed=0, progress=False))
     export_gguf(zoo, tmp_path / "gguf")
     _round_trip(zoo, tmp_path / "gguf", tmp_path / "server.log", ("upper", "first_letter"), length=8)
 
