@@ -19,14 +19,18 @@ in flight, retries with exponential backoff and jitter on 429/5xx/connection err
 exceeded: the backend's own (`caps`, for direct use) and the evaluation's `limit` (what the search's
 ledger reserved for it, `evomerge.scheduler.ledger`). A query is a request the provider answered
 usably, or one it may have served without a usable answer (timed out, garbled: counted at its
-token bound). Its tokens are the provider's usage; an answer without usage is counted by the
-client at the request's token bound (each token covers at least one UTF-8 byte, plus the
-generation's `max_tokens`): an upper bound, never 0.
+token bound). Its tokens are the provider's usage. An answer without usage is counted by the
+client, never as 0: from the tokens the answer itself lists (echoed logprobs), else by the
+provider's unpaid POST /tokenize (`_Uncounted`), else, where the provider has no /tokenize or it
+fails, at the request's token bound (each token covers at least one UTF-8 byte, plus the
+generation's `max_tokens`): an upper bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
 import os
 import random
@@ -46,6 +50,8 @@ from evomerge.score import Cost, Score
 from evomerge.serve.protocol import (MERGE_FIELD, all_greedy, answer_greedy, answer_nll, chat_messages,
                                      generation_prompt, mean_nll)
 from evomerge.tasks import Example, Splits, generation_length
+
+log = logging.getLogger(__name__)
 
 MODES = ("logprobs", "session")
 BATCH_SIZE = 16
@@ -123,6 +129,19 @@ class _Tally:
         return Cost(self.queries, self.tokens, time.perf_counter() - self.started)
 
 
+@dataclass(frozen=True)
+class _Uncounted:
+    """What an answer without usage spent, for the provider's /tokenize to count: `sent`, the
+    /tokenize bodies of its prompts or conversations (`ApiBackend._sent`); `generated` texts with
+    their finish_reason (``length``: exactly `max_tokens`; else their tokens and the stop token);
+    and `known` tokens the answer itself listed (a forced decode's logprobs)."""
+
+    sent: tuple[dict[str, Any], ...]
+    generated: tuple[tuple[str, str], ...] = ()
+    max_tokens: int = 0
+    known: int = 0
+
+
 class _Retryable(Exception):
     """A transient failure: retried after a delay (the provider's Retry-After when it gave one)."""
 
@@ -196,6 +215,8 @@ class ApiBackend(Backend):
         if provider != "auto":
             self._use(provider)
         self._references: dict[tuple[str, ...], Objective] = {}
+        self._token_counts: dict[str, int] = {}  # /tokenize's counts of sent texts (the examples recur)
+        self._tokenize: bool | None = None  # whether the provider counts by /tokenize (None: not asked yet)
         self.memo = ExampleMemo()
         self.attempts = self.in_flight = self.max_in_flight = 0
         self._sessions: dict[tuple[Any, ...], tuple[str, int]] = {}
@@ -252,9 +273,11 @@ class ApiBackend(Backend):
 
     # -- one request, with caps, concurrency and retries -----------------------------------------------
 
-    async def _request(self, send: Callable[[], Awaitable[Any]], parse: Callable[[Any], tuple[Any, int]],
-                       token_bound: int, tally: _Tally | None) -> Any:
-        """Send until answered: reserve the cap, hold a concurrency slot, retry transient failures."""
+    async def _request(self, send: Callable[[], Awaitable[Any]],
+                       parse: Callable[[Any], tuple[Any, int | _Uncounted]], token_bound: int,
+                       tally: _Tally | None) -> Any:
+        """Send until answered: reserve the cap, hold a concurrency slot, retry transient failures;
+        an answer without usage is counted (`_count`) before its reservation settles."""
         openai = require("openai", "the api backend")
         retries = self.retries
         caps = [self.caps] + ([tally.cap] if tally is not None and tally.cap is not None else [])
@@ -267,9 +290,10 @@ class ApiBackend(Backend):
                     self.in_flight += 1
                     self.max_in_flight = max(self.max_in_flight, self.in_flight)
                     try:
-                        value, used = parse(await send())
+                        value, spent = parse(await send())
                     finally:
                         self.in_flight -= 1
+                used = spent if isinstance(spent, int) else await self._count(spent, token_bound)
                 if tally is not None:
                     tally.queries += 1
                     tally.tokens += used
@@ -294,6 +318,59 @@ class ApiBackend(Backend):
             await asyncio.sleep(min(self.max_backoff, failure.retry_after) if failure.retry_after is not None
                                 else self._backoff(attempt))
         raise BackendError("unreachable")  # the loop returns or raises
+
+    def _sent(self, text: str | None = None, messages: list[dict[str, str]] | None = None,
+              generated: bool = False) -> dict[str, Any]:
+        """The /tokenize body counting a prompt `text` (``prompt``: vLLM's and `evomerge serve`'s name;
+        llama.cpp's ``content``), with the special tokens usage counts for a prompt, none for a
+        `generated` text; or a chat request's `messages` (a final assistant message continued, as
+        the scoring requests send it)."""
+        if messages is not None:
+            continued = messages[-1]["role"] == "assistant"
+            return {"messages": messages, "add_generation_prompt": not continued, "continue_final_message": continued}
+        if self.provider == "llama.cpp":
+            return {"content": text, "add_special": not generated}
+        return {"prompt": text, "add_special_tokens": False} if generated else {"prompt": text}
+
+    async def _count(self, spent: _Uncounted, bound: int) -> int:
+        """The tokens of an answer that lacks usage, by the provider's POST /tokenize (unpaid; vLLM's,
+        llama.cpp's and `evomerge serve`'s route) as its usage would count them; `bound`, the
+        request's upper bound, where the provider has no /tokenize (404, then never asked again)
+        or it fails, and at most that (what was reserved: the caps hold)."""
+        if self._tokenize is False:
+            return bound
+        openai = require("openai", "the api backend")
+        stopped = [self._sent(t, generated=True) for t, finish in spent.generated if finish != "length"]
+        try:
+            counts = await _all([self._tokens_of(b, cache=True) for b in spent.sent]
+                                + [self._tokens_of(b, cache=False) for b in stopped])
+        except (openai.APIError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, openai.NotFoundError):
+                self._tokenize = False
+            log.warning("an answer without usage is counted at its upper bound (%d tokens): POST /tokenize "
+                        "failed (%s)", bound, type(exc).__name__)
+            return bound
+        if self._tokenize is None:
+            self._tokenize = True
+            log.info("the provider's answers lack usage; counting their tokens by its POST /tokenize")
+        sent, generated = counts[:len(spent.sent)], counts[len(spent.sent):]
+        at_length = len(spent.generated) - len(stopped)
+        return min(bound, sum(sent) + sum(min(spent.max_tokens, n + 1) for n in generated)
+                   + at_length * spent.max_tokens + spent.known)
+
+    async def _tokens_of(self, body: dict[str, Any], cache: bool) -> int:
+        """/tokenize's count for one body ({"count": n} or {"tokens": [...]}), remembered when `cache`."""
+        key = json.dumps(body, sort_keys=True)
+        if key not in self._token_counts:
+            answer = await self._client.post(llamacpp.server_root(self.api_base) + "/tokenize", body=body,
+                                             cast_to=object)
+            if not isinstance(answer, dict):
+                raise ValueError("POST /tokenize did not answer a JSON object")
+            count = int(answer["count"]) if "count" in answer else len(answer["tokens"])
+            if not cache:
+                return count
+            self._token_counts[key] = count
+        return self._token_counts[key]
 
     # -- scoring -------------------------------------------------------------------------------------------
 
@@ -444,9 +521,10 @@ class ApiBackend(Backend):
         body = self._body(recipe, **fields)
         bound = _token_bound([prompt + answer]) + fields["max_tokens"]
 
-        def parse(resp: Any) -> tuple[list[tuple[float, float]], int]:
+        def parse(resp: Any) -> tuple[list[tuple[float, float]], int | _Uncounted]:
             content = (resp["choices"][0].get("logprobs") or {}).get("content")
-            return [llamacpp.forced_scores(content, llamacpp.continuation(prompt, answer))], _tokens(resp, bound)
+            scores = llamacpp.forced_scores(content, llamacpp.continuation(prompt, answer))
+            return [scores], _tokens(resp, _Uncounted((self._sent(fields["prompt"]),), known=len(content)))
 
         return await self._request(lambda: self._client.post("/completions", body=body, cast_to=object),
                                    _json_object(parse), bound, tally)
@@ -460,13 +538,14 @@ class ApiBackend(Backend):
                           echo=True, continue_final_message=True, add_generation_prompt=False,
                           **({"top_logprobs": 1} if top else {}))
 
-        def parse(resp: Any) -> tuple[list[tuple[float, float]], int]:
+        def parse(resp: Any) -> tuple[list[tuple[float, float]], int | _Uncounted]:
             content = resp["choices"][0]["logprobs"]["content"]
             if not content:
                 raise ValueError("the provider's chat answer lacks the answer's logprobs")
             lps = [c["logprob"] for c in content]
             greedy = all_greedy(lps, [[t["logprob"] for t in c.get("top_logprobs") or ()] for c in content])
-            return [(mean_nll(lps), greedy if top else math.nan)], _tokens(resp, bound)
+            return [(mean_nll(lps), greedy if top else math.nan)], _tokens(resp, _Uncounted((self._sent(
+                messages=body["messages"]),)))
 
         bound = _token_bound([prompt + answer], chat=True)  # the answer's logprobs alone omit the prompt
         return await self._request(lambda: self._client.post("/chat/completions", body=body, cast_to=object),
@@ -479,16 +558,18 @@ class ApiBackend(Backend):
         async def chunk(part: list[str]) -> list[str]:
             if self.chat:
                 body = self._body(recipe, messages=chat_messages(part[0]), max_tokens=length)
+                sent = (self._sent(messages=body["messages"]),)
             else:
                 body = self._body(recipe, prompt=[generation_prompt(p) for p in part], max_tokens=length)
+                sent = tuple(self._sent(p) for p in body["prompt"])
 
-            def parse(resp: Any) -> tuple[list[str], int]:
+            def parse(resp: Any) -> tuple[list[str], int | _Uncounted]:
                 choices = sorted(resp["choices"], key=lambda c: c["index"])
                 if len(choices) != len(part):
                     raise ValueError("the provider's answer lacks a choice")
-                texts = [str(c["message"]["content"] if self.chat else c["text"]).split("\n", 1)[0].strip()
-                         for c in choices]
-                return texts, _tokens(resp, bound)
+                raw = [str(c["message"]["content"] if self.chat else c["text"]) for c in choices]
+                generated = tuple((t, str(c.get("finish_reason"))) for t, c in zip(raw, choices))
+                return [t.split("\n", 1)[0].strip() for t in raw], _tokens(resp, _Uncounted(sent, generated, length))
 
             path = "/chat/completions" if self.chat else "/completions"
             bound = _token_bound(part, self.chat) + len(part) * length
@@ -609,7 +690,8 @@ class ApiBackend(Backend):
                     "logprobs": True, "echo": True, "continue_final_message": True, "add_generation_prompt": False}
             try:
                 await self._request(lambda: self._client.post("/chat/completions", body=body, cast_to=object),
-                                    _json_object(_parse_chat_probe), _token_bound(["Hello world"], chat=True), None)
+                                    _json_object(lambda r: _parse_chat_probe(r, self._sent(messages=body["messages"]))),
+                                    _token_bound(["Hello world"], chat=True), None)
             except BackendError as exc:
                 raise BackendError(f"{where} cannot score chat answers (task.chat): {exc}") from None
         elif self.mode == "logprobs":
@@ -673,15 +755,16 @@ def _parse_probe(resp: Any) -> tuple[None, int]:
     return None, _tokens(resp, len(choice.logprobs.tokens))
 
 
-def _parse_chat_probe(resp: Any) -> tuple[None, int]:
+def _parse_chat_probe(resp: Any, sent: dict[str, Any]) -> tuple[None, int | _Uncounted]:
     content = ((resp["choices"][0].get("logprobs") or {}).get("content")) if resp.get("choices") else None
     if not content:
         raise BackendError("it answers echo + continue_final_message chat requests without logprobs.content "
                            "(vLLM's extensions)")
-    return None, _tokens(resp, len(content))
+    return None, _tokens(resp, _Uncounted((sent,)))
 
 
-def _tokens(resp: Any, fallback: int) -> int:
+def _tokens(resp: Any, fallback: int | _Uncounted) -> int | _Uncounted:
+    """The provider's usage (total tokens), else `fallback`: a count the answer holds, or what to count."""
     usage = resp.get("usage") if isinstance(resp, dict) else getattr(resp, "usage", None)
     if usage is None:
         return fallback

@@ -111,11 +111,12 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         """Token ids of a prompt (``prompt``, or llama.cpp's ``content``) or of ``messages`` in the chat
-        template, counted as usage counts them; unpaid (not in /v1/stats' queries)."""
+        template (``continue_final_message`` as vLLM takes it), counted as usage counts them; unpaid
+        (not in /v1/stats' queries), so a client can count an answer that lacks usage."""
         if (req.prompt is None) + (req.content is None) + (req.messages is None) != 2:
             raise ApiError(422, "give exactly one of prompt, content or messages", "prompt")
-        if req.messages is not None:
-            text = _chat_text(host, [m.model_dump() for m in req.messages], req.add_generation_prompt)
+        if req.messages is not None:  # as the chat route counts them, a continued final message included
+            text = "".join(_chat_turns(host, req))
         else:
             text = req.prompt if req.prompt is not None else str(req.content)
         gate.check([text], "messages" if req.messages is not None else "prompt")
@@ -222,7 +223,7 @@ def _logprobs(s: Scored, start: int, top: int | None) -> dict[str, Any]:
             "top_logprobs": None if not top or s.top_logprobs is None else [s.top_logprobs[i] for i in keep]}
 
 
-def _chat_turns(host: ModelHost, req: ChatRequest) -> tuple[str, str]:
+def _chat_turns(host: ModelHost, req: ChatRequest | TokenizeRequest) -> tuple[str, str]:
     """The templated prompt and the final assistant message it continues ("" unless
     `continue_final_message`), or a 422 naming what is wrong."""
     messages = [m.model_dump() for m in req.messages]

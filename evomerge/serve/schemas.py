@@ -80,6 +80,7 @@ class TokenizeRequest(_Body):
     content: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class SessionExample(_Body):

@@ -24,6 +24,7 @@ from evomerge.tasks import Example, generation_length  # noqa: E402
 from evomerge.serve.app import create_app  # noqa: E402
 from evomerge.serve.embedded import ServerThread, load_host  # noqa: E402
 from tests.backends.bpe_repo import CHAT_TEMPLATE, EXPERTS, build_bpe_repository, train_full_expert  # noqa: E402
+from tests.serve.fault_proxy import FaultProxy  # noqa: E402
 from tests.serve.fixtures import API_KEY, local_and_api, start_server  # noqa: E402
 
 RECIPE = MergeRecipe("evo", EXPERTS, (0.8, -0.5), (0.7, 1.0))
@@ -190,3 +191,22 @@ def test_chat_logprobs_come_in_openais_shape(chat_url: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError, match="continue_final_message"):
         c.chat.completions.create(model="base", messages=user, max_tokens=0, extra_body={"continue_final_message": True,
                                                                            "add_generation_prompt": False})
+
+
+@pytest.mark.parametrize("objective", [CE_GREEDY, EXACT], ids=["scored", "generated"])
+def test_chat_tokens_without_usage_are_counted_as_usage_counts_them(chat_url: str, objective: Objective) -> None:
+    """A provider that omits usage (stripped by the fault proxy): the chat template's tokens and the
+    generated answer's are counted by its /tokenize, equal to the usage it would have sent."""
+    tokens = []
+    for strip in ((), ("usage",)):
+        with FaultProxy(chat_url, strip=strip) as proxy:
+            api = ApiBackend(proxy.base_url, api_key=API_KEY, objective=objective, chat=True,
+                             max_new_tokens=generation_length(EXAMPLES))
+            try:
+                score = api.evaluate(RECIPE, EXAMPLES)
+            finally:
+                api.close()
+        assert score.ok, score.error
+        tokens.append(score.cost.tokens)
+    assert proxy.routes["POST /tokenize"] > 0
+    assert tokens[1] == tokens[0] > 0

@@ -4,15 +4,19 @@ Faults, chosen per request from a script (deterministic tests) and then at rando
 ``drop`` (close the connection unanswered), ``500``, ``503`` and ``429`` (with ``Retry-After``),
 ``delay`` (hold the request `delay` seconds, past a client's timeout, then forward it),
 ``truncate`` (forward, return half the JSON body) and ``corrupt`` (forward, mangle the JSON).
-``ok`` forwards untouched. `counts` tallies what was done; `forwarded` counts requests the
-upstream server received, `routes` the same by "METHOD /path". Runs its own event loop in a
-thread, so sync tests can use it.
+``ok`` forwards untouched. Faults of the provider itself, on every request: `strip` removes
+top-level fields from JSON answers (``usage``: a provider that omits it), `blocked` answers 404
+for paths it never forwards (``/tokenize``: a provider without the route). `counts` tallies what
+was done; `forwarded` counts requests the upstream server received, `routes` the same by
+"METHOD /path" ("blocked METHOD /path" for the 404s). Runs its own event loop in a thread, so
+sync tests can use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import random
 import threading
 from typing import Any
@@ -20,7 +24,7 @@ from typing import Any
 import httpx
 
 FAULTS = ("drop", "500", "503", "429", "delay", "truncate", "corrupt")
-_REASONS = {200: "OK", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 _HOP = {"host", "content-length", "connection", "transfer-encoding", "accept-encoding", "keep-alive"}
 
 
@@ -28,7 +32,8 @@ class FaultProxy:
     """Forward to `upstream` (``http://127.0.0.1:PORT``), injecting faults; use as a context manager."""
 
     def __init__(self, upstream: str, rates: dict[str, float] | None = None, script: list[str] | None = None,
-                 seed: int = 0, delay: float = 2.0, retry_after: float = 0.05) -> None:
+                 seed: int = 0, delay: float = 2.0, retry_after: float = 0.05, strip: tuple[str, ...] = (),
+                 blocked: tuple[str, ...] = ()) -> None:
         unknown = (set(rates or {}) | set(script or ())) - set(FAULTS) - {"ok"}
         if unknown:
             raise ValueError(f"unknown fault(s) {sorted(unknown)}; choose from {FAULTS}")
@@ -36,6 +41,7 @@ class FaultProxy:
         self.rates = dict(rates or {})
         self.script = list(script or ())
         self.delay, self.retry_after = delay, retry_after
+        self.strip, self.blocked = strip, blocked
         self.counts: collections.Counter[str] = collections.Counter()
         self.forwarded = 0
         self.routes: collections.Counter[str] = collections.Counter()
@@ -92,6 +98,10 @@ class FaultProxy:
                 headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
                 length = next((int(v) for k, v in headers if k.strip().lower() == "content-length"), 0)
                 body = await reader.readexactly(length) if length else b""
+                if path.split("?", 1)[0] in self.blocked:
+                    self.routes[f"blocked {method} {path}"] += 1
+                    await self._respond(writer, 404, b'{"detail": "Not Found"}', {})
+                    continue
                 fault = self._pick()
                 self.counts[fault] += 1
                 if fault == "drop":
@@ -108,7 +118,7 @@ class FaultProxy:
                 resp = await self._client.request(method, self.upstream + path, headers=fwd, content=body)
                 self.forwarded += 1
                 self.routes[f"{method} {path}"] += 1
-                content = resp.content
+                content = self._stripped(resp.content)
                 if fault == "truncate":
                     content = content[: len(content) // 2]
                 elif fault == "corrupt":
@@ -119,6 +129,18 @@ class FaultProxy:
         finally:
             self._tasks.discard(task)
             writer.close()
+
+    def _stripped(self, content: bytes) -> bytes:
+        """`content` without the `strip` fields, if it is a JSON object."""
+        if not self.strip:
+            return content
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            return content
+        if not isinstance(answer, dict):
+            return content
+        return json.dumps({k: v for k, v in answer.items() if k not in self.strip}).encode()
 
     async def _respond(self, writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str]) -> None:
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "content-type: application/json",
