@@ -78,33 +78,14 @@ def select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[float, int]]:
     return mask.reshape(x.shape), (threshold, ties)
 
 
-def row_masks(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-    """Keep-masks of the ks[i] largest |x[i]| for every row of a 2-D x at once, same tie rule.
-
-    Batched radix-then-sort selection: a histogram over (row, top 12 bits of |x|) finds each
-    row's bucket of the cutoff, then only the few entries inside those buckets are sorted.
-    """
-    n, m = x.shape
-    mag = x.abs().float()
-    bits = mag.view(torch.int32).long()
-    row = torch.arange(n, device=x.device)[:, None]
-    k = ks.clamp(1, m)[:, None]
-    hi = bits >> 20
-    counts = torch.bincount((hi + (row << 11)).reshape(-1), minlength=n << 11).view(n, 1 << 11)
-    at_least = counts.flip(1).cumsum(1).flip(1)
-    bucket = (at_least >= k).sum(1, keepdim=True) - 1
-    above = torch.cat([at_least, torch.zeros_like(at_least[:, :1])], 1).gather(1, bucket + 1)
-    inside = hi == bucket
-    keys = ((row << 31) | bits)[inside].sort().values       # by row, then |x| ascending
-    size = inside.sum(1, keepdim=True)
-    end = size.cumsum(0)
-    threshold = (keys[(end - (k - above)).squeeze(1)] & 0x7FFFFFFF).to(torch.int32).view(torch.float32)[:, None]
-    keep = mag > threshold
-    ties = mag == threshold
-    keep |= ties & (ties.cumsum(1) <= k - keep.sum(1, keepdim=True))
-    keep[ks <= 0] = False
-    keep[ks >= m] = True
-    return keep
+def magnitude_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Each entry's place, per row of a 2-D x, in the order larger |x| first, ties to the lower
+    index: ``ranks < k`` is the keep-mask of the k largest, the same rule as `topk_mask`. Found
+    once for a tensor that never changes (a LoRA A), it makes every later pruning of it one
+    comparison instead of a selection (per candidate, 32 adapters x 210 modules of SmolLM2)."""
+    order = x.abs().float().sort(dim=1, descending=True, stable=True).indices
+    places = torch.arange(x.shape[1], dtype=torch.int32, device=x.device).expand(order.shape).contiguous()
+    return torch.empty(order.shape, dtype=torch.int32, device=x.device).scatter_(1, order, places)
 
 
 def mask_from(x: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:

@@ -151,13 +151,14 @@ def test_radix_cutoff_matches_sorting_on_large_tensors(k):
     np.testing.assert_array_equal(topk_mask(x, k).numpy(), ref.top_mask(x.numpy(), k))
 
 
-def test_row_masks_match_sorting_per_row():
-    from evomerge.merging.sparsify import row_masks
+def test_magnitude_ranks_give_the_masks_of_sorting_per_row():
+    from evomerge.merging.sparsify import magnitude_ranks
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(6, 500, generator=gen)).round(decimals=1)
     x[2] = 0.25  # one row all ties
-    ks = torch.tensor([0, 1, 137, 250, 499, 500])
-    got = row_masks(x, ks).numpy()
-    for i, k in enumerate(ks.tolist()):
-        np.testing.assert_array_equal(got[i], ref.top_mask(x[i].numpy(), k), err_msg=f"row {i}")
+    x[3, :7] = -x[3, 7:14]  # ties of opposite sign
+    ranks = magnitude_ranks(x)
+    for i in range(x.shape[0]):
+        for k in (0, 1, 137, 250, 499, 500):
+            np.testing.assert_array_equal((ranks[i] < k).numpy(), ref.top_mask(x[i].numpy(), k), err_msg=f"row {i} k {k}")
