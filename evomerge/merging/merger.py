@@ -120,6 +120,22 @@ class Merger:
                 b, a = factor_method(terms, name)
                 yield name, (b.mul_(recipe.scale) if recipe.scale != 1.0 else b), a
 
+    def low_rank_cost(self, recipe: MergeRecipe) -> float:
+        """Multiply-adds per token of serving a low-rank `recipe` as (x·Aᵀ)·Bᵀ beside the base
+        layers it adapts, per multiply-add of those layers (r·(in + out) against in·out; block
+        overrides ignored): what a population forward adds where a merge adds nothing per token."""
+        experts = [self.repository.expert(n) for n in recipe.experts]
+        added = base = 0
+        for name in self.targets(recipe):
+            weights, _ = self._coefficients(recipe, name)
+            ranks = [e.modules[name].rank for e, w in zip(experts, weights) if w != 0.0 and name in e.modules]
+            if ranks:
+                stack = next(iter(self._stacks[name].values()))
+                n_in, n_out = stack.a.shape[2], stack.b.shape[1]
+                added += (max(ranks) if recipe.method == "evo" else sum(ranks)) * (n_in + n_out)
+                base += n_in * n_out
+        return added / base if base else 0.0
+
     def _coefficients(self, recipe: MergeRecipe, name: str) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
         """The weights each expert's task vector is multiplied by on tensor `name`, and the densities."""
         blocks = tuple(b.name for b in recipe.blocks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -38,7 +40,7 @@ def repo_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend(repo_dir):
     b = LocalBackend(Repository.open(repo_dir), Objective({"ce": 1.0, "exact_match": 1.0}, "normalized"),
-                     device="cpu", dtype="float32", batch_size=4)
+                     device="cpu", dtype="float32", batch_size=4, population_cost=math.inf)
     yield b
     b.close()
 
@@ -72,7 +74,7 @@ def test_the_batch_splits_by_rows_and_mixed_methods_keep_their_own_path(repo_dir
     """A forward of 4 rows splits 5 candidates x 7 examples into groups and chunks; TIES (not
     low-rank) and a recipe naming an unknown expert are scored alone, the latter failed."""
     small = LocalBackend(Repository.open(repo_dir), backend.objective, device="cpu", dtype="float32",
-                         population_rows=4)
+                         population_rows=4, population_cost=math.inf)
     try:
         ties = MergeRecipe("ties", EXPERTS, (1.0, 0.5, 0.5), (0.5, 0.5, 0.5))
         bad = MergeRecipe("evo_tv", ("lora0", "nobody"), (1.0, 1.0))
@@ -104,7 +106,7 @@ def test_a_search_fed_populations_finds_what_one_at_a_time_finds(repo_dir, examp
     runs = {}
     for population_on in (True, False):
         factory = LocalEvaluatorFactory(str(repo_dir), splits, objective, device="cpu", dtype="float32",
-                                        population=population_on)
+                                        population=population_on, population_cost=math.inf)
         runs[population_on] = evomerge.search(space=build_space("evo_joint", list(EXPERTS)), evaluator=factory,
                                               budget=24, seed=0)
         if population_on:
@@ -116,3 +118,21 @@ def test_a_search_fed_populations_finds_what_one_at_a_time_finds(repo_dir, examp
     for a, b in zip(on.trials, off.trials):
         np.testing.assert_allclose(np.asarray(a.z, dtype=float), np.asarray(b.z, dtype=float), atol=1e-6)
     assert on.best_recipe == off.best_recipe
+
+
+def test_on_a_cpu_a_recipe_whose_low_rank_path_costs_more_than_a_merge_goes_alone(repo_dir, examples):
+    """By default on a CPU a candidate joins a population forward only while its low-rank path
+    adds little beside the base layers: one adapter does, all three summed (rank 10 on 32-wide
+    layers) do not; the scores are the same either way."""
+    b = LocalBackend(Repository.open(repo_dir), Objective("ce"), device="cpu", dtype="float32")
+    try:
+        cheap = MergeRecipe("evo_tv", EXPERTS, (0.0, 0.0, 1.0), (1.0, 1.0, 0.5))
+        dear = RECIPES[0]
+        merger = b.engine.merger
+        assert merger.low_rank_cost(cheap) <= b.population_cost < merger.low_rank_cost(dear)
+        assert b._low_rank(cheap) and not b._low_rank(dear)
+        many = b.evaluate_many([dear, cheap, dear], examples)
+        np.testing.assert_allclose(many[1].per_example["ce"], b.evaluate(cheap, examples).per_example["ce"], atol=1e-4)
+        assert many[0].per_example == many[2].per_example == b.evaluate(dear, examples).per_example
+    finally:
+        b.close()

@@ -153,7 +153,7 @@ def test_a_population_evaluator_takes_the_queued_candidates_together(ray_session
     _tiny.write_zoo(tmp_path, experts)
     fit = tuple(Example(f"say {w}:", w, "word", f"w:{w}") for w in ("cat", "dog", "sun"))
     factory = LocalEvaluatorFactory(str(tmp_path), Splits(fit, (), ()), Objective("ce"), device="cpu",
-                                    dtype="float32")
+                                    dtype="float32", population_cost=math.inf)
     recipes = [MergeRecipe("evo_tv", ("lora0", "lora1"), (0.5 * i, -0.3), (1.0, 0.5)) for i in range(8)]
     with RayExecutor(factory, workers=1, num_cpus_per_worker=0.25) as ex:
         assert ex.wait_ready(timeout=300)
