@@ -54,6 +54,7 @@ class _Job:
     kind: str  # "score" or "call"
     payload: Any
     done: Callable[[Any, BaseException | None], None]
+    cancelled: Callable[[], bool] = lambda: False  # its request gave up (past its deadline): skip it
 
 
 class MergeWorker:
@@ -105,7 +106,7 @@ class MergeWorker:
 
         key = key or (BASE_KEY if recipe is None else recipe.key())
         with self._cv:
-            self._queue.append(_Job(key, recipe, kind, payload, done))
+            self._queue.append(_Job(key, recipe, kind, payload, done, fut.cancelled))
             self._cv.notify()
         return fut
 
@@ -124,6 +125,9 @@ class MergeWorker:
                 self._cv.wait()
             if self._stopped:
                 return None
+            self._queue = [j for j in self._queue if not j.cancelled()]  # their clients have their 504
+            if not self._queue:
+                return []
             shared = self._shareable(self._queue[0])
             if shared:
                 batch, rest, texts = [], [], 0
@@ -163,6 +167,8 @@ class MergeWorker:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
+            if not batch:
+                continue
             if len({j.key for j in batch}) > 1:
                 self.stats.jobs += len(batch)
                 self._score_recipes(batch)

@@ -95,3 +95,25 @@ def test_score_jobs_of_distinct_low_rank_recipes_share_one_pass(host) -> None:
         assert [g.token_logprobs for g in got] == [pytest.approx(w.token_logprobs, abs=1e-5) for w in want]
     assert worker.stats.merges == 1  # TIES alone
     assert worker.stats.forward_passes < len(recipes)
+
+
+def test_a_score_request_given_up_while_queued_never_runs(host) -> None:
+    """A request that gave up while it waited (past its deadline: its client has the 504) is
+    dropped from the queue, so it holds the model no longer."""
+    import time
+
+    worker = MergeWorker(host)
+
+    async def run() -> None:
+        busy = asyncio.ensure_future(worker.call(None, lambda h: time.sleep(1.0)))
+        await asyncio.sleep(0.1)  # the worker is inside the slow call
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(worker.score(None, [TEXT]), 0.2)
+        await busy
+        await worker.score(None, [TEXT[:10]])  # the worker goes on with later requests
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.close()
+    assert worker.stats.texts_scored == 1  # only the later request was scored
