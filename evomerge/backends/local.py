@@ -32,8 +32,9 @@ from evomerge.tasks import Example, Splits, generation_length
 CPU_POPULATION_COST = 0.25
 """On a CPU, where a forward is bound by multiply-adds, a recipe joins a population forward only
 while its low-rank path adds at most this share of the adapted layers' work (`Merger.low_rank_cost`).
-Measured on SmolLM2-135M, 12 candidates x 32 examples: `evo` over 8 adapters (cost 0.02) ran 2.45x
-faster together, `evo_tv` over 8 (0.18) 3.29x, `evo_tv` over 32 (~0.6) 0.59x. A GPU, bound by reading weights, batches every
+Measured on SmolLM2-135M, 12 candidates x 32 examples, other work sharing the cores: `evo` over 8
+adapters (cost 0.02) ran 2.45x faster together, `evo_tv` over 8 (0.18) 3.29x, `evo_tv` over 32 (~0.6)
+0.59x; on a quiet CPU `evo` is about even (0.87-1.14x), see benchmarks/RESULTS.md. A GPU, bound by reading weights, batches every
 low-rank recipe."""
 
 
