@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -69,6 +70,8 @@ def test_shutdown_cancels_what_has_not_started():
     ex = ThreadExecutor(factory, workers=1, eval_timeout=5.0)
     running = ex.submit(recipe(99.0), "fit")
     waiting = ex.submit(recipe(1.0), "fit")
+    while not running.running():  # the first has started (else shutdown rightly cancels it too)
+        time.sleep(0.005)
     threading.Timer(0.3, factory.release.set).start()
     ex.shutdown()
     assert running.result().loss == -1.0 and waiting.cancelled()
