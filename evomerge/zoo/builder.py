@@ -185,10 +185,11 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
 
     if spec.n_distractors:
         bar.write(f"zoo {spec.name}: {spec.n_distractors} distractors")
+    width = max(2, len(str(spec.n_distractors - 1)))  # names sort in build order (distractor-007 before -100)
     for k in range(spec.n_distractors):
         task = spec.distractor_tasks[k % len(spec.distractor_tasks)]
         shuffled = k % 2 == 0
-        name = f"distractor-{k:02d}-{task}-{'shuffled' if shuffled else 'brief'}"
+        name = f"distractor-{k:0{width}d}-{task}-{'shuffled' if shuffled else 'brief'}"
         bar.set_description(f"zoo {spec.name}: {name}")
         rows = splits[task]["train"]
         rows = shuffled_labels(rows, seed * 1000 + 500 + k) if shuffled else rows

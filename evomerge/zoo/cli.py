@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     build = actions.add_parser("build", help="build or reuse a zoo directory (deterministic by seed)")
     build.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                        help="tiny: byte-level model trained here (~2 min); smol: SmolLM2-135M (tens of minutes); "
-                            "smol-mini: SmolLM2 with 4 experts and 2 distractors (~7 min)")
+                            "smol-mini: SmolLM2 with 4 experts and 2 distractors (~7 min); "
+                            "smol-128: smol's 8 experts and 120 distractors of 3 steps each")
     build.add_argument("--out", required=True, help="zoo directory to write (reused when already built)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--gguf", default=None, help="local SmolLM2-135M-Instruct GGUF file (smol preset)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from evomerge.errors import ConfigError
 
@@ -51,6 +51,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            sizes=(200, 50, 50), rank=8, lr=2e-3, batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1,
            max_new_tokens=8, em_gain=True),
 )}
+
+
+# The paper's scale (100+ adapters): smol's eight experts and 120 cheap distractors of a few steps each,
+# for the population evaluator's cost, memory and merge/export time against N (issue 17).
+PRESETS["smol-128"] = replace(PRESETS["smol"], name="smol-128", n_distractors=120, distractor_steps=3)
 
 
 def get_preset(name: str) -> Preset:

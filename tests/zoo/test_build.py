@@ -151,3 +151,30 @@ def test_ensure_tiny_uses_the_cache_folder(tiny_zoo, tmp_path, monkeypatch):
     assert default_tiny_dir(3) == tmp_path / "zoo" / "tiny-3"
     shutil.copytree(tiny_zoo, default_tiny_dir(0))
     assert ensure_tiny(0) == default_tiny_dir(0)
+
+
+@pytest.mark.slow  # ~50 s on the shared 2-core VM
+def test_a_zoo_at_the_papers_scale_loads_120_distinct_distractors(tmp_path, monkeypatch):
+    """smol-128's shape on the tiny base (2 base steps, no experts, so it builds in seconds): 120
+    distractors, each trained its own few steps, named to sort in build order, all loaded."""
+    import dataclasses
+
+    from evomerge.repository import Repository
+    from evomerge.zoo import presets
+
+    big = presets.get_preset("smol-128")
+    assert (len(big.expert_tasks), big.n_distractors) == (8, 120) and 1 < big.distractor_steps <= 5
+    assert big.expert_tasks == presets.get_preset("smol").expert_tasks
+    quick = dataclasses.replace(presets.PRESETS["tiny"], base_steps=2, expert_tasks=(), n_distractors=120,
+                                distractor_steps=2, sizes=(16, 4, 4))
+    monkeypatch.setitem(presets.PRESETS, "tiny", quick)
+    zoo = build("tiny", tmp_path / "z", seed=0, progress=False)
+    names = list(_manifest(zoo)["experts"])
+    assert len(names) == 120 and names == sorted(names) and names[7].startswith("distractor-007-")
+    repo = Repository.open(zoo)
+    assert len(repo.experts) == 120 and all(e.distractor for e in repo.experts.values())
+    from safetensors.torch import load_file
+
+    first = [load_file(zoo / _manifest(zoo)["experts"][n]["path"] / "adapter_model.safetensors") for n in names[:3]]
+    key = next(k for k in first[0] if "lora_B" in k)
+    assert not torch.equal(first[0][key], first[1][key]) and not torch.equal(first[1][key], first[2][key])
