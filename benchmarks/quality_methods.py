@@ -54,6 +54,8 @@ SEARCHES: dict[str, SearchMethod] = {
     # The default without its first stage (the sweep over the uniform merge's scale): the ablation.
     "evo_tv_joint_nosweep": SearchMethod("evo_joint", {"method": "evo_tv", "scale_grid": None}),
     "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
+    # The default's plan merging with TIES's trim, sign election and disjoint mean (α trims, β scales).
+    "evo_ties_joint": SearchMethod("evo_joint", {"method": "evo_ties"}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
     # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.

@@ -22,7 +22,7 @@ from evomerge.recipe import MergeRecipe, effective_weights
 from evomerge.repository import Repository
 
 _MERGEKIT = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "task_arithmetic",
-             "uniform": "task_arithmetic", "evo": "task_arithmetic", "evo_tv": "task_arithmetic"}
+             "uniform": "task_arithmetic", "evo": "task_arithmetic", "evo_tv": "task_arithmetic", "evo_ties": "ties"}
 _LAYER_PART = 3  # "model.layers.N.self_attn.q_proj.weight" -> group "model.layers.N.self_attn."
 
 Value = Callable[[tuple[float, ...], "tuple[float, ...] | None"], float]
@@ -39,13 +39,15 @@ def _values(recipe: MergeRecipe, as_linear: bool) -> dict[str, Callable[[int], V
             if recipe.method == "dare":                # evomerge rescales survivors by 1/density
                 density = 1.0 if d is None else d[i]
                 return 0.0 if density == 0.0 else ew / density
+            if recipe.method == "evo_ties":            # mergekit's normalised TIES cancels a common β
+                return ew / _strength(recipe)
             return ew
         return f
 
     def density(i: int) -> Value:
         return lambda w, d: 1.0 if d is None else d[i]
 
-    return {"weight": weight, **({"density": density} if recipe.method in ("ties", "dare") else {})}
+    return {"weight": weight, **({"density": density} if recipe.method in ("ties", "evo_ties", "dare") else {})}
 
 
 def _groups(names: Sequence[str]) -> dict[str, list[str]]:
@@ -94,6 +96,10 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
     if recipe.method in ("evo", "evo_tv") and any(d < 1.0 for d in _all_densities(recipe)):
         notes.append("Not exact: mergekit cannot express the keep ratios α (each expert's LoRA A, or task vector, "
                      "pruned to its largest-magnitude fraction α); this is the merge with every α = 1.")
+    if recipe.method == "evo_ties" and (len(set(_all_weights(recipe))) > 1 or min(_all_weights(recipe)) < 0):
+        notes.append("Not exact: evo_ties divides each agreeing entry by how many experts agree, mergekit's TIES by "
+                     "the sum of their weights (β / mean|β| here, lambda the mean|β|); the two agree when every β "
+                     "is the same positive number.")
     if recipe.method == "dare":
         notes.append(f"DARE drops entries at random: mergekit draws its own masks (run it with --random-seed "
                      f"{recipe.seed or 0}, the recipe's seed), evomerge seeds each mask by (seed, expert, tensor), "
@@ -105,6 +111,16 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
     if notes:
         notes.append("The exact merge: evomerge export JOURNAL --adapter DIR (LoRA, low-rank methods) or --model DIR.")
     return notes
+
+
+def _strength(recipe: MergeRecipe) -> float:
+    """evo_ties's strength as mergekit's lambda: the mean |β| (the β when all are equal, where the YAML is exact)."""
+    weights = [abs(w) for w in _all_weights(recipe)]
+    return sum(weights) / len(weights) or 1.0
+
+
+def _all_weights(recipe: MergeRecipe) -> list[float]:
+    return [w for ws in (recipe.weights, *(b.weights for b in recipe.blocks)) for w in ws]
 
 
 def _all_densities(recipe: MergeRecipe) -> list[float]:
@@ -136,7 +152,8 @@ def to_mergekit(recipe: MergeRecipe, repository: Repository | None = None, base:
     if as_linear:
         config["parameters"] = {"normalize": True}
     else:
-        config["parameters"] = {"normalize": recipe.method == "ties", "lambda": recipe.scale}
+        strength = _strength(recipe) if recipe.method == "evo_ties" else 1.0
+        config["parameters"] = {"normalize": recipe.method in ("ties", "evo_ties"), "lambda": recipe.scale * strength}
         if recipe.method == "dare":
             config["parameters"]["rescale"] = False
     config["dtype"] = dtype

@@ -12,6 +12,9 @@ Methods (what `weights` and `densities` mean for each):
 - ``task_arithmetic``: θ = θ_0 + scale·Σ w_i·τ_i.
 - ``ties``: trim τ_i to its top ``densities[i]`` by magnitude, elect the sign by the weighted sum,
   average the agreeing entries (disjoint mean), times ``scale``.
+- ``evo_ties``: TIES with Evo-Merging's coefficients: ``densities`` = α trims τ_i, ``weights`` = β
+  (signed) scales it before the sign election, and the disjoint mean divides by how many experts
+  agree, so β's size is the strength (every β = λ: TIES at scale λ).
 - ``dare``: drop entries of τ_i with probability 1 − density (seeded), rescale by 1/density,
   then task arithmetic.
 - ``uniform``: θ_0 + mean_i τ_i (weights are all 1/N).
@@ -31,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from evomerge.errors import RecipeError
 
-METHODS = ("evo", "evo_tv", "linear", "task_arithmetic", "ties", "dare", "uniform")
+METHODS = ("evo", "evo_tv", "evo_ties", "linear", "task_arithmetic", "ties", "dare", "uniform")
 """Merge methods a recipe may name; the keys users type in YAML."""
 
 

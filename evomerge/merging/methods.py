@@ -92,12 +92,28 @@ def dare_merge(contribs: Sequence[Contribution], tensor: str, seed: int | None) 
 
 @merge_method("ties")
 def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
-    """Trim each τ_i to its top density, elect signs by the weighted sum, take the disjoint mean.
+    """Trim each τ_i to its top density, elect signs by the weighted sum, take the disjoint mean
+    (divided by the agreeing weights, as mergekit's normalised TIES)."""
+    return _disjoint(contribs, by_count=False)
+
+
+@merge_method("evo_ties")
+def evo_ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
+    """TIES in Evo-Merging's coefficients: trim τ_i to its top α_i, scale it by the signed β_i,
+    elect each entry's sign by the sum, and average the agreeing entries over how many agree.
+    Dividing by the count, not by the weights, keeps β's size the merge's strength (every β = λ is
+    TIES at scale λ), so a search can move strength and interference resolution together."""
+    return _disjoint(contribs, by_count=True)
+
+
+def _disjoint(contribs: Sequence[Contribution], by_count: bool) -> torch.Tensor:
+    """TIES's trim, sign election and disjoint mean of the weighted, trimmed task vectors.
 
     Two passes over the experts: the first accumulates the sign vote and remembers each expert's
     cutoff, the second re-derives the trimmed delta (from a cache when small) and averages the
-    entries that agree with the elected sign, weighted, dividing by the agreeing weights. With s the
-    elected sign, an entry agrees where s·trimmed > 0, so the agreeing sum is s·Σ max(s·trimmed, 0).
+    entries that agree with the elected sign, dividing by the agreeing weights (or their count).
+    With s the elected sign, an entry agrees where s·trimmed > 0, so the agreeing sum is
+    s·Σ max(s·trimmed, 0).
     """
     vote: torch.Tensor | None = None
     cuts: list[tuple[float, int]] = []
@@ -124,7 +140,7 @@ def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> tor
             d = c.delta()
             trimmed = d.mul_(mask_from(d, *cuts[i])).mul_(c.weight)
         signed = trimmed.mul_(sign)
-        den.add_(signed > 0, alpha=c.weight)
+        den.add_(signed > 0, alpha=1.0 if by_count else c.weight)
         num.add_(signed.clamp_(min=0))
     den.masked_fill_(den == 0, 1.0)
     return num.mul_(sign).div_(den)

@@ -36,7 +36,8 @@ SEARCHES = ("alpha", "beta", "joint")
 SCHEDULES = ("two_stage", *SEARCHES)
 SCALE_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Multiples of the uniform merge that ``evo_joint`` tries before searching (its first stage)."""
-EVO_METHODS = ("evo", "evo_tv")
+EVO_METHODS = ("evo", "evo_tv", "evo_ties")
+"""What an evo space merges with: the factor form, the task-vector form, or TIES's sign election on it."""
 
 
 def _beta_start(beta_init: str | float, n: int) -> float:
@@ -57,7 +58,7 @@ class EvoSpace(CoefficientSpace):
         if search not in SEARCHES:
             raise ConfigError(f"evo search must be one of {', '.join(SEARCHES)}, got {search!r}")
         if method not in EVO_METHODS:
-            raise ConfigError(f"evo spaces merge with method evo or evo_tv, got {method!r}")
+            raise ConfigError(f"evo spaces merge with method {', '.join(EVO_METHODS)}, got {method!r}")
         n = len(experts)
         if n == 0:
             raise ConfigError("a search space needs at least one expert")

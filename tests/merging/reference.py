@@ -43,12 +43,13 @@ def task_vectors(repo_dir: Path, names: list[str]) -> tuple[dict[str, np.ndarray
     return base, taus
 
 
-def ties(taus: list[np.ndarray], weights: list[float], densities: list[float]) -> np.ndarray:
+def ties(taus: list[np.ndarray], weights: list[float], densities: list[float], by_count: bool = False) -> np.ndarray:
+    """TIES (mergekit's normalised form); `by_count`: evo_ties, the agreeing mean over how many agree."""
     trimmed = [w * t * top_mask(t, k_floor(t.size, d)) for t, w, d in zip(taus, weights, densities)]
     elected = np.where(sum(trimmed) >= 0, 1.0, -1.0)
     agree = [np.sign(t) == elected for t in trimmed]
     num = sum(t * a for t, a in zip(trimmed, agree))
-    den = sum(w * a for w, a in zip(weights, agree))
+    den = sum((1.0 if by_count else w) * a for w, a in zip(weights, agree))
     den = np.where(den == 0, 1.0, den)
     return num / den
 

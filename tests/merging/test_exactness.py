@@ -25,7 +25,7 @@ def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> Non
         np.testing.assert_allclose(got[name], w, rtol=0, atol=4e-7 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "uniform", "ties", "evo"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "uniform", "ties", "evo_ties", "evo"])
 def test_full_expert_methods_match_float64_reference(engine, tiny_repo_dir, method):
     w, d = [0.7, -0.4, 0.5], [0.3, 0.55, 0.8]
     recipe = MergeRecipe(method, tuple(FULL), tuple(w), tuple(d), scale=0.9)
@@ -40,8 +40,8 @@ def test_full_expert_methods_match_float64_reference(engine, tiny_repo_dir, meth
             delta = sum(wi * ti for wi, ti in zip(w, t)) / sum(w)
         elif method == "uniform":
             delta = sum(t) / len(t)
-        elif method == "ties":
-            delta = ref.ties(t, w, d)
+        elif method in ("ties", "evo_ties"):
+            delta = ref.ties(t, w, d, by_count=method == "evo_ties")
         else:
             delta = sum(wi * ti * ref.top_mask(ti, ref.k_round(ti.size, di)) for wi, ti, di in zip(w, t, d))
         want[name] = theta0 + 0.9 * delta
@@ -85,19 +85,19 @@ def test_lora_evo_rejects_mixed_ranks_and_restores_base(engine, tiny_repo_dir):
     assert engine.applied_key == ""
 
 
-@pytest.mark.parametrize("cached", [True, False])
-def test_classic_methods_materialise_lora_task_vectors(engine, tiny_repo_dir, monkeypatch, cached):
+@pytest.mark.parametrize("method, cached", [("ties", True), ("ties", False), ("evo_ties", True)])
+def test_classic_methods_materialise_lora_task_vectors(engine, tiny_repo_dir, monkeypatch, method, cached):
     if not cached:  # the second pass re-derives each trimmed delta from its recorded cutoff
         monkeypatch.setattr("evomerge.merging.methods.TIES_CACHE_BYTES", 0)
     engine.apply(None)  # the shared engine would skip a recipe already in its weights
     w, d = [0.5, 1.0, -0.3], [0.5, 0.5, 0.5]
-    engine.apply(MergeRecipe("ties", tuple(LORA), tuple(w), tuple(d)))
+    engine.apply(MergeRecipe(method, tuple(LORA), tuple(w), tuple(d)))
     base = ref.tensors(tiny_repo_dir / "base")
     factors = [ref.lora_factors(tiny_repo_dir / "experts" / n) for n in LORA]
     want = dict(base)
     for target in factors[0][0]:
         taus = [s * f[target][1] @ f[target][0] for f, s in factors]
-        want[target] = base[target] + ref.ties(taus, w, d)
+        want[target] = base[target] + ref.ties(taus, w, d, by_count=method == "evo_ties")
     assert_close(weights_of(engine), want)
 
 

@@ -37,6 +37,8 @@ RECIPES = {
     "evo_tv_alpha_1": MergeRecipe("evo_tv", ("lora0", "lora_r2"), (0.7, -1.2), (1.0, 1.0)),
     "ties": MergeRecipe("ties", FULL, (0.9, -0.35, 0.6), (0.3, 0.5, 0.7), scale=0.8),
     "ties_blocks": MergeRecipe("ties", FULL, (0.9, -0.35, 0.6), (0.3, 0.5, 0.7), scale=0.8, blocks=BLOCKS),
+    # β a power of two: the sign vote rounds as mergekit's unweighted one does
+    "evo_ties_equal_beta": MergeRecipe("evo_ties", FULL, (0.5, 0.5, 0.5), (0.3, 0.5, 0.7), scale=0.8),
 }
 
 
@@ -83,13 +85,13 @@ def test_exported_yaml_reproduces_the_merge(engine, tiny_repo, tiny_repo_dir, tm
     base = ref.tensors(tiny_repo_dir / "base")
     tied_somewhere = changed = 0
     for name, t in theirs.items():
-        free = ~tied_entries(tiny_repo_dir, recipe, name, t.shape) if recipe.method == "ties" else np.ones(t.shape, bool)
+        free = ~tied_entries(tiny_repo_dir, recipe, name, t.shape) if "ties" in recipe.method else np.ones(t.shape, bool)
         tied_somewhere += int((~free).sum())
         changed += int(not np.array_equal(mine[name], base[name]))
         atol = 4e-7 * max(1.0, float(np.abs(t).max()))
         np.testing.assert_allclose(mine[name][free], t[free], rtol=0, atol=atol, err_msg=name)
     assert changed > 0
-    if recipe.method == "ties":
+    if "ties" in recipe.method:
         assert tied_somewhere > 0  # the quantised experts did produce ties at the cutoff
 
 
@@ -128,3 +130,10 @@ def test_dare_matches_up_to_its_random_masks(engine, tiny_repo, tiny_repo_dir, t
     if len(experts) == 1:  # the kept fraction is the density on both sides
         for side, flags in moved.items():
             assert abs(np.concatenate(flags).mean() - densities[0]) < 0.03, side
+
+
+def test_evo_ties_with_unequal_betas_says_it_is_not_exact(tiny_repo):
+    text = to_mergekit(MergeRecipe("evo_ties", FULL, (0.9, -0.35, 0.6), (0.3, 0.5, 0.7)), tiny_repo)
+    assert text.startswith("# Not exact: evo_ties divides")
+    config = yaml.safe_load(text)
+    assert config["merge_method"] == "ties" and config["parameters"]["lambda"] == pytest.approx((0.9 + 0.35 + 0.6) / 3)

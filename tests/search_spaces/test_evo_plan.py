@@ -146,3 +146,15 @@ def test_the_starts_find_a_merge_two_experts_carry():
     found = evomerge.search(loss, build_space("evo_joint", names), budget=60, seed=0)
     local = evomerge.search(loss, build_space("evo_joint", names, singles=False), budget=60, seed=0)
     assert found.best_loss < 0.05 < 1.0 < local.best_loss
+
+
+def test_every_stage_of_an_evo_ties_plan_merges_with_ties_sign_election():
+    plan = build_space("evo_joint", EXPERTS, method="evo_ties")
+    best = plan.space(0, None).decode([1.0])
+    assert best.method == "evo_ties" and best.weights == (1.0,) * 4  # the sweep: TIES at strength λ = 1
+    alone = plan.space(1, best).decode([0.0, 1.0, 0.0, 0.0])
+    joint = plan.space(3, plan.space(2, alone).decode([1.0, 1.0, 0.0, 0.0]))
+    moved = joint.decode(joint.x0 + 0.1)
+    assert moved.method == "evo_ties" and moved.densities == (1.0,) * 4 and moved.weights == pytest.approx((1.1, 1.1, 0.1, 0.1))
+    with pytest.raises(ConfigError, match="evo_ties"):
+        build_space("evo_joint", EXPERTS, method="ties")
