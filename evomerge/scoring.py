@@ -105,10 +105,22 @@ def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict:
 
 
 def _keeps_logits(model: Any) -> bool:
-    """Whether `model.forward` takes transformers' `logits_to_keep` (positions to compute logits for)."""
+    """Whether `model.forward` takes transformers' `logits_to_keep` (positions to compute logits for);
+    asked once per model class (a forward set on the instance itself is asked each time)."""
+    if "forward" in getattr(model, "__dict__", {}):
+        return _takes_logits_to_keep(model.forward)
+    return _class_keeps_logits(type(model))
+
+
+@lru_cache(maxsize=64)
+def _class_keeps_logits(cls: type) -> bool:
+    return _takes_logits_to_keep(cls.forward)
+
+
+def _takes_logits_to_keep(forward: Any) -> bool:
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],

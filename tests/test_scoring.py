@@ -172,3 +172,23 @@ def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokeni
     assert greedy[len(EXAMPLES):].tolist() == [1.0] * (len(examples) - len(EXAMPLES)) and len(examples) > len(EXAMPLES)
     assert greedy.min() == 0.0
     np.testing.assert_allclose(ce, scoring.answer_cross_entropy(model, tokenizer, examples), rtol=1e-6)
+
+
+def test_whether_a_model_takes_logits_to_keep_is_asked_once_per_class(model, tokenizer, monkeypatch):
+    """The class's answer is remembered; a forward set on one instance is asked on its own, and
+    scoring through it (no logits_to_keep) gives the same CE as the full model's span."""
+    import inspect
+
+    asked = []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda f, *a, **k: asked.append(f) or real(f, *a, **k))
+    scoring._class_keeps_logits.cache_clear()
+    assert scoring._keeps_logits(model) and scoring._keeps_logits(model)
+    assert len(asked) == 1
+    plain = transformers.LlamaForCausalLM(model.config).eval()
+    plain.load_state_dict(model.state_dict())
+    full = plain.forward
+    plain.forward = lambda input_ids=None, attention_mask=None: full(input_ids=input_ids, attention_mask=attention_mask)
+    assert not scoring._keeps_logits(plain) and scoring._keeps_logits(model)
+    np.testing.assert_allclose(scoring.answer_cross_entropy(plain, tokenizer, EXAMPLES),
+                               scoring.answer_cross_entropy(model, tokenizer, EXAMPLES), atol=1e-5)

@@ -21,7 +21,6 @@ import numpy as np
 from evomerge import scoring
 from evomerge.backends._base import Backend, Evaluator, register_backend
 from evomerge.backends.memo import ExampleMemo
-from evomerge.errors import RecipeError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
@@ -113,16 +112,12 @@ class LocalBackend(Backend):
         with self.engine.merged(None) as model:
             for g in range(0, len(recipes), group):
                 members = recipes[g : g + group]
-                factors = population.stacked_factors(self.engine.merger, members, self.engine.dtype, self.engine.device)
-                refusal = population.unsupported_module(model, list(factors))
-                if refusal is not None:
-                    raise RecipeError(f"no population forward for these adapters: {refusal}")
                 n = len(members)
                 passes = ((lambda part: self._forward_scores(model, part, len(part) * per_example),
                            max(1, forward_rows // (n * per_example))),
                           (lambda part: self._generated_scores(model, part, length, len(part)),
                            max(1, generate_rows // n)))
-                with population.population(model, factors):
+                with population.serving(self.engine.merger, model, members, self.engine.dtype, self.engine.device):
                     for run, chunk in passes:
                         for e0 in range(0, len(examples), chunk):
                             part = list(examples[e0 : e0 + chunk])
@@ -178,11 +173,7 @@ class LocalBackend(Backend):
 
     def _low_rank(self, recipe: MergeRecipe) -> bool:
         """Whether `recipe` joins a population forward: low-rank, and cheap enough beside the base."""
-        merger = self.engine.merger
-        try:
-            return merger.low_rank_refusal(recipe) is None and merger.low_rank_cost(recipe) <= self.population_cost
-        except Exception:  # an invalid recipe fails alone, on the one-at-a-time path
-            return False
+        return self.engine.merger.stays_low_rank(recipe, self.population_cost)
 
     def _objective_for(self, examples: Sequence[Example], ids: tuple[str, ...], length: int) -> Objective:
         """The objective, with the base model's per-task losses on these examples as references

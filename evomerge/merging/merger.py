@@ -38,6 +38,7 @@ class Merger:
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
         self._room = resident_bytes
         self._stacks: dict[str, dict[int, lora.Stack]] = {}   # target -> rank -> adapters
+        self._costs: dict[str, float] = {}                     # recipe key -> low_rank_cost
         for expert in repository.experts.values():
             for target, m in expert.modules.items():
                 stack = self._stacks.setdefault(target, {}).setdefault(m.rank, lora.Stack())
@@ -106,6 +107,16 @@ class Merger:
                     "checkpoint (--model) instead")
         return None
 
+    def stays_low_rank(self, recipe: MergeRecipe, max_cost: float | None = None) -> bool:
+        """Whether `recipe` may share a population forward: it has an adapter form and (given
+        `max_cost`) a `low_rank_cost` of at most that. False, never an error, for a recipe invalid
+        here (an unknown expert, linear weights summing to zero): it fails alone, on the
+        one-at-a-time path, with its own error."""
+        try:
+            return self.low_rank_refusal(recipe) is None and (max_cost is None or self.low_rank_cost(recipe) <= max_cost)
+        except Exception:
+            return False
+
     def low_rank(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """(tensor name, B, A) with B·A the very ΔW `deltas` gives, for a recipe that stays low-rank."""
         refusal = self.low_rank_refusal(recipe)
@@ -123,7 +134,17 @@ class Merger:
     def low_rank_cost(self, recipe: MergeRecipe) -> float:
         """Multiply-adds per token of serving a low-rank `recipe` as (x·Aᵀ)·Bᵀ beside the base
         layers it adapts, per multiply-add of those layers (r·(in + out) against in·out; block
-        overrides ignored): what a population forward adds where a merge adds nothing per token."""
+        overrides ignored): what a population forward adds where a merge adds nothing per token.
+        Remembered per recipe (the same candidate is asked again on each split and rung)."""
+        key = recipe.key()
+        cost = self._costs.get(key)
+        if cost is None:
+            if len(self._costs) >= 4096:  # a long search sees endless distinct recipes
+                self._costs.clear()
+            cost = self._costs[key] = self._low_rank_cost(recipe)
+        return cost
+
+    def _low_rank_cost(self, recipe: MergeRecipe) -> float:
         experts = [self.repository.expert(n) for n in recipe.experts]
         added = base = 0
         for name in self.targets(recipe):
@@ -183,6 +204,7 @@ class Merger:
         self._reader.close()
         self._stacks.clear()
         self._resident.clear()
+        self._costs.clear()
 
 
 def default_resident_bytes(device: torch.device) -> int:

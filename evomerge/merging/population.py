@@ -89,3 +89,17 @@ def population(model: Any, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def serving(merger: Merger, model: Any, recipes: Sequence[MergeRecipe], dtype: torch.dtype,
+            device: torch.device) -> Iterator[Any]:
+    """`model` (at its base weights) serving `recipes`, one per block of rows, while the block is
+    open: their factors stacked and hooked onto the adapted Linears. Raises RecipeError for a
+    recipe with no low-rank form or an adapter on a module the hooks cannot serve."""
+    factors = stacked_factors(merger, recipes, dtype, device)
+    refusal = unsupported_module(model, list(factors))
+    if refusal is not None:
+        raise RecipeError(f"no population forward for these adapters: {refusal}")
+    with population(model, factors):
+        yield model

@@ -81,10 +81,7 @@ class EngineHost:
 
     def low_rank(self, recipe: MergeRecipe) -> bool:
         """Whether `recipe` can share a forward with other recipes (`score_many`)."""
-        try:
-            return self.engine.merger.low_rank_refusal(recipe) is None
-        except Exception:  # an invalid recipe is refused on its own path, with its own error
-            return False
+        return self.engine.merger.stays_low_rank(recipe)
 
     def score_many(self, recipes: Sequence[MergeRecipe], texts: Sequence[Sequence[str]], top: int = 0,
                    special: bool = True) -> list[list[Scored]]:
@@ -97,11 +94,7 @@ class EngineHost:
         rows = max(len(t) for t in texts)
         padded = [t for block in texts for t in (list(block) + [block[0]] * (rows - len(block)))]
         engine = self.engine
-        factors = population.stacked_factors(engine.merger, recipes, engine.dtype, engine.device)
-        refusal = population.unsupported_module(engine.model, list(factors))
-        if refusal is not None:
-            raise RecipeError(f"no shared forward for these adapters: {refusal}")
-        with population.population(engine.model, factors):
+        with population.serving(engine.merger, engine.model, recipes, engine.dtype, engine.device):
             scored = self.runner.score(padded, top, special)
         return [scored[c * rows : c * rows + len(block)] for c, block in enumerate(texts)]
 

@@ -136,3 +136,21 @@ def test_on_a_cpu_a_recipe_whose_low_rank_path_costs_more_than_a_merge_goes_alon
         assert many[0].per_example == many[2].per_example == b.evaluate(dear, examples).per_example
     finally:
         b.close()
+
+
+def test_an_invalid_recipe_never_joins_a_batch_and_costs_are_remembered(backend, monkeypatch):
+    """`Merger.stays_low_rank` answers False (never raises) for a recipe that fails on its own
+    path; a recipe's low-rank cost is worked out once, however often it is asked."""
+    merger = backend.engine.merger
+    zero_sum = MergeRecipe("linear", ("lora0", "lora1"), (1.0, -1.0))
+    assert not merger.stays_low_rank(zero_sum, 1.0) and merger.stays_low_rank(zero_sum)  # the cost raises
+    assert not merger.stays_low_rank(MergeRecipe("evo_tv", ("lora0", "nobody"), (1.0, 1.0)))
+    assert not merger.stays_low_rank(MergeRecipe("ties", EXPERTS, (1.0, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    assert merger.stays_low_rank(RECIPES[0], math.inf) and not merger.stays_low_rank(RECIPES[0], 0.0)
+    worked = []
+    real = type(merger)._low_rank_cost
+    monkeypatch.setattr(type(merger), "_low_rank_cost", lambda self, r: worked.append(r) or real(self, r))
+    fresh = MergeRecipe("evo_tv", EXPERTS, (0.2, 0.3, 0.4))
+    costs = {merger.low_rank_cost(fresh) for _ in range(3)}
+    assert worked == [fresh] and costs == {real(merger, fresh)} and costs != {0.0}
+    assert merger.low_rank_cost(MergeRecipe("evo_tv", EXPERTS, (0.2, 0.3, 0.4))) in costs and len(worked) == 1
