@@ -26,9 +26,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 on CPU by default, bfloat16 on CUDA."""
+    """float32 on CPU by default; on CUDA bfloat16 where the card computes it natively (compute
+    capability 8.0 on), else float32 (an emulated bfloat16 is slower, and float16 may overflow)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:

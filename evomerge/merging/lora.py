@@ -57,10 +57,20 @@ def prune_rows(a: torch.Tensor, ranks: torch.Tensor, fractions: Sequence[float])
     """Each row a[i] (any shape) with all but its round(α_i·numel) largest-|·| entries zeroed;
     `ranks` are the rows' `magnitude_ranks` (ties to the lower flat index, as in `topk_mask`)."""
     flat = a.reshape(a.shape[0], -1)
-    ks = torch.tensor([keep_count(flat.shape[1], f, "round") for f in fractions], device=a.device)
-    if bool((ks >= flat.shape[1]).all()):
+    keep = [keep_count(flat.shape[1], f, "round") for f in fractions]
+    if all(k >= flat.shape[1] for k in keep):  # decided on the host: no wait on the device
         return a
+    ks = on_device(keep, a.device)
     return (flat * (ranks < ks[:, None])).reshape(a.shape)
+
+
+def on_device(values: Sequence[float] | Sequence[int], device: torch.device,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor of host values on `device` without waiting for the device: a copy from
+    pageable memory is staged at once (CUDA's cudaMemcpyAsync), where `torch.tensor(..., device=)`
+    would synchronise the stream, once per candidate and module. On a CPU the tensor itself."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,8 @@ class Merger:
                 for rank, idx in sorted(picked.items())]
 
     def _term(self, stack: lora.Stack, names: list[str], betas: list[float], alphas: list[float]) -> lora.Term:
-        rows = torch.tensor([stack.rows[n] for n in names], device=self.device)
-        return lora.Term(stack, tuple(names), rows, torch.tensor(betas, dtype=torch.float32, device=self.device), tuple(alphas))
+        rows = lora.on_device([stack.rows[n] for n in names], self.device)
+        return lora.Term(stack, tuple(names), rows, lora.on_device(betas, self.device, torch.float32), tuple(alphas))
 
     def _expert_tensor(self, expert: Expert, name: str) -> torch.Tensor:
         """A full expert's tensor on the merge device, kept there while it fits (never written to)."""

@@ -76,3 +76,25 @@ def test_selection_on_the_device_matches_sorting(k):
     mask, cut = select(x.cuda(), k)
     np.testing.assert_array_equal(mask.cpu().numpy(), ref.top_mask(x.numpy(), k))
     np.testing.assert_array_equal(mask_from(x.cuda(), *cut).cpu().numpy(), mask.cpu().numpy())
+
+
+def test_the_population_path_never_waits_on_the_device_per_candidate(cuda_engine):
+    """Stacking many candidates' factors and each hooked Linear's per-candidate update issue no
+    synchronising call (a blocking copy, .item(), a data-dependent branch): CUDA's sync debug mode
+    raises on one. (The model's own forward, transformers' code, is left out of the check.)"""
+    from evomerge.merging import population
+
+    recipes = [RECIPES["evo"], RECIPES["evo_tv"]] * 4
+    engine = cuda_engine
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        factors = population.stacked_factors(engine.merger, recipes, engine.dtype, engine.device)
+        name = next(iter(factors))
+        linear = engine.model.get_submodule(name[: -len(population.SUFFIX)])
+        x = torch.ones((len(recipes), 3, linear.in_features), device="cuda")
+        with population.population(engine.model, factors), torch.no_grad():
+            out = linear(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape[0] == len(recipes) and not torch.equal(out[0].cpu(), out[1].cpu())
