@@ -37,9 +37,10 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)
 
 
 def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Limits(), cache_size: int = 256,
-               registry: ModelRegistry | None = None) -> Any:
+               registry: ModelRegistry | None = None, cross_recipe: bool = True) -> Any:
     """The ASGI app serving `host` (auth and body limits applied before any route); `registry` keeps
-    the merges registered as models (default: in memory)."""
+    the merges registered as models (default: in memory); `cross_recipe` False scores each recipe in
+    its own forward, merged (the worker's path before requests of distinct recipes shared one)."""
     fastapi = require("fastapi", "evomerge serve")
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -47,7 +48,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
 
     from fastapi import Header
 
-    worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch)
+    worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch, cross_recipe=cross_recipe)
     registry = registry if registry is not None else ModelRegistry()
     gate = PromptGate(host.tokenizer, limits.max_prompt_tokens or host.context_length or 4096)
     rate = TokenRate(limits.tokens_per_minute)

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (1 is fastest for small models "
                                                        "on a busy CPU)")
     p.add_argument("--cache-size", type=int, default=256, help="merged states kept (LRU by recipe key)")
+    p.add_argument("--no-cross-recipe", dest="cross_recipe", action="store_false",
+                   help="score each recipe in its own forward, merged, instead of letting waiting requests of "
+                        "distinct low-rank recipes share one (for comparison and debugging)")
     p.add_argument("--registry", type=Path, metavar="FILE",
                    help="where merges registered as models are kept (default: REPOSITORY/registered_models.json)")
     p.set_defaults(func=serve)
@@ -74,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
                     deadline=args.deadline)
     registry = ModelRegistry(args.registry or Path(repository) / "registered_models.json")
     app = create_app(load_host(repository, args.device, args.dtype), api_key=key, limits=limits,
-                     cache_size=args.cache_size, registry=registry)
+                     cache_size=args.cache_size, registry=registry, cross_recipe=args.cross_recipe)
     print(f"evomerge serve: {repository} on http://{args.host}:{args.port}/v1"
           f" (auth {'on' if key else 'off'})", flush=True)
     uvicorn_server(app).run(sockets=[sock])

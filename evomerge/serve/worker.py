@@ -61,8 +61,9 @@ class MergeWorker:
     """Serialises model access; `score` and `call` are awaitable from any event loop."""
 
     def __init__(self, host: ModelHost, cache_size: int = 256, max_batch_texts: int = 64,
-                 cache_bytes: int = 2 << 30) -> None:
+                 cache_bytes: int = 2 << 30, cross_recipe: bool = True) -> None:
         self.host = host
+        self._cross_recipe = cross_recipe  # False: one recipe per forward, each merged (the path before)
         self.stats = Stats()
         self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._cache_size, self._cache_bytes, self._cached_bytes = cache_size, cache_bytes, 0
@@ -156,7 +157,7 @@ class MergeWorker:
 
     def _shareable(self, job: _Job) -> bool:
         """Whether `job` may share a forward with other recipes' score jobs (`host.score_many`)."""
-        if job.kind != "score" or job.recipe is None or not hasattr(self.host, "score_many"):
+        if not self._cross_recipe or job.kind != "score" or job.recipe is None or not hasattr(self.host, "score_many"):
             return False
         known = self._low_rank.get(job.key)
         if known is None:

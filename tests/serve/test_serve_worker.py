@@ -97,6 +97,30 @@ def test_score_jobs_of_distinct_low_rank_recipes_share_one_pass(host) -> None:
     assert worker.stats.forward_passes < len(recipes)
 
 
+def test_with_cross_recipe_batching_off_each_recipe_is_merged_and_scored_alone(host) -> None:
+    """`evomerge serve --no-cross-recipe`: the path before shared forwards, one merge and at least
+    one forward per recipe, the same answers as with sharing on."""
+    recipes = [MergeRecipe("evo_tv", ("math", "colour"), (0.3 * i - 1.0, 0.6), (0.5, 1.0)) for i in range(6)]
+    out = {}
+    for shared in (True, False):
+        worker = MergeWorker(host, max_batch_texts=64, cross_recipe=shared)
+
+        async def burst(worker=worker) -> list:
+            return await asyncio.gather(*(worker.score(r, [TEXT]) for r in recipes))
+
+        try:
+            out[shared] = asyncio.run(burst())
+        finally:
+            worker.close()
+        stats = worker.stats
+        if shared:  # (the first may be taken before the others queue: merged alone)
+            assert stats.merges <= 1 and stats.forward_passes < len(recipes)
+        else:
+            assert stats.merges == len(recipes) and stats.forward_passes >= len(recipes)
+    for on, off in zip(out[True], out[False]):
+        assert on[0].token_logprobs == pytest.approx(off[0].token_logprobs, abs=1e-5)
+
+
 def test_a_score_request_given_up_while_queued_never_runs(host) -> None:
     """A request that gave up while it waited (past its deadline: its client has the 504) is
     dropped from the queue, so it holds the model no longer."""
