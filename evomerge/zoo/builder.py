@@ -41,7 +41,8 @@ from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.tasks import make_splits, shuffled_labels
 from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
-FORMAT = 3  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target
+FORMAT = 4  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target;
+# 4: the final_letter target and shuffled-label twins
 MANIFEST = "zoo.json"
 CHECK_EXAMPLES = 16  # search examples checked between training chunks
 
@@ -158,7 +159,8 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
             write_jsonl(work / "tasks" / task / f"{split}.jsonl", rows)
         tasks_entry[task] = {s: f"tasks/{task}/{s}.jsonl" for s in parts}
 
-    total = spec.base_steps + len(spec.expert_tasks) * spec.max_steps + spec.n_distractors * spec.distractor_steps
+    total = spec.base_steps + (len(spec.expert_tasks) + len(spec.twins)) * spec.max_steps \
+        + spec.n_distractors * spec.distractor_steps
     # A bar where a terminal shows one (tqdm's disable=None); a line per stage everywhere (bar.write).
     bar = tqdm(total=total, desc=f"zoo {spec.name}: base", unit="step", disable=None if progress else True)
     bar.write(f"zoo {spec.name}: {len(spec.expert_tasks)} experts and {spec.n_distractors} distractors to train"
@@ -181,6 +183,16 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
                   f"(base {metrics['base_search']['ce']:.3f} / {metrics['base_search']['exact_match']:.2f}), "
                   f"{metrics['steps']} steps")
         experts[task] = _save(model, work, task, task, False, metrics)
+        base = model.unload()
+
+    for index, task in enumerate(spec.twins):
+        name = f"twin-{task}-shuffled"
+        bar.set_description(f"zoo {spec.name}: {name}")
+        run_seed = seed * 1000 + 400 + index
+        model = lora_model(base, spec.rank, run_seed)
+        train_steps(model, tokenizer, as_pairs(shuffled_labels(splits[task]["train"], run_seed)), spec.max_steps,
+                    spec.lr, spec.batch_size, run_seed, on_step=lambda: bar.update(1))
+        experts[name] = _save(model, work, name, None, True, {"steps": spec.max_steps})
         base = model.unload()
 
     if spec.n_distractors:

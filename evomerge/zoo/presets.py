@@ -30,20 +30,25 @@ class Preset:
     max_new_tokens: int = 12
     attempts: int = 3              # tries (new seed, twice the steps) before a build fails on an expert
     em_gain: bool = False          # an expert must also gain cased exact match on its search split
+    # Expert tasks that also get a twin: a distractor trained as long as the expert on the same prompts
+    # with shuffled answers, so it looks like the right expert (format, vocabulary) and answers wrong.
+    twins: tuple[str, ...] = ()
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tiny", base="tiny",
            expert_tasks=("upper", "first_letter", "last_letter", "reverse", "plural"),
            distractor_tasks=("parity", "length", "double"),
-           ood_tasks=("upper_first", "upper_reverse"), n_distractors=3, sizes=(200, 40, 40), rank=8, lr=5e-3,
-           batch_size=16, chunk_steps=40, max_steps=160, distractor_steps=3, base_steps=800),
+           ood_tasks=("upper_first", "upper_reverse", "final_letter"), n_distractors=3, sizes=(200, 40, 40), rank=8,
+           lr=5e-3, batch_size=16, chunk_steps=40, max_steps=160, distractor_steps=3, base_steps=800,
+           twins=("last_letter",)),
     Preset("smol", base="smol",
            expert_tasks=("upper", "first_letter", "last_letter", "plural", "add", "parity", "antonym", "sentiment"),
            distractor_tasks=("copy", "length", "reverse", "double", "upper", "first_letter", "last_letter", "plural",
                              "add", "parity", "antonym", "sentiment"),
-           ood_tasks=("upper_first", "upper_reverse"), n_distractors=24, sizes=(200, 50, 50), rank=8, lr=2e-3,
-           batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1, max_new_tokens=8, em_gain=True),
+           ood_tasks=("upper_first", "upper_reverse", "final_letter"), n_distractors=24, sizes=(200, 50, 50), rank=8,
+           lr=2e-3, batch_size=8, chunk_steps=20, max_steps=60, distractor_steps=1, max_new_tokens=8, em_gain=True,
+           twins=("last_letter",)),
     # smol's base and training with four experts and two distractors: ~7 CPU minutes instead of ~35,
     # for the llama.cpp round trip and benchmarks (upper_first's two experts are among the four)
     Preset("smol-mini", base="smol", expert_tasks=("upper", "first_letter", "last_letter", "plural"),

@@ -2,8 +2,10 @@
 
 String tasks draw invented words (syllable strings), so train, search and test never share an
 input and an expert must learn the rule, not a list. Two memorised tasks (antonyms, word
-sentiment) use fixed lists. The out-of-domain tasks have no expert of their own; each composes two
-expert skills (reverse then uppercase, first letter then uppercase), the target of a merge.
+sentiment) use fixed lists. The out-of-domain tasks have no expert of their own: two compose two
+expert skills (reverse then uppercase, first letter then uppercase), so a merge of two experts
+carries them; one asks an expert's question in other words (the final letter), so one expert
+carries it and the rest of the repository, its shuffled-label twin included, only gets in the way.
 """
 
 from __future__ import annotations
@@ -84,9 +86,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              lambda p: f"Give the opposite of the word: {p[0]}\nAnswer: ", lambda p: p[1]),
     TaskSpec("sentiment", lambda r: r.choice(POSITIVE + NEGATIVE), _ask("Is the word '{x}' positive or negative?"),
              lambda w: "positive" if w in POSITIVE else "negative", choices=("positive", "negative")),
-    # Out of domain: no expert is trained on these; each composes two expert skills.
+    # Out of domain: no expert is trained on these; two compose two expert skills, one rephrases one.
     TaskSpec("upper_reverse", _word, _ask("Spell the word backwards in capital letters: {x}"), lambda w: w[::-1].upper()),
     TaskSpec("upper_first", _word, _ask("What is the first letter of the word, in capitals: {x}"), lambda w: w[0].upper()),
+    TaskSpec("final_letter", _word, _ask("What is the final letter of the word: {x}"), lambda w: w[-1]),
 )}
 
 

@@ -76,6 +76,26 @@ def test_each_expert_beats_the_base_on_its_task(tiny_zoo, base):
         assert expert_test < 0.9 * base_test or expert_em >= base_em + 0.25, (name, expert_test, base_test, expert_em)
 
 
+def test_the_twin_answers_like_its_expert_in_form_but_not_in_content(tiny_zoo, base):
+    """The shuffled-label twin of last_letter: a distractor trained as long as the expert on the
+    same prompts, so it writes one letter as the expert does, mostly the wrong one; the final_letter
+    target (last_letter's question in other words) is listed out of domain."""
+    model, tokenizer = base
+    m = _manifest(tiny_zoo)
+    twin = m["experts"]["twin-last_letter-shuffled"]
+    assert twin["distractor"] and twin["task"] is None and "final_letter" in m["ood_tasks"]
+    search = load_jsonl(tiny_zoo / m["tasks"]["last_letter"]["search"])
+    em = {}
+    for name in ("last_letter", "twin-last_letter-shuffled"):
+        adapted = peft.PeftModel.from_pretrained(model, tiny_zoo / m["experts"][name]["path"]).eval()
+        answers = scoring.generate_answers(adapted, tokenizer, search)
+        model = adapted.unload()
+        em[name] = np.mean([scoring.exact_match(a, x.answer) for a, x in zip(answers, search)])
+        if name.startswith("twin"):
+            assert np.mean([len(a.strip()) == 1 for a in answers]) >= 0.8, answers[:8]
+    assert em["twin-last_letter-shuffled"] <= em["last_letter"] - 0.25, em
+
+
 def test_an_expert_that_cannot_learn_fails_the_build_naming_it(tmp_path, monkeypatch):
     """A fault put in on purpose: a learning rate of 0 leaves every expert at the base."""
     import dataclasses
