@@ -18,6 +18,7 @@ from evomerge.config import ObjectiveConfig
 from evomerge.journal import Trial
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe, uniform
+from evomerge.repository import Repository
 from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space, grid
 
@@ -56,6 +57,8 @@ SEARCHES: dict[str, SearchMethod] = {
     "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
     # The default's plan merging with TIES's trim, sign election and disjoint mean (α trims, β scales).
     "evo_ties_joint": SearchMethod("evo_joint", {"method": "evo_ties"}),
+    # The default, then a quarter of the rest refining the found merge per block (2 layer groups × attn, mlp).
+    "evo_tv_joint_blocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 2}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
     # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.
@@ -110,7 +113,10 @@ def run_search(name: str, method: SearchMethod, setting: Setting, repository: st
             best[0] = trial.loss
             out.trace.append((out.fit_evals, trial.recipe))
 
-    space = build_space(method.space, list(setting.experts), **method.options)
+    options = dict(method.options)
+    if options.get("refine_groups"):
+        options["num_layers"] = Repository.open(repository).block_layers
+    space = build_space(method.space, list(setting.experts), **options)
     extra = {"race": Race()} if method.race else {}
     result = evomerge.search(space=space, evaluator=factory, budget=method.budget or budget,
                              optimizer=method.optimizer, seed=seed, top_k=top_k if method.validation else 1,

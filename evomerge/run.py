@@ -315,8 +315,8 @@ def _test_table(config: SearchConfig, prepared: Prepared, result: SearchResult) 
 
 def _space_options(config: SearchConfig, prepared: Prepared) -> dict[str, Any]:
     options = dict(config.space.options)
-    if config.space.name == "blockwise" and "num_layers" not in options:
+    if (config.space.name == "blockwise" or options.get("refine_groups")) and "num_layers" not in options:
         if prepared.num_layers is None:
-            raise ConfigError("the blockwise space needs space.options.num_layers for this backend")
+            raise ConfigError(f"the {config.space.name} space's blocks need space.options.num_layers for this backend")
         options["num_layers"] = prepared.num_layers
     return options

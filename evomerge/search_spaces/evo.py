@@ -25,8 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge.blocks import blocks_for
 from evomerge.errors import ConfigError, SearchSpaceError
-from evomerge.recipe import MergeRecipe
+from evomerge.recipe import BlockOverride, MergeRecipe
 from evomerge.search_spaces._base import Plan, SearchSpace, register_space
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field, per_expert
 
@@ -152,6 +153,59 @@ class PointsSpace(SearchSpace):
                 "experts": list(self.experts), "points": len(self.points)}
 
 
+class BlockScaleSpace(SearchSpace):
+    """Coarse-to-fine: one multiplier m_b ∈ [0, 2] per block (layer group × module kind) on the
+    previous stage's β, α kept, so block b merges with β·m_b. Why: layer-wise strength is what
+    AdaMerging-style merging adds over one weight per expert, but per-expert-per-block coefficients
+    cost experts × blocks dimensions; refining the found merge along blocks costs only the blocks
+    (a projected block space), so it fits in the tail of a user's budget. Tensors outside every
+    block keep the previous β; m_b stops where some β·m_b would leave β's bounds."""
+
+    name = "evo_blocks"
+    sigma0 = 0.2
+
+    def __init__(self, previous: MergeRecipe, blocks: Sequence[str]) -> None:
+        if not blocks:
+            raise ConfigError("a block refinement needs at least one block")
+        if previous.blocks:
+            raise ConfigError("a block refinement starts from a recipe without block overrides")
+        self.previous, self.blocks = previous, tuple(blocks)
+        self.experts, self.method = previous.experts, previous.method
+        self._beta = np.array(previous.weights, dtype=float)
+        peak = float(np.abs(self._beta).max())
+        top = 2.0 if peak == 0.0 else min(2.0, BETA_BOUNDS[1] / peak)
+        self.lower, self.upper = np.zeros(len(self.blocks)), np.full(len(self.blocks), top)
+        self.x0 = np.ones(len(self.blocks))
+
+    def _decode(self, z: np.ndarray) -> MergeRecipe:
+        p = self.previous
+        if np.all(z == 1.0):
+            return p  # the start is the previous stage's best itself, served from the cache
+        blocks = tuple(BlockOverride(name, tuple((m * self._beta).tolist()), p.densities)
+                       for name, m in zip(self.blocks, z.tolist()))
+        return MergeRecipe(p.method, p.experts, p.weights, p.densities, p.scale, blocks, p.seed)
+
+    def encode(self, recipe: MergeRecipe) -> np.ndarray:
+        if recipe == self.previous:
+            return self.x0.copy()
+        j = int(np.argmax(np.abs(self._beta)))
+        if tuple(b.name for b in recipe.blocks) == self.blocks and self._beta[j] != 0.0:
+            z = []
+            for b in recipe.blocks:
+                m = b.weights[j] / self._beta[j]  # the division may round by one ulp either way
+                z.append(next((g for g in (m, np.nextafter(m, np.inf), np.nextafter(m, -np.inf))
+                               if tuple((g * self._beta).tolist()) == b.weights), np.nan))
+            z = np.array(z)
+            if np.all((self.lower <= z) & (z <= self.upper)) and self._decode(z) == recipe:
+                return z
+        raise SearchSpaceError(f"the {self.name} space holds the stage's start with its β scaled per block "
+                               f"{list(self.blocks)}; this recipe is not one")
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": self.name, "dim": self.dim, "method": self.method, "experts": list(self.experts),
+                "blocks": list(self.blocks)}
+
+
 def singles(experts: Sequence[str], previous: MergeRecipe | None, method: str) -> PointsSpace:
     """The best recipe so far (served from the cache), then each expert alone at β = 1."""
     n = len(experts)
@@ -172,11 +226,13 @@ class EvoPlan(Plan):
     def __init__(self, experts: Sequence[str], schedule: str = "two_stage", *, method: str = "evo",
                  beta_init: str | float = "1/N", alpha_init: float = 1.0, alpha_fraction: float = 1 / 3,
                  penalty: float = 0.05, sigma0: float = 0.05, scale_grid: Sequence[float] | None = None,
-                 singles: bool = False) -> None:
+                 singles: bool = False, blocks: Sequence[str] = (), block_fraction: float = 0.25) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"evo schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not 0 < alpha_fraction < 1:
             raise ConfigError(f"alpha_fraction must lie strictly between 0 and 1, got {alpha_fraction}")
+        if not 0 < block_fraction < 1:
+            raise ConfigError(f"block_fraction must lie strictly between 0 and 1, got {block_fraction}")
         self.experts = tuple(experts)
         self.schedule = schedule
         self.scale_grid = None if scale_grid is None else tuple(float(g) for g in scale_grid)
@@ -185,7 +241,8 @@ class EvoPlan(Plan):
         head = ("scale",) if self.scale_grid else ()
         head += (("singles", "pairs") if len(self.experts) > 1 else ("singles",)) if singles else ()
         self.head = head
-        self.names = (*head, *self.searches)
+        self.blocks, self.block_fraction = tuple(blocks), block_fraction
+        self.names = (*head, *self.searches, *(("blocks",) if self.blocks else ()))
         self.method = method
         self.alpha_fraction = alpha_fraction
         self.beta0 = _beta_start(beta_init, len(self.experts))
@@ -210,10 +267,14 @@ class EvoPlan(Plan):
             later = len(self.head) - i - 1  # each later start keeps at least one evaluation
             head.append(max(1, min(sizes[name], allowance - sum(head) - later)))
         rest = total - sum(head)
+        tail = []
+        if self.blocks:
+            tail = [min(rest - len(self.searches), max(1, round(rest * self.block_fraction)))]
+            rest -= tail[0]
         if len(self.searches) == 1:
-            return [*head, rest]
+            return [*head, rest, *tail]
         first = min(rest - 1, max(1, round(rest * self.alpha_fraction)))
-        return [*head, first, rest - first]
+        return [*head, first, rest - first, *tail]
 
     def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
         if not 0 <= index < len(self.names):
@@ -227,6 +288,10 @@ class EvoPlan(Plan):
             if previous is None:
                 raise ConfigError("stage 'pairs' needs stage 'singles''s best recipe")
             return pairs(self.experts, previous, self.method)
+        if name == "blocks":
+            if previous is None:
+                raise ConfigError(f"stage 'blocks' needs stage {self.names[index - 1]!r}'s best recipe")
+            return BlockScaleSpace(previous, self.blocks)
         if index == 0:
             return EvoSpace(self.experts, name, alpha=self.alpha0, beta=self.beta0, **self._common)
         if previous is None or previous.experts != self.experts:
@@ -243,13 +308,25 @@ class EvoPlan(Plan):
         return {"plan": "evo", "schedule": self.schedule, "stages": list(self.names),
                 "beta_init": str(self.beta_init), "alpha_init": self.alpha0,
                 "alpha_fraction": self.alpha_fraction, "scale_grid": self.scale_grid,
-                "singles": "singles" in self.head, **self._common}
+                "singles": "singles" in self.head, **self._common,
+                **({"blocks": list(self.blocks), "block_fraction": self.block_fraction} if self.blocks else {})}
+
+
+def _block_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``refine_groups`` layer groups (× attn, mlp) over ``num_layers`` layers as the plan's blocks."""
+    groups, layers = options.pop("refine_groups", 0), options.pop("num_layers", None)
+    if groups:
+        if layers is None:
+            raise ConfigError("refine_groups needs the model's num_layers (the local backend gives it; else set "
+                              "space.options.num_layers)")
+        options["blocks"] = blocks_for(int(layers), int(groups))
+    return options
 
 
 @register_space("evo")
 def evo(experts: Sequence[str], schedule: str = "two_stage", **options: Any) -> EvoPlan:
     """The paper-faithful Evo-Merging plan (two stages unless `schedule` says otherwise)."""
-    return EvoPlan(experts, schedule, **options)
+    return EvoPlan(experts, schedule, **_block_options(options))
 
 
 @register_space("evo_joint")
@@ -257,4 +334,5 @@ def evo_joint(experts: Sequence[str], **options: Any) -> EvoPlan:
     """A sweep of the uniform merge's strength, then α and β together from its best, task-vector
     form by default (see the module docstring for why)."""
     schedule = options.pop("schedule", "joint")  # "beta": the scales alone (what llama.cpp's server can carry out)
-    return EvoPlan(experts, schedule, **{"method": "evo_tv", "scale_grid": SCALE_GRID, "singles": True, **options})
+    return EvoPlan(experts, schedule, **{"method": "evo_tv", "scale_grid": SCALE_GRID, "singles": True,
+                                         **_block_options(options)})

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evomerge.errors import ConfigError, SearchSpaceError
+from evomerge.recipe import MergeRecipe
 from evomerge.search_spaces import EvoPlan, build_space
 
 EXPERTS = ("a", "b", "c", "d")
@@ -158,3 +159,38 @@ def test_every_stage_of_an_evo_ties_plan_merges_with_ties_sign_election():
     assert moved.method == "evo_ties" and moved.densities == (1.0,) * 4 and moved.weights == pytest.approx((1.1, 1.1, 0.1, 0.1))
     with pytest.raises(ConfigError, match="evo_ties"):
         build_space("evo_joint", EXPERTS, method="ties")
+
+
+def test_the_block_stage_refines_the_found_merge_per_layer_group_and_kind():
+    plan = build_space("evo_joint", EXPERTS, refine_groups=2, num_layers=4)
+    assert plan.names == ("scale", "singles", "pairs", "joint", "blocks")
+    assert plan.budgets(100) == [5, 4, 3, 66, 22] and sum(plan.budgets(9)) == 9
+    found = MergeRecipe("evo_tv", tuple(EXPERTS), (1.0, 0.0, -0.5, 0.75), (1.0, 0.5, 1.0, 1.0))
+    stage = plan.space(4, found)
+    assert stage.dim == 4 and stage.decode(stage.x0) == found  # its start is the found merge, cached
+    assert stage.upper.tolist() == [1.5] * 4  # 1.5 · 1.0 reaches β's bound
+    refined = stage.decode([0.5, 1.0, 1.5, 0.0])
+    by_block = {b.name: b for b in refined.blocks}
+    assert set(by_block) == {"layers.0-2.attn", "layers.0-2.mlp", "layers.2-4.attn", "layers.2-4.mlp"}
+    assert by_block["layers.0-2.attn"].weights == (0.5, 0.0, -0.25, 0.375)
+    assert by_block["layers.2-4.mlp"].weights == (0.0,) * 4 and by_block["layers.0-2.mlp"].densities == found.densities
+    assert refined.weights == found.weights and stage.encode(refined).tolist() == [0.5, 1.0, 1.5, 0.0]
+    with pytest.raises(ConfigError, match="num_layers"):
+        build_space("evo_joint", EXPERTS, refine_groups=2)
+
+
+def test_a_search_with_the_block_stage_finds_a_per_block_strength_a_global_one_cannot():
+    import evomerge
+
+    names = [f"e{i}" for i in range(4)]
+    want = {"layers.0-1.attn": 1.0, "layers.0-1.mlp": 0.2, "layers.1-2.attn": 0.6, "layers.1-2.mlp": 1.4}
+
+    def loss(recipe):
+        weights = {b.name: b.weights[1] for b in recipe.blocks} or dict.fromkeys(want, recipe.weights[1])
+        others = sum(abs(w) for i, w in enumerate(recipe.weights) if i != 1)
+        return sum((weights[k] - v) ** 2 for k, v in want.items()) + others
+
+    flat = evomerge.search(loss, build_space("evo_joint", names), budget=80, seed=0)
+    fine = evomerge.search(loss, build_space("evo_joint", names, refine_groups=2, num_layers=2), budget=80, seed=0)
+    floor = 0.8  # one weight for every block: at best w = 0.8, Σ (w - v)² = 0.8
+    assert flat.best_loss >= floor - 1e-9 > fine.best_loss

@@ -27,6 +27,8 @@ BUILDERS = {
     "blockwise_ties": lambda: build_space("blockwise", EXPERTS, num_layers=6, groups=2, method="ties"),
     "blockwise_evo": lambda: build_space("blockwise", EXPERTS, num_layers=4, groups=2, method="evo"),
     "projected": lambda: build_space("projected", EXPERTS, k=3, projection_seed=5),
+    "evo_blocks": lambda: build_space("evo_joint", EXPERTS, refine_groups=2, num_layers=4).space(
+        4, MergeRecipe("evo_tv", EXPERTS, (0.9, -0.3, 0.05), (1.0, 0.6, 0.8))),
 }
 SPACE_CACHE = {name: build() for name, build in BUILDERS.items()}
 
