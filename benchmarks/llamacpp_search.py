@@ -47,6 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--validation", type=float, default=0.33)
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=30.0,
+                    help="api.timeout, seconds per request (a loaded machine can need more for evomerge serve)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/llamacpp_search.json"))
     return ap.parse_args(argv)
 
@@ -70,7 +72,8 @@ def one_run(args: argparse.Namespace, name: str, setting: Any, files: tuple[Path
     kind, space = RUNS[name]
     with provider(kind, args.zoo, args.gguf, work / "llama.log") as url:
         config = load_config(None, {
-            "backend": "api", "api": {"base": url, "provider": kind, "concurrency": args.concurrency},
+            "backend": "api", "api": {"base": url, "provider": kind, "concurrency": args.concurrency,
+                                      "timeout": args.timeout},
             "budget": args.budget, "seed": 0, "experts": list(setting.experts), "space": space, "top_k": 3,
             "task": {"files": [str(files[0])], "test_files": [str(files[1])], "validation": args.validation},
             "test_table": "summary", "journal": str(work / f"{setting.name}-{len(list(work.glob('*.sqlite')))}.sqlite")})
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(one_run(args, run_name, setting, files, Path(tmp)))
                 print(json.dumps(results[-1]), flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-            "budget": args.budget, "zoo": str(args.zoo), "search_per_task": args.search_per_task,
-            "test_per_task": args.test_per_task}
+            "budget": args.budget, "timeout": args.timeout, "zoo": str(args.zoo),
+            "search_per_task": args.search_per_task, "test_per_task": args.test_per_task}
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print("| setting | run | test EM found | uniform | best single | evaluations/s |")
     print("|---|---|---|---|---|---|")
