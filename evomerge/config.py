@@ -45,7 +45,7 @@ class TaskConfig(_Frozen):
 
 
 class ObjectiveConfig(_Frozen):
-    """Default: cross-entropy plus (1 − exact match), each task divided by the base model's loss.
+    """Default: cross-entropy plus (1 − exact match), each divided per task by the base model's loss on it.
     CE alone falls while the metric users read gets worse (issue 8), and normalising makes several
     tasks weigh alike. ``greedy_match`` is the cheap alternative (no generation), but it is exact at
     the token level where exact match forgives case and spacing; measured on smol ``upper_first``,

@@ -35,3 +35,23 @@ def test_blend_and_normalized():
 def test_rejects_bad_objectives(bad):
     with pytest.raises(ConfigError):
         Objective(**bad)
+
+
+def test_normalized_divides_each_metric_by_its_own_reference():
+    """CE in nats and 1 − exact match in [0, 1] weigh alike once each is divided by the base's: half
+    the answers turning right outweighs a few tenths of a nat, as the blend a user reads wants."""
+    blend = Objective({"ce": 1.0, "exact_match": 1.0}, "normalized")
+    base = {"ce": np.array([4.0, 4.0]), "exact_match": np.array([0.0, 0.0])}
+    refs = blend.reference_losses(base, ["t", "t"])
+    assert refs == {"t": {"ce": 4.0, "exact_match": 1.0}}
+    fluent = {"ce": np.array([0.4, 0.5]), "exact_match": np.array([0.0, 0.0])}
+    right = {"ce": np.array([1.0, 1.1]), "exact_match": np.array([1.0, 0.0])}
+    scored = blend.with_references(refs)
+    assert scored.loss(base, ["t", "t"]) == pytest.approx(1.0)  # the base is its own reference
+    assert scored.loss(right, ["t", "t"]) == pytest.approx((1.05 / 4 + 0.5) / 2)
+    assert scored.loss(fluent, ["t", "t"]) == pytest.approx((0.45 / 4 + 1.0) / 2)
+    # (dividing the summed blend by the base's, (0.45 + 1) / 5 < (1.05 + 0.5) / 5, ranked the fluent, wrong merge first)
+    perfect = blend.reference_losses({"ce": np.array([0.0, 0.2]), "exact_match": np.array([1.0, 1.0])}, ["t", "t"])
+    assert perfect == {"t": {"ce": pytest.approx(0.1), "exact_match": 0.5}}  # 1 − EM floored at one example's worth
+    with pytest.raises(ConfigError, match="exact_match"):
+        Objective({"ce": 1.0, "exact_match": 1.0}, "normalized", {"t": {"ce": 1.0, "exact_match": 0.0}})

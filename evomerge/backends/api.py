@@ -419,7 +419,7 @@ class ApiBackend(Backend):
         if ids not in self._references:
             base = self._run(self._metrics(None, examples, tally, length))
             self._references[ids] = self.objective.with_references(
-                self.objective.task_losses(base, [e.task for e in examples]))
+                self.objective.reference_losses(base, [e.task for e in examples]))
         return self._references[ids]
 
     async def _metrics(self, recipe: MergeRecipe | None, examples: list[Example], tally: _Tally,

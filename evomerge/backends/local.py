@@ -182,7 +182,7 @@ class LocalBackend(Backend):
             return self.objective
         found = self._references.get(ids)
         if found is None:
-            base = self.objective.task_losses(self.scores(None, examples, length), [e.task for e in examples])
+            base = self.objective.reference_losses(self.scores(None, examples, length), [e.task for e in examples])
             found = self._references[ids] = self.objective.with_references(base)
         return found
 
