@@ -26,6 +26,9 @@ def _search(args: argparse.Namespace) -> int:
         overrides["api"] = api
     if args.race is not None:
         overrides["race"] = {"fraction": args.race}
+    task = {k: [str(p) for p in v] for k, v in (("files", args.task_file), ("test_files", args.test_file)) if v}
+    if task:
+        overrides["task"] = task
     config = load_config(args.config, overrides)
     result, report = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
     fit = result.best_loss
@@ -149,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=_positive_int, help="cap on tokens (never exceeded)")
     s.add_argument("--fitness", help="python backend: MODULE:CALLABLE returning a loss (default: built-in demo)")
     s.add_argument("--repository", type=Path, help="local/api backends: the repository directory")
+    s.add_argument("--task-file", type=Path, action="append", metavar="JSONL",
+                   help="your task: {\"prompt\", \"answer\"} lines to search on (fit + validation); repeat for more tasks")
+    s.add_argument("--test-file", type=Path, action="append", metavar="JSONL",
+                   help="held-out examples for the test table after the search (never searched on)")
     s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
     s.add_argument("--provider", choices=["auto", "evomerge", "llama.cpp"],
                    help="api backend: the server's kind (default: auto, asked from the server)")

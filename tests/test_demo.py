@@ -56,3 +56,25 @@ def test_local_demo_merge_wins_on_exact_match(tiny_zoo, tmp_path):
     assert all(f"expert:{name}" in rows for name in repo.experts)
     em = {name: row["exact_match"] for name, row in rows.items()}
     assert em["best"] > max(v for name, v in em.items() if name != "best"), em  # every expert alone included
+
+
+def test_a_users_own_folder_and_task_files(tiny_zoo, tmp_path):
+    """What a user brings: a base/ + experts/ folder (no zoo.json) and JSONL files, given by flags
+    alone; the defaults search on the file's examples and the test table scores the test file."""
+    repo = tmp_path / "mine"
+    (repo / "experts").mkdir(parents=True)
+    (repo / "base").symlink_to(tiny_zoo / "base")
+    for expert in (tiny_zoo / "experts").iterdir():
+        (repo / "experts" / expert.name).symlink_to(expert)
+    tasks = json.loads((tiny_zoo / "zoo.json").read_text())["tasks"]["final_letter"]
+    for split in ("search", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "final_letter.jsonl").write_text((tiny_zoo / tasks[split]).read_text())
+    res = cli("--backend", "local", "--repository", str(repo), "--task-file", str(tmp_path / "search" / "final_letter.jsonl"),
+              "--test-file", str(tmp_path / "test" / "final_letter.jsonl"), "--budget", "30",
+              "--journal", str(tmp_path / "mine.sqlite"), "--output", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "test_report.json").read_text())
+    assert report["tasks"] == ["final_letter"] and report["examples"] == 40
+    em = {name: row["exact_match"] for name, row in report["rows"].items()}
+    assert em["best"] > em["uniform"], em
