@@ -23,7 +23,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import httpx
 
@@ -68,13 +68,14 @@ async def drive(url: str, per_client: list[MergeRecipe], requests: int, batch: i
 
 
 @contextlib.contextmanager
-def provider(repo: Path, threads: int) -> Iterator[str]:
-    """A real `evomerge serve` process (its own GIL, as deployed), stopped at the end."""
+def provider(repo: Path, threads: int, extra: Sequence[str] = ()) -> Iterator[str]:
+    """A real `evomerge serve` process (its own GIL, as deployed), stopped at the end; `extra`:
+    more `evomerge serve` flags."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "evomerge", "serve", "--repository", str(repo),
-                             "--port", str(port), "--torch-threads", str(threads)], stdout=subprocess.DEVNULL)
+                             "--port", str(port), "--torch-threads", str(threads), *extra], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         while True:
