@@ -185,7 +185,7 @@ def test_a_zoo_at_the_papers_scale_loads_120_distinct_distractors(tmp_path, monk
     big = presets.get_preset("smol-128")
     assert (len(big.expert_tasks), big.n_distractors) == (8, 120) and 1 < big.distractor_steps <= 5
     assert big.expert_tasks == presets.get_preset("smol").expert_tasks
-    quick = dataclasses.replace(presets.PRESETS["tiny"], base_steps=2, expert_tasks=(), n_distractors=120,
+    quick = dataclasses.replace(presets.PRESETS["tiny"], base_steps=2, expert_tasks=(), twins=(), n_distractors=120,
                                 distractor_steps=2, sizes=(16, 4, 4))
     monkeypatch.setitem(presets.PRESETS, "tiny", quick)
     zoo = build("tiny", tmp_path / "z", seed=0, progress=False)
