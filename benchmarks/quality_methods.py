@@ -57,8 +57,8 @@ SEARCHES: dict[str, SearchMethod] = {
     "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
     # The default's plan merging with TIES's trim, sign election and disjoint mean (α trims, β scales).
     "evo_ties_joint": SearchMethod("evo_joint", {"method": "evo_ties"}),
-    # The default, then a quarter of the rest refining the found merge per block (2 layer groups × attn, mlp).
-    "evo_tv_joint_blocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 2}),
+    # The default without its last stage (the found merge refined per block, 2 layer groups × attn, mlp).
+    "evo_tv_joint_noblocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 0}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
     # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.
@@ -114,7 +114,7 @@ def run_search(name: str, method: SearchMethod, setting: Setting, repository: st
             out.trace.append((out.fit_evals, trial.recipe))
 
     options = dict(method.options)
-    if options.get("refine_groups"):
+    if method.space == "evo_joint" or options.get("refine_groups"):  # as the CLI: the model's layers are known
         options["num_layers"] = Repository.open(repository).block_layers
     space = build_space(method.space, list(setting.experts), **options)
     extra = {"race": Race()} if method.race else {}

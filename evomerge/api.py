@@ -134,6 +134,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         previous: MergeRecipe | None = None
         told: list[float] = []
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
+            if stage_budget == 0:  # a stage the plan leaves out at this budget
+                continue
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
                            lambda sp, s=stage, b=stage_budget: _stage_optimizer(

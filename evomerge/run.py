@@ -206,8 +206,8 @@ def _prepare_api(config: SearchConfig, stack: ExitStack, resume: bool = False) -
         if refused is not None:
             raise ConfigError(f"{base} is llama.cpp's server: {refused}")
     factory = ApiEvaluatorFactory(base, config.api.key_env, splits, Objective.from_config(config.objective), options)
-    return Prepared(experts, evaluator=factory, splits=splits, repository=repo,
-                    num_layers=repo.block_layers if repo is not None else None, spent=spent)
+    layers = repo.block_layers if repo is not None and probe.provider != "llama.cpp" else None  # one scale per adapter
+    return Prepared(experts, evaluator=factory, splits=splits, repository=repo, num_layers=layers, spent=spent)
 
 
 def _prepare_local(config: SearchConfig) -> Prepared:
@@ -315,6 +315,8 @@ def _test_table(config: SearchConfig, prepared: Prepared, result: SearchResult) 
 
 def _space_options(config: SearchConfig, prepared: Prepared) -> dict[str, Any]:
     options = dict(config.space.options)
+    if config.space.name == "evo_joint" and "num_layers" not in options and prepared.num_layers is not None:
+        options["num_layers"] = prepared.num_layers  # its default block stage
     if (config.space.name == "blockwise" or options.get("refine_groups")) and "num_layers" not in options:
         if prepared.num_layers is None:
             raise ConfigError(f"the {config.space.name} space's blocks need space.options.num_layers for this backend")

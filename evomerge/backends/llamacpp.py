@@ -90,6 +90,8 @@ def space_error(name: str, options: Mapping[str, Any]) -> str | None:
     """One line refusing a search space llama.cpp cannot carry out (before any request), else None."""
     if name in ("linear", "task_arithmetic", "uniform"):
         return None
+    if options.get("refine_groups"):
+        return f"space {name!r} with refine_groups scales each layer block apart, and llama.cpp takes one scale per adapter; {BETA_ONLY}"
     if name in ("evo", "evo_joint"):
         method = options.get("method", "evo_tv" if name == "evo_joint" else "evo")
         if options.get("schedule", "joint" if name == "evo_joint" else "two_stage") == "beta" and method == "evo_tv":

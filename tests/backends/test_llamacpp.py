@@ -175,5 +175,6 @@ def test_profile_rules_without_a_server() -> None:
     with pytest.raises(BackendError, match="method 'ties'"):
         lora_field(MergeRecipe("ties", ("upper",), (1.0,), densities=(1.0,)), ids)
     assert space_error("evo_joint", {"schedule": "beta"}) is None and space_error("task_arithmetic", {}) is None
-    for name, options in (("evo_joint", {}), ("evo", {"schedule": "beta"}), ("blockwise", {})):
+    for name, options in (("evo_joint", {}), ("evo", {"schedule": "beta"}), ("blockwise", {}),
+                          ("evo_joint", {"schedule": "beta", "refine_groups": 2})):
         assert "schedule: beta" in space_error(name, options), name

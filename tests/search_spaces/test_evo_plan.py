@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evomerge.errors import ConfigError, SearchSpaceError
+from evomerge.blocks import blocks_for
 from evomerge.recipe import MergeRecipe
 from evomerge.search_spaces import EvoPlan, build_space
 
@@ -165,6 +166,7 @@ def test_the_block_stage_refines_the_found_merge_per_layer_group_and_kind():
     plan = build_space("evo_joint", EXPERTS, refine_groups=2, num_layers=4)
     assert plan.names == ("scale", "singles", "pairs", "joint", "blocks")
     assert plan.budgets(100) == [5, 4, 3, 66, 22] and sum(plan.budgets(9)) == 9
+    assert plan.budgets(4) == [1, 1, 1, 1, 0]  # too small a budget leaves the block stage out
     found = MergeRecipe("evo_tv", tuple(EXPERTS), (1.0, 0.0, -0.5, 0.75), (1.0, 0.5, 1.0, 1.0))
     stage = plan.space(4, found)
     assert stage.dim == 4 and stage.decode(stage.x0) == found  # its start is the found merge, cached
@@ -177,6 +179,10 @@ def test_the_block_stage_refines_the_found_merge_per_layer_group_and_kind():
     assert refined.weights == found.weights and stage.encode(refined).tolist() == [0.5, 1.0, 1.5, 0.0]
     with pytest.raises(ConfigError, match="num_layers"):
         build_space("evo_joint", EXPERTS, refine_groups=2)
+    # the default wherever the model's layers are known; refine_groups=0 leaves it out
+    assert build_space("evo_joint", EXPERTS, num_layers=30).blocks == blocks_for(30, 2)
+    assert build_space("evo_joint", EXPERTS, num_layers=30, refine_groups=0).names[-1] == "joint"
+    assert build_space("evo", EXPERTS, num_layers=30).names == ("alpha", "beta")  # the paper's plan as written
 
 
 def test_a_search_with_the_block_stage_finds_a_per_block_strength_a_global_one_cannot():
@@ -194,3 +200,12 @@ def test_a_search_with_the_block_stage_finds_a_per_block_strength_a_global_one_c
     fine = evomerge.search(loss, build_space("evo_joint", names, refine_groups=2, num_layers=2), budget=80, seed=0)
     floor = 0.8  # one weight for every block: at best w = 0.8, Σ (w - v)² = 0.8
     assert flat.best_loss >= floor - 1e-9 > fine.best_loss
+
+
+def test_a_budget_too_small_for_the_block_stage_runs_without_it():
+    import evomerge
+
+    result = evomerge.search(lambda r: float(sum(w * w for w in r.weights)),
+                             build_space("evo_joint", EXPERTS, num_layers=4), budget=4, seed=0)
+    assert [s.name for s in result.stages] == ["scale", "singles", "pairs", "joint"]
+    assert sum(s.evaluations for s in result.stages) == 4
