@@ -2,7 +2,7 @@
 and through `evomerge serve` with α and β, on the same zoo, examples, budget and seed.
 
     evomerge zoo build --preset smol-mini --out ZOO && evomerge zoo export-gguf ZOO DIR
-    python -m benchmarks.llamacpp_search --zoo ZOO --gguf DIR [--budget 24] [--settings ood indomain]
+    python -m benchmarks.llamacpp_search --zoo ZOO --gguf DIR [--budget 24] [--settings ood indomain] [--keep WORK]
 
 ZOO is a zoo directory, DIR its `evomerge zoo export-gguf` folder. Each run is `evomerge search
 --backend api` (`evomerge.run.run`) against a real server on 127.0.0.1: llama.cpp's own
@@ -50,6 +50,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="api.timeout, seconds per request (a loaded machine can need more for evomerge serve)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/llamacpp_search.json"))
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep each run's journal, the example files and llama.cpp's log here (default: a temporary folder)")
     return ap.parse_args(argv)
 
 
@@ -103,7 +105,10 @@ def search_rate(journal: Path) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     results = []
-    with tempfile.TemporaryDirectory(prefix="llamacpp-search-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    folder = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="llamacpp-search-")
+    with folder as tmp:
         for name in args.settings:
             index = ["ood", "indomain"].index(name)
             search_n, test_n = args.search_per_task[index], args.test_per_task[index]
