@@ -42,6 +42,10 @@ REFINE_GROUPS = 2
 """Layer groups (× attention, MLP) of ``evo_joint``'s last stage where the model's layers are known:
 on the tiny zoo's two out-of-domain targets (budget 100, 3 seeds) it added 0.05 test exact match
 to both and changed nothing in domain (benchmarks/RESULTS.md)."""
+BLOCKS_AFTER = 64
+"""The block stage runs only when the starts leave at least this many evaluations: taking a quarter
+of 24 from the joint search cost 0.15 test exact match on smol-mini (budget 40, 3 seeds); of 78–84
+it added 0.05 on tiny and was level on smol-mini (budget 100)."""
 EVO_METHODS = ("evo", "evo_tv", "evo_ties")
 """What an evo space merges with: the factor form, the task-vector form, or TIES's sign election on it."""
 
@@ -261,10 +265,10 @@ class EvoPlan(Plan):
     def budgets(self, total: int) -> list[int]:
         """The starts get one evaluation per point they try (the sweep its distinct β, singles N,
         pairs N - 1), together at most half of `total` when there are singles (each at least 1); of
-        the rest, the block stage takes round(rest·block_fraction) (0 when nothing would be left for
-        the search before it), two stages give round(rest·alpha_fraction) to α (at least 1) and the
+        the rest, the block stage takes round(rest·block_fraction) (0 when the rest is below
+        `BLOCKS_AFTER`), two stages give round(rest·alpha_fraction) to α (at least 1) and the
         remainder to β."""
-        least = len(self.names) - bool(self.blocks)  # the block stage is left out (0) of a budget too small for it
+        least = len(self.names) - bool(self.blocks)  # the block stage is left out (0) of a small budget
         if total < least:
             raise ConfigError(f"the {self.schedule} evo plan needs a budget of at least {least}, got {total}")
         n = len(self.experts)
@@ -277,7 +281,8 @@ class EvoPlan(Plan):
         rest = total - sum(head)
         tail = []
         if self.blocks:
-            tail = [min(rest - len(self.searches), max(1, round(rest * self.block_fraction)))]
+            tail = [min(rest - len(self.searches), max(1, round(rest * self.block_fraction)))
+                    if rest >= BLOCKS_AFTER else 0]
             rest -= tail[0]
         if len(self.searches) == 1:
             return [*head, rest, *tail]

@@ -166,7 +166,7 @@ def test_the_block_stage_refines_the_found_merge_per_layer_group_and_kind():
     plan = build_space("evo_joint", EXPERTS, refine_groups=2, num_layers=4)
     assert plan.names == ("scale", "singles", "pairs", "joint", "blocks")
     assert plan.budgets(100) == [5, 4, 3, 66, 22] and sum(plan.budgets(9)) == 9
-    assert plan.budgets(4) == [1, 1, 1, 1, 0]  # too small a budget leaves the block stage out
+    assert plan.budgets(4) == [1, 1, 1, 1, 0] and plan.budgets(70) == [5, 4, 3, 58, 0]  # a small budget leaves it out
     found = MergeRecipe("evo_tv", tuple(EXPERTS), (1.0, 0.0, -0.5, 0.75), (1.0, 0.5, 1.0, 1.0))
     stage = plan.space(4, found)
     assert stage.dim == 4 and stage.decode(stage.x0) == found  # its start is the found merge, cached
