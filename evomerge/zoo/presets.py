@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
-# The paper's scale (100+ adapters): smol's eight experts and 120 cheap distractors of a few steps each,
+# The paper's scale (100+ adapters): smol's eight experts, its twin and 120 cheap distractors of a few steps each,
 # for the population evaluator's cost, memory and merge/export time against N (issue 17).
 PRESETS["smol-128"] = replace(PRESETS["smol"], name="smol-128", n_distractors=120, distractor_steps=3)
 
