@@ -185,15 +185,20 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
         experts[task] = _save(model, work, task, task, False, metrics)
         base = model.unload()
 
-    for index, task in enumerate(spec.twins):
-        name = f"twin-{task}-shuffled"
+    def distractor(name: str, rows: list[Example], steps: int, run_seed: int, task: str | None) -> None:
+        """Train and save one distractor: a LoRA of `steps` steps on `rows`, with no guarantee to meet."""
+        nonlocal base
         bar.set_description(f"zoo {spec.name}: {name}")
-        run_seed = seed * 1000 + 400 + index
         model = lora_model(base, spec.rank, run_seed)
-        train_steps(model, tokenizer, as_pairs(shuffled_labels(splits[task]["train"], run_seed)), spec.max_steps,
-                    spec.lr, spec.batch_size, run_seed, on_step=lambda: bar.update(1))
-        experts[name] = _save(model, work, name, None, True, {"steps": spec.max_steps})
+        train_steps(model, tokenizer, as_pairs(rows), steps, spec.lr, spec.batch_size, run_seed,
+                    on_step=lambda: bar.update(1))
+        experts[name] = _save(model, work, name, task, True, {"steps": steps})
         base = model.unload()
+
+    for index, task in enumerate(spec.twins):
+        run_seed = seed * 1000 + 400 + index
+        distractor(f"twin-{task}-shuffled", shuffled_labels(splits[task]["train"], run_seed), spec.max_steps,
+                   run_seed, None)
 
     if spec.n_distractors:
         bar.write(f"zoo {spec.name}: {spec.n_distractors} distractors")
@@ -201,15 +206,10 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
     for k in range(spec.n_distractors):
         task = spec.distractor_tasks[k % len(spec.distractor_tasks)]
         shuffled = k % 2 == 0
-        name = f"distractor-{k:0{width}d}-{task}-{'shuffled' if shuffled else 'brief'}"
-        bar.set_description(f"zoo {spec.name}: {name}")
-        rows = splits[task]["train"]
-        rows = shuffled_labels(rows, seed * 1000 + 500 + k) if shuffled else rows
-        model = lora_model(base, spec.rank, seed * 1000 + 500 + k)
-        train_steps(model, tokenizer, as_pairs(rows), spec.distractor_steps, spec.lr, spec.batch_size,
-                    seed * 1000 + 500 + k, on_step=lambda: bar.update(1))
-        experts[name] = _save(model, work, name, None if shuffled else task, True, {"steps": spec.distractor_steps})
-        base = model.unload()
+        run_seed = seed * 1000 + 500 + k
+        rows = shuffled_labels(splits[task]["train"], run_seed) if shuffled else splits[task]["train"]
+        distractor(f"distractor-{k:0{width}d}-{task}-{'shuffled' if shuffled else 'brief'}", rows,
+                   spec.distractor_steps, run_seed, None if shuffled else task)
     bar.close()
     return {"format": FORMAT, "preset": spec.name, "seed": seed, "base": "base", "experts": experts,
             "tasks": tasks_entry, "ood_tasks": list(spec.ood_tasks), "base_metrics": base_metrics, "device": device}
