@@ -31,6 +31,8 @@ Value = Callable[[tuple[float, ...], "tuple[float, ...] | None"], float]
 
 def _values(recipe: MergeRecipe, as_linear: bool) -> dict[str, Callable[[int], Value]]:
     """mergekit's per-expert parameters, each as a function of the coefficients in force."""
+    strength = _strength(recipe) if recipe.method == "evo_ties" else 1.0
+
     def weight(i: int) -> Value:
         def f(w: tuple[float, ...], d: tuple[float, ...] | None) -> float:
             if as_linear:                              # mergekit's linear normalises by Σw itself
@@ -39,9 +41,7 @@ def _values(recipe: MergeRecipe, as_linear: bool) -> dict[str, Callable[[int], V
             if recipe.method == "dare":                # evomerge rescales survivors by 1/density
                 density = 1.0 if d is None else d[i]
                 return 0.0 if density == 0.0 else ew / density
-            if recipe.method == "evo_ties":            # mergekit's normalised TIES cancels a common β
-                return ew / _strength(recipe)
-            return ew
+            return ew / strength                       # evo_ties: mergekit's normalised TIES cancels a common β
         return f
 
     def density(i: int) -> Value:
@@ -96,7 +96,8 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
     if recipe.method in ("evo", "evo_tv") and any(d < 1.0 for d in _all_densities(recipe)):
         notes.append("Not exact: mergekit cannot express the keep ratios α (each expert's LoRA A, or task vector, "
                      "pruned to its largest-magnitude fraction α); this is the merge with every α = 1.")
-    if recipe.method == "evo_ties" and (len(set(_all_weights(recipe))) > 1 or min(_all_weights(recipe)) < 0):
+    weights = _all_weights(recipe)
+    if recipe.method == "evo_ties" and (len(set(weights)) > 1 or min(weights) < 0):
         notes.append("Not exact: evo_ties divides each agreeing entry by how many experts agree, mergekit's TIES by "
                      "the sum of their weights (β / mean|β| here, lambda the mean|β|); the two agree when every β "
                      "is the same positive number.")
