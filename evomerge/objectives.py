@@ -118,8 +118,8 @@ class Objective:
 
     def loss(self, per_example: Mapping[str, np.ndarray], tasks: Sequence[str]) -> float:
         """The scalar a search minimises."""
-        per_metric = self.metric_losses(per_example, tasks)
         if self.aggregate == "normalized":
+            per_metric = self.metric_losses(per_example, tasks)
             if self.references is None:
                 raise ConfigError("the normalized aggregate needs per-task reference losses; call with_references")
             absent = [t for t in per_metric if t not in self.references]
@@ -128,5 +128,5 @@ class Objective:
             refs, total = self.references, sum(self.weights.values())  # the base scores 1
             return float(np.mean([sum(self.weights[m] * v / refs[t][m] for m, v in per.items()) / total
                                   for t, per in per_metric.items()]))
-        per_task = [sum(self.weights[m] * v for m, v in per.items()) for per in per_metric.values()]
+        per_task = list(self.task_losses(per_example, tasks).values())
         return max(per_task) if self.aggregate == "worst" else float(np.mean(per_task))
