@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evomerge import scoring
+from evomerge import inference
 from evomerge.recipe import MergeRecipe
 from evomerge.tasks import Example
 
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, list[tuple[float, flo
     own: dict[str, tuple[float, float]] = {}
     for row in result["rows"] + result["references"]:
         with backend.engine.merged(MergeRecipe.from_dict(row["recipe"])) as model:
-            answers = scoring.generate_answers(model, backend.engine.tokenizer, examples, backend.max_new_tokens)
-        forgiving = _by_task([scoring.exact_match(a, e.answer) for a, e in zip(answers, examples)], examples)
+            answers = inference.generate_answers(model, backend.engine.tokenizer, examples, backend.max_new_tokens)
+        forgiving = _by_task([inference.exact_match(a, e.answer) for a, e in zip(answers, examples)], examples)
         cased = _by_task([float(a.strip() == e.answer.strip()) for a, e in zip(answers, examples)], examples)
         rows.setdefault(row["method"], []).append((float(np.mean(list(forgiving.values()))),
                                                   float(np.mean(list(cased.values())))))

@@ -40,7 +40,7 @@ from evomerge.objectives import Objective  # noqa: E402
 from evomerge.recipe import MergeRecipe  # noqa: E402
 from evomerge.repository import Repository  # noqa: E402
 from evomerge.zoo.base import fetch_smol_gguf, smol_base  # noqa: E402
-from evomerge.zoo.tasks import make_splits  # noqa: E402
+from evomerge.zoo.generators import make_splits  # noqa: E402
 
 
 def ensure_repository(work: Path, n: int) -> Repository:

@@ -29,7 +29,7 @@ import httpx
 from benchmarks.provider_throughput import provider, recipes, repository
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
-from evomerge.zoo.tasks import make_splits
+from evomerge.zoo.generators import make_splits
 
 
 async def burst(url: str, per_client: list[MergeRecipe | None], prompts: list[str]) -> tuple[float, list[list[float]]]:

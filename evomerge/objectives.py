@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from evomerge.errors import ConfigError
-from evomerge.scoring import TEXT_METRICS
+from evomerge.inference import TEXT_METRICS
 
 METRICS = ("ce", "greedy_match", "exact_match", "exact_match_ci", "f1", "accuracy")
 TEXT = tuple(TEXT_METRICS)  # read off generated answers

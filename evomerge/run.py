@@ -220,7 +220,7 @@ def _prepare_local(config: SearchConfig) -> Prepared:
     experts = _experts(config, list(repo.experts))
     if config.task.chat:  # refused now in one line, not by every candidate's evaluator
         from evomerge._imports import require
-        from evomerge.scoring import model_prompt
+        from evomerge.inference import model_prompt
 
         model_prompt(require("transformers", "task.chat").AutoTokenizer.from_pretrained(str(repo.base)), "", chat=True)
     batch = {} if config.batch_size is None else {"batch_size": config.batch_size}

@@ -466,7 +466,7 @@ class ApiBackend(Backend):
                 at += n
             out["accuracy"] = np.asarray(acc)
         if prompts:
-            from evomerge.scoring import text_scores
+            from evomerge.inference import text_scores
 
             out.update(text_scores(wanted, results[-1], examples))
         return out
@@ -553,7 +553,7 @@ class ApiBackend(Backend):
 
     async def _answers(self, recipe: MergeRecipe | None, prompts: list[str], tally: _Tally, length: int) -> list[str]:
         """Greedy answers of at most `length` tokens, cut at the first newline and stripped (as
-        `evomerge.scoring` does locally): a completion of the prompt without its trailing spaces,
+        `evomerge.inference` does locally): a completion of the prompt without its trailing spaces,
         or with `chat` the assistant's reply to the prompt as a user message."""
         async def chunk(part: list[str]) -> list[str]:
             if self.chat:

@@ -2,7 +2,7 @@
 
 The base model stays resident (CUDA when present); each candidate is applied in place by
 `evomerge.merging.MergeEngine` (no disk, no reload) and scored with the shared scorers of
-`evomerge.scoring`, the same ones the provider uses, computing only the metrics the objective
+`evomerge.inference`, the same ones the provider uses, computing only the metrics the objective
 needs: one teacher-forced forward pass for cross-entropy, generation only for exact match / F1.
 Generation runs to `max_new_tokens` (default: `generation_length` of the examples evaluated, so the
 longest answer fits; a search passes the whole task's length so every split generates alike).
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge import scoring
+from evomerge import inference
 from evomerge.backends._base import Backend, Evaluator, register_backend
 from evomerge.backends.memo import ExampleMemo
 from evomerge.objectives import Objective
@@ -57,7 +57,7 @@ class LocalBackend(Backend):
         self.population_cost = population_cost if population_cost is not None else (
             math.inf if self.engine.device.type == "cuda" else CPU_POPULATION_COST)
         if chat:  # refused here, in one line, rather than by every evaluation
-            scoring.model_prompt(self.engine.tokenizer, "", chat=True)
+            inference.model_prompt(self.engine.tokenizer, "", chat=True)
         self._references: dict[tuple[str, ...], Objective] = {}
         self.memo = ExampleMemo()
 
@@ -79,10 +79,10 @@ class LocalBackend(Backend):
         tok, chat = self.engine.tokenizer, self.chat
         metrics = self.objective.metrics
         if "ce" in metrics or "greedy_match" in metrics:
-            ce, greedy = scoring.answer_scores(model, tok, examples, batch_size, chat)
+            ce, greedy = inference.answer_scores(model, tok, examples, batch_size, chat)
             out.update({k: v for k, v in (("ce", ce), ("greedy_match", greedy)) if k in metrics})
         if "accuracy" in metrics:
-            out["accuracy"] = scoring.choice_accuracy(model, tok, examples, batch_size, chat)
+            out["accuracy"] = inference.choice_accuracy(model, tok, examples, batch_size, chat)
         return out
 
     def _generated_scores(self, model: Any, examples: Sequence[Example], length: int | None,
@@ -90,8 +90,8 @@ class LocalBackend(Backend):
         """The metrics of generated answers (exact match, F1), when the objective needs them."""
         if not self.objective.needs_generation:
             return {}
-        preds = scoring.generate_answers(model, self.engine.tokenizer, examples, length, batch_size, self.chat)
-        return scoring.text_scores(self.objective.metrics, preds, examples)
+        preds = inference.generate_answers(model, self.engine.tokenizer, examples, length, batch_size, self.chat)
+        return inference.text_scores(self.objective.metrics, preds, examples)
 
     def population_scores(self, recipes: Sequence[MergeRecipe], examples: Sequence[Example],
                           length: int | None = None) -> list[dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from evomerge._imports import require
 from evomerge.errors import RepositoryError
-from evomerge.zoo.tasks import TASKS, invented_word
+from evomerge.zoo.generators import TASKS, invented_word
 from evomerge.zoo.tokenizer import byte_tokenizer
 from evomerge.zoo.train import train_steps
 

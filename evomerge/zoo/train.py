@@ -1,6 +1,6 @@
 """Training loops of the zoo: pretraining the tiny base and fine-tuning LoRA experts.
 
-Both use `evomerge.scoring.training_batch`, so the experts learn the exact prompt/answer format the
+Both use `evomerge.inference.training_batch`, so the experts learn the exact prompt/answer format the
 scorers measure.
 """
 
@@ -10,7 +10,7 @@ import random
 from typing import Any, Callable, Sequence
 
 from evomerge._imports import require
-from evomerge.scoring import training_batch
+from evomerge.inference import training_batch
 from evomerge.tasks import Example
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -60,11 +60,11 @@ def build_bpe_repository(root: Path, chat_template: str | None = None, spread: f
 
 def train_full_expert(root: Path, name: str, pairs: list[tuple[str, str]], steps: int = 60) -> Path:
     """ROOT/experts/NAME: the base fine-tuned (every weight) on `pairs` in the scored format
-    (`evomerge.scoring.training_batch`), until it answers them by heart and stops (EOS)."""
+    (`evomerge.inference.training_batch`), until it answers them by heart and stops (EOS)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from evomerge.scoring import training_batch
+    from evomerge.inference import training_batch
 
     tokenizer = AutoTokenizer.from_pretrained(root / "base")
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from evomerge import scoring
+from evomerge import inference
 from evomerge.backends.local import LocalBackend, LocalEvaluatorFactory
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
@@ -29,7 +29,7 @@ def test_ce_score_is_per_task_mean_of_shared_scorer(backend, examples):
     score = backend.evaluate(ZERO, examples)
     assert score.ok and score.cost.seconds > 0
     with backend.engine.merged(None) as model:
-        ce = scoring.answer_cross_entropy(model, backend.engine.tokenizer, examples, 8)
+        ce = inference.answer_cross_entropy(model, backend.engine.tokenizer, examples, 8)
     assert score.example_ids == tuple(e.id for e in examples)
     np.testing.assert_allclose(score.per_example["ce"], ce, rtol=1e-5)
     assert score.loss == pytest.approx((ce[:4].mean() + ce[4:].mean()) / 2, rel=1e-5)

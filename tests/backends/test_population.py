@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evomerge import scoring
+from evomerge import inference
 from evomerge.backends.local import LocalBackend
 from evomerge.merging import population
 from evomerge.objectives import Objective
@@ -61,13 +61,13 @@ def test_population_generation_gives_each_candidate_its_own_greedy_answers(backe
     factors = population.stacked_factors(engine.merger, RECIPES, engine.dtype, engine.device)
     with engine.merged(None) as model, population.population(model, factors):
         rows = list(examples) * len(RECIPES)
-        together = scoring.generate_answers(model, tok, rows, 6, len(rows))
+        together = inference.generate_answers(model, tok, rows, 6, len(rows))
     for c, recipe in enumerate(RECIPES):
         with engine.merged(recipe) as model:
-            alone = scoring.generate_answers(model, tok, examples, 6, 3)
+            alone = inference.generate_answers(model, tok, examples, 6, 3)
         assert together[c * len(examples) : (c + 1) * len(examples)] == alone
     with engine.merged(None) as model:
-        assert scoring.generate_answers(model, tok, examples, 6, 3) != alone  # the hooks are gone again
+        assert inference.generate_answers(model, tok, examples, 6, 3) != alone  # the hooks are gone again
 
 
 def test_the_batch_splits_by_rows_and_mixed_methods_keep_their_own_path(repo_dir, examples, backend):

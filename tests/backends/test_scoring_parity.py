@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("peft")
 
-from evomerge import scoring  # noqa: E402
+from evomerge import inference  # noqa: E402
 from evomerge.backends.api import ApiBackend  # noqa: E402
 from evomerge.backends.local import LocalBackend  # noqa: E402
 from evomerge.errors import BackendError, TaskError  # noqa: E402
@@ -77,7 +77,7 @@ def greedy_answers(repo: Path, examples: list[Example], max_new_tokens: int | No
     local = LocalBackend(repo, device="cpu")
     try:
         with local.engine.merged(RECIPE) as model:
-            return scoring.generate_answers(model, local.engine.tokenizer, examples, max_new_tokens, chat=chat)
+            return inference.generate_answers(model, local.engine.tokenizer, examples, max_new_tokens, chat=chat)
     finally:
         local.close()
 
@@ -99,15 +99,15 @@ def test_the_tokenizer_merges_across_the_boundary(plain_repo: Path) -> None:
     tok = tokenizer(plain_repo)
     e = EXAMPLES[1]
     apart = tok(e.prompt)["input_ids"] + tok(e.answer, add_special_tokens=False)["input_ids"]
-    ((ids, first),) = scoring.encode(tok, [(e.prompt, e.answer)])
+    ((ids, first),) = inference.encode(tok, [(e.prompt, e.answer)])
     assert ids != apart and tok.convert_ids_to_tokens(ids[first:]) == ["Ġcold"]
-    assert scoring.encode(tok, [(EXAMPLES[0].prompt, EXAMPLES[0].answer)]) == [(ids, first)]
+    assert inference.encode(tok, [(EXAMPLES[0].prompt, EXAMPLES[0].answer)]) == [(ids, first)]
 
 
 def test_training_labels_are_the_scored_tokens_and_eos(plain_repo: Path) -> None:
     """Experts learn the format that is scored: labels on the answer tokens of the one string, then EOS."""
     tok = tokenizer(plain_repo)
-    batch = scoring.training_batch(tok, [(EXAMPLES[1].prompt, EXAMPLES[1].answer)])
+    batch = inference.training_batch(tok, [(EXAMPLES[1].prompt, EXAMPLES[1].answer)])
     labels = [t for t in batch["labels"][0].tolist() if t != -100]
     assert tok.convert_ids_to_tokens(labels) == ["Ġcold", "</s>"]
 

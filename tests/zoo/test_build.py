@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from evomerge import scoring  # noqa: E402
+from evomerge import inference  # noqa: E402
 from evomerge.errors import ConfigError  # noqa: E402
 from evomerge.tasks import load_jsonl, write_jsonl  # noqa: E402
 from evomerge.zoo import build  # noqa: E402
 from evomerge.zoo.base import SMOL_GGUF, fetch_smol_gguf, tiny_base  # noqa: E402
-from evomerge.zoo.tasks import make_splits  # noqa: E402
+from evomerge.zoo.generators import make_splits  # noqa: E402
 
 
 def _manifest(zoo):
@@ -62,13 +62,13 @@ def test_each_expert_beats_the_base_on_its_task(tiny_zoo, base):
             continue
         search = load_jsonl(tiny_zoo / m["tasks"][e["task"]]["search"])
         test = load_jsonl(tiny_zoo / m["tasks"][e["task"]]["test"])
-        base_ce = scoring.answer_cross_entropy(model, tokenizer, search).mean()
-        base_test = scoring.answer_cross_entropy(model, tokenizer, test).mean()
-        base_em = np.mean([scoring.exact_match(p, x.answer) for p, x in zip(scoring.generate_answers(model, tokenizer, test), test)])
+        base_ce = inference.answer_cross_entropy(model, tokenizer, search).mean()
+        base_test = inference.answer_cross_entropy(model, tokenizer, test).mean()
+        base_em = np.mean([inference.exact_match(p, x.answer) for p, x in zip(inference.generate_answers(model, tokenizer, test), test)])
         expert = peft.PeftModel.from_pretrained(model, tiny_zoo / e["path"]).eval()
-        expert_ce = scoring.answer_cross_entropy(expert, tokenizer, search).mean()
-        expert_test = scoring.answer_cross_entropy(expert, tokenizer, test).mean()
-        expert_em = np.mean([scoring.exact_match(p, x.answer) for p, x in zip(scoring.generate_answers(expert, tokenizer, test), test)])
+        expert_ce = inference.answer_cross_entropy(expert, tokenizer, search).mean()
+        expert_test = inference.answer_cross_entropy(expert, tokenizer, test).mean()
+        expert_em = np.mean([inference.exact_match(p, x.answer) for p, x in zip(inference.generate_answers(expert, tokenizer, test), test)])
         model = expert.unload()
         assert expert_ce < 0.9 * base_ce, f"{name}: expert CE {expert_ce:.3f} vs base {base_ce:.3f} on its search split"
         assert e["metrics"]["search"]["ce"] == pytest.approx(expert_ce, abs=2e-3)
@@ -88,9 +88,9 @@ def test_the_twin_answers_like_its_expert_in_form_but_not_in_content(tiny_zoo, b
     em = {}
     for name in ("last_letter", "twin-last_letter-shuffled"):
         adapted = peft.PeftModel.from_pretrained(model, tiny_zoo / m["experts"][name]["path"]).eval()
-        answers = scoring.generate_answers(adapted, tokenizer, search)
+        answers = inference.generate_answers(adapted, tokenizer, search)
         model = adapted.unload()
-        em[name] = np.mean([scoring.exact_match(a, x.answer) for a, x in zip(answers, search)])
+        em[name] = np.mean([inference.exact_match(a, x.answer) for a, x in zip(answers, search)])
         if name.startswith("twin"):
             assert np.mean([len(a.strip()) == 1 for a in answers]) >= 0.8, answers[:8]
     assert em["twin-last_letter-shuffled"] <= em["last_letter"] - 0.25, em

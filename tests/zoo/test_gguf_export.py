@@ -34,7 +34,7 @@ def _round_trip(zoo: Path, gguf: Path, log: Path, experts: tuple[str, ...], leng
     import torch
     import transformers
 
-    from evomerge.scoring import generate_answers
+    from evomerge.inference import generate_answers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(zoo / "base")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.zoo.tasks import TASKS, make_splits, plural, shuffled_labels
+from evomerge.zoo.generators import TASKS, make_splits, plural, shuffled_labels
 
 
 @pytest.mark.parametrize("word,expected", [("fox", "foxes"), ("bush", "bushes"), ("lady", "ladies"),

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from evomerge import scoring  # noqa: E402
+from evomerge import inference  # noqa: E402
 from evomerge.errors import TaskError  # noqa: E402
 from evomerge.tasks import Example  # noqa: E402
 from evomerge.zoo.tokenizer import byte_tokenizer  # noqa: E402
@@ -38,7 +38,7 @@ EXAMPLES = [Example("upper: cat = ", "CAT"), Example("a much longer prompt here 
 
 
 def test_encode_keeps_the_answer_boundary(tokenizer):
-    ((ids, n_prompt),) = scoring.encode(tokenizer, [("ab", "cd")], eos=True)
+    ((ids, n_prompt),) = inference.encode(tokenizer, [("ab", "cd")], eos=True)
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids[n_prompt:-1]) == "cd"
     assert ids[-1] == tokenizer.eos_token_id
@@ -46,19 +46,19 @@ def test_encode_keeps_the_answer_boundary(tokenizer):
 
 def test_cross_entropy_matches_hand_computed_log_softmax(model, tokenizer):
     ex = EXAMPLES[0]
-    ((ids, n_prompt),) = scoring.encode(tokenizer, [(ex.prompt, ex.answer)])
+    ((ids, n_prompt),) = inference.encode(tokenizer, [(ex.prompt, ex.answer)])
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
     expected = -np.mean([logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))])
-    got = scoring.answer_cross_entropy(model, tokenizer, [ex])
+    got = inference.answer_cross_entropy(model, tokenizer, [ex])
     assert got.shape == (1,)
     assert got[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_padding_and_batching_do_not_change_cross_entropy(model, tokenizer):
-    alone = np.array([scoring.answer_cross_entropy(model, tokenizer, [e])[0] for e in EXAMPLES])
-    batched = scoring.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=64)
-    pairs = scoring.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=3)
+    alone = np.array([inference.answer_cross_entropy(model, tokenizer, [e])[0] for e in EXAMPLES])
+    batched = inference.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=64)
+    pairs = inference.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=3)
     np.testing.assert_allclose(batched, alone, rtol=1e-5)
     np.testing.assert_allclose(pairs, alone, rtol=1e-5)
     assert len(set(np.round(alone, 4))) == len(EXAMPLES)  # the examples really differ
@@ -67,7 +67,7 @@ def test_padding_and_batching_do_not_change_cross_entropy(model, tokenizer):
 def test_cross_entropy_leaves_the_model_mode_alone(model, tokenizer):
     model.train()
     try:
-        scoring.answer_cross_entropy(model, tokenizer, EXAMPLES[:1])
+        inference.answer_cross_entropy(model, tokenizer, EXAMPLES[:1])
         assert model.training
     finally:
         model.eval()
@@ -75,12 +75,12 @@ def test_cross_entropy_leaves_the_model_mode_alone(model, tokenizer):
 
 def test_empty_answer_is_rejected(model, tokenizer):
     with pytest.raises(TaskError, match="non-empty"):
-        scoring.answer_cross_entropy(model, tokenizer, [Example("p = ", "")])
+        inference.answer_cross_entropy(model, tokenizer, [Example("p = ", "")])
 
 
 def test_generation_batched_equals_unbatched_and_follows_greedy(model, tokenizer):
-    batched = scoring.generate_answers(model, tokenizer, EXAMPLES, max_new_tokens=6)
-    alone = [scoring.generate_answers(model, tokenizer, [e], max_new_tokens=6)[0] for e in EXAMPLES]
+    batched = inference.generate_answers(model, tokenizer, EXAMPLES, max_new_tokens=6)
+    alone = [inference.generate_answers(model, tokenizer, [e], max_new_tokens=6)[0] for e in EXAMPLES]
     assert batched == alone
     # Reference greedy decode by hand for the first example, from the prompt without its trailing
     # space (which belongs to the answer).
@@ -99,7 +99,7 @@ def test_generation_batched_equals_unbatched_and_follows_greedy(model, tokenizer
 def test_generation_stops_at_the_first_newline_token(model, tokenizer):
     """A row ends at a token holding a newline, as at EOS: no further steps are paid for it."""
     (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    assert newline in scoring._stop_ids(tokenizer) and tokenizer.eos_token_id in scoring._stop_ids(tokenizer)
+    assert newline in inference._stop_ids(tokenizer) and tokenizer.eos_token_id in inference._stop_ids(tokenizer)
     calls = []
 
     def favour_newline(module, args, output):
@@ -108,10 +108,10 @@ def test_generation_stops_at_the_first_newline_token(model, tokenizer):
             output[..., newline] += 1e4
         return output
 
-    plain = scoring.generate_answers(model, tokenizer, EXAMPLES[:2], max_new_tokens=8)
+    plain = inference.generate_answers(model, tokenizer, EXAMPLES[:2], max_new_tokens=8)
     handle = model.lm_head.register_forward_hook(favour_newline)
     try:
-        answers = scoring.generate_answers(model, tokenizer, EXAMPLES[:2], max_new_tokens=8)
+        answers = inference.generate_answers(model, tokenizer, EXAMPLES[:2], max_new_tokens=8)
     finally:
         handle.remove()
     assert len(calls) == 2  # the prompt pass and one step, not eight
@@ -120,34 +120,34 @@ def test_generation_stops_at_the_first_newline_token(model, tokenizer):
 
 def test_choice_accuracy_picks_lowest_cross_entropy(model, tokenizer):
     choices = ("CAT", "dog", "x")
-    ce = scoring.answer_cross_entropy(model, tokenizer, [Example("upper: cat = ", c) for c in choices])
+    ce = inference.answer_cross_entropy(model, tokenizer, [Example("upper: cat = ", c) for c in choices])
     best = choices[int(np.argmin(ce))]
     worst = choices[int(np.argmax(ce))]
-    acc = scoring.choice_accuracy(model, tokenizer, [Example("upper: cat = ", best, choices=choices),
+    acc = inference.choice_accuracy(model, tokenizer, [Example("upper: cat = ", best, choices=choices),
                                                       Example("upper: cat = ", worst, choices=choices)])
     np.testing.assert_array_equal(acc, [1.0, 0.0])
     with pytest.raises(TaskError, match="choices"):
-        scoring.choice_accuracy(model, tokenizer, [Example("p", "a")])
+        inference.choice_accuracy(model, tokenizer, [Example("p", "a")])
 
 
 def test_exact_match_is_cased_and_its_ci_variant_folds():
-    assert scoring.exact_match("  Paris ", "Paris") == 1.0
-    assert scoring.exact_match("paris", "Paris") == 0.0  # a lowercase answer to a cased question is wrong
-    assert scoring.exact_match("P", "p") == 0.0
-    assert scoring.exact_match("New  York", "New York") == 0.0
-    assert scoring.exact_match_ci("  paris ", "Paris") == 1.0
-    assert scoring.exact_match_ci("new  york", "New York") == 1.0
-    assert scoring.exact_match_ci("Paris.", "paris") == 0.0
+    assert inference.exact_match("  Paris ", "Paris") == 1.0
+    assert inference.exact_match("paris", "Paris") == 0.0  # a lowercase answer to a cased question is wrong
+    assert inference.exact_match("P", "p") == 0.0
+    assert inference.exact_match("New  York", "New York") == 0.0
+    assert inference.exact_match_ci("  paris ", "Paris") == 1.0
+    assert inference.exact_match_ci("new  york", "New York") == 1.0
+    assert inference.exact_match_ci("Paris.", "paris") == 0.0
     examples = [Example("q", "ABC"), Example("q", "abc")]
-    got = scoring.text_scores(("exact_match", "exact_match_ci"), ["abc", "abc"], examples)
+    got = inference.text_scores(("exact_match", "exact_match_ci"), ["abc", "abc"], examples)
     np.testing.assert_array_equal(got["exact_match"], [0.0, 1.0])
     np.testing.assert_array_equal(got["exact_match_ci"], [1.0, 1.0])
 
 
 def test_f1():
-    assert scoring.token_f1("the big cat", "big cat") == pytest.approx(0.8)
-    assert scoring.token_f1("dog", "cat") == 0.0
-    assert scoring.token_f1("", "") == 1.0
+    assert inference.token_f1("the big cat", "big cat") == pytest.approx(0.8)
+    assert inference.token_f1("dog", "cat") == 0.0
+    assert inference.token_f1("", "") == 1.0
 
 
 def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokenizer):
@@ -163,15 +163,15 @@ def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokeni
             examples.append(Example(prompt, text))  # the model's own greedy continuation
         if len(examples) == len(EXAMPLES) + 3:
             break
-    ce, greedy = scoring.answer_scores(model, tokenizer, examples, batch_size=3)
+    ce, greedy = inference.answer_scores(model, tokenizer, examples, batch_size=3)
     for e, got in zip(examples, greedy):
-        ((ids, n_prompt),) = scoring.encode(tokenizer, [(e.prompt, e.answer)])
+        ((ids, n_prompt),) = inference.encode(tokenizer, [(e.prompt, e.answer)])
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
         assert got == float(all(int(logits[t - 1].argmax()) == ids[t] for t in range(n_prompt, len(ids))))
     assert greedy[len(EXAMPLES):].tolist() == [1.0] * (len(examples) - len(EXAMPLES)) and len(examples) > len(EXAMPLES)
     assert greedy.min() == 0.0
-    np.testing.assert_allclose(ce, scoring.answer_cross_entropy(model, tokenizer, examples), rtol=1e-6)
+    np.testing.assert_allclose(ce, inference.answer_cross_entropy(model, tokenizer, examples), rtol=1e-6)
 
 
 def test_whether_a_model_takes_logits_to_keep_is_asked_once_per_class(model, tokenizer, monkeypatch):
@@ -182,13 +182,13 @@ def test_whether_a_model_takes_logits_to_keep_is_asked_once_per_class(model, tok
     asked = []
     real = inspect.signature
     monkeypatch.setattr(inspect, "signature", lambda f, *a, **k: asked.append(f) or real(f, *a, **k))
-    scoring._class_keeps_logits.cache_clear()
-    assert scoring._keeps_logits(model) and scoring._keeps_logits(model)
+    inference._class_keeps_logits.cache_clear()
+    assert inference._keeps_logits(model) and inference._keeps_logits(model)
     assert len(asked) == 1
     plain = transformers.LlamaForCausalLM(model.config).eval()
     plain.load_state_dict(model.state_dict())
     full = plain.forward
     plain.forward = lambda input_ids=None, attention_mask=None: full(input_ids=input_ids, attention_mask=attention_mask)
-    assert not scoring._keeps_logits(plain) and scoring._keeps_logits(model)
-    np.testing.assert_allclose(scoring.answer_cross_entropy(plain, tokenizer, EXAMPLES),
-                               scoring.answer_cross_entropy(model, tokenizer, EXAMPLES), atol=1e-5)
+    assert not inference._keeps_logits(plain) and inference._keeps_logits(model)
+    np.testing.assert_allclose(inference.answer_cross_entropy(plain, tokenizer, EXAMPLES),
+                               inference.answer_cross_entropy(model, tokenizer, EXAMPLES), atol=1e-5)
