@@ -5,7 +5,7 @@ and through `evomerge serve` with α and β, on the same zoo, examples, budget a
     python -m benchmarks.llamacpp_search --zoo ZOO --gguf DIR [--budget 24] [--settings ood indomain] [--keep WORK]
 
 ZOO is a zoo directory, DIR its `evomerge zoo export-gguf` folder. Each run is `evomerge search
---backend api` (`evomerge.run.run`) against a real server on 127.0.0.1: llama.cpp's own
+--backend api` (`evomerge.api.run`) against a real server on 127.0.0.1: llama.cpp's own
 (`evomerge zoo serve-gguf`, a child process) or the reference provider (in this process). Reported
 per run: test exact match of the found recipe, the uniform merge and the best single expert (chosen
 on validation), each scored through that run's provider, and fit evaluations per second of the
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from evomerge.config import load_config
-from evomerge.run import run
+from evomerge.api import run
 from evomerge.tasks import write_jsonl
 
 from benchmarks.quality_setup import load_setting

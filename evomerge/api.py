@@ -1,4 +1,5 @@
-"""`evomerge.search`: the Python API, and the one code path the CLI and Ray jobs use too.
+"""The Python API: `optimize(space, evaluator, settings)`, the one search loop; `search`, its keyword
+form for library users; and `run(config)`, a whole configured run (the CLI and Ray jobs).
 
 Stages run one after another (a `Plan`); each stage is an ask/tell loop over the executor
 (threads in this process, or Ray actors), journaled so that `resume=True` continues exactly.
@@ -6,12 +7,16 @@ Stages run one after another (a `Plan`); each stage is an ask/tell loop over the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from evomerge.backends._base import EvaluatorFactory
+from pydantic import ValidationError
+
+from evomerge.backends._base import EvaluatorFactory, as_factory
 from evomerge.backends.python import Fitness, PythonEvaluatorFactory
+from evomerge.config import SearchConfig, SearchSettings, describe_error
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.journal import Journal, Trial
 from evomerge.optimizers import Optimizer, make_optimizer
@@ -19,14 +24,20 @@ from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.ledger import Ledger
 from evomerge.scheduler.loop import Shared, StageRun
-from evomerge.scheduler.race import Race
 from evomerge.scheduler.selection import choose, shortlist, validate
 from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.score import Cost
 from evomerge.search_spaces._base import Plan, SearchSpace, as_plan
 
+if TYPE_CHECKING:
+    from evomerge.baselines import TestReport
+
 PROBE_STAGE = -2
 """The journal stage of spend paid outside any evaluation (the start-up probe; the test table is -1)."""
+
+FINGERPRINT_VERSION = 2
+"""Journals before it fingerprinted the evaluator by class name only (`Journal.open` compares such
+a journal on the keys it has)."""
 
 
 @dataclass(frozen=True)
@@ -66,69 +77,82 @@ class SearchResult:
         return [t.loss for t in self.trials]
 
 
-def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = None, *, budget: int,
-           optimizer: str = "cma", seed: int = 0, journal: str | Path | None = None, resume: bool = False,
-           force: bool = False, evaluator: EvaluatorFactory | None = None, workers: int = 1,
-           executor: str | Executor = "threads", ray_address: str | None = None, eval_timeout: float | None = None,
-           max_retries: int = 2, lookahead: int | None = None, popsize: int | None = None,
-           optimizer_options: Mapping[str, Any] | None = None, top_k: int = 5, max_queries: int | None = None,
-           max_tokens: int | None = None, progress: bool = False,
-           config: Mapping[str, Any] | None = None, on_trial: Callable[[Trial], None] | None = None,
-           race: Race | None = None, start: bool = True, spent: Cost | None = None) -> SearchResult:
-    """Search `space` for the recipe of lowest loss with exactly `budget` paid evaluations.
+def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = None, *,
+           evaluator: EvaluatorFactory | None = None, executor: str | Executor = "threads",
+           journal: str | Path | None = None, resume: bool = False, force: bool = False, progress: bool = False,
+           on_trial: Callable[[Trial], None] | None = None, config: Mapping[str, Any] | None = None,
+           spent: Cost | None = None, **settings: Any) -> SearchResult:
+    """Search `space` for the recipe of lowest loss: the keyword form of `optimize` for library users.
 
     Give either `fitness` (a callable: recipe -> loss or {"loss": ..., metric: ...}) or
     `evaluator` (a picklable factory of (recipe, split) -> Score, as the local and api backends
     build; with a validation split, the returned recipe is chosen on it among the `top_k` best
-    by fit loss). `resume=True` continues the run journaled at `journal`. `race` scores each
-    candidate on a minibatch of the fit examples first and finishes only the promising ones.
-    `start` makes each stage's first trial its start point (the uniform merge for the evo spaces),
-    so the start competes in the final selection like any candidate. `spent`: what was paid before
-    the search began (the api backend's start-up probe), journaled as spend no evaluation closes,
-    so the caps and the journal's ledger count it.
+    by fit loss). `settings` are the fields of `SearchSettings` (budget=, seed=, optimizer=,
+    race=, ...); `executor` is "threads", "ray" or an executor of your own; the rest are
+    `optimize`'s.
     """
     if (fitness is None) == (evaluator is None):
         raise ConfigError("give exactly one of fitness= (a callable) or evaluator= (a backend's evaluator factory)")
     if space is None:
         raise ConfigError("give a search space (evomerge.search_spaces) or a plan")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-        raise ConfigError(f"budget must be a positive number of evaluations, got {budget!r}")
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
-    if top_k < 1:
-        raise ConfigError(f"top_k must be at least 1, got {top_k}")
-    factory: EvaluatorFactory = evaluator if evaluator is not None else PythonEvaluatorFactory(fitness)
-    splits = getattr(factory, "splits", None)
-    has_validation = bool(getattr(factory, "has_validation", False) or (splits is not None and splits.validation))
-    race_split = None
+    if isinstance(executor, str):
+        settings["executor"] = executor
+    try:
+        validated = SearchSettings(**settings)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc, "search")) from None
+    factory = as_factory(evaluator) if evaluator is not None else PythonEvaluatorFactory(fitness)
+    return optimize(space, factory, validated, executor=None if isinstance(executor, str) else executor,
+                    journal=journal, resume=resume, force=force, progress=progress, on_trial=on_trial,
+                    config=config, spent=spent)
+
+
+def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: SearchSettings, *,
+             executor: Executor | None = None, journal: str | Path | None = None, resume: bool = False,
+             force: bool = False, progress: bool = False, config: Mapping[str, Any] | None = None,
+             on_trial: Callable[[Trial], None] | None = None, spent: Cost | None = None) -> SearchResult:
+    """Search `space` for the recipe of lowest loss with exactly `settings.budget` paid evaluations.
+
+    `resume=True` continues the run journaled at `journal` (refused, unless `force`, where the
+    settings' fingerprint differs). `settings.race` scores each candidate on a minibatch of the fit
+    examples first and finishes only the promising ones. `settings.start` makes each stage's first
+    trial its start point, so the start competes in the final selection like any candidate.
+    `config`: the whole run's configuration, kept in the journal. `spent`: what was paid before the
+    search began (the api backend's start-up probe), journaled as spend no evaluation closes, so the
+    caps and the journal's ledger count it. `executor`: one of your own instead of `settings.executor`.
+    """
+    splits = evaluator.splits
+    race, race_split = settings.race, None
     if race is not None:
         if splits is None or not splits.fit:
             raise ConfigError("racing needs an evaluator with fit examples (the local or api backend), not a fitness callable")
         race_split = race.split(len(splits.fit))
     plan = as_plan(space)
-    budgets = plan.budgets(budget)
-    options = dict(optimizer_options or {})
+    budgets = plan.budgets(settings.budget)
+    options = dict(settings.optimizer_options)
     # Built before the journal exists, so a bad optimizer name or option leaves no file behind;
     # its population size sets the default lookahead.
-    probe = make_optimizer(optimizer, _probe_space(plan), seed=seed, popsize=popsize, **options)
-    window = lookahead or max(probe.popsize, 2 * workers)
-    fingerprint = {"plan": plan.describe(), "optimizer": optimizer.lower(), "optimizer_options": options,
-                   "popsize": popsize, "seed": seed, "budget": budget, "lookahead": window, "top_k": top_k,
-                   "race": None if race is None else asdict(race), "start": start,
-                   "evaluator": getattr(factory, "fingerprint", lambda: type(factory).__name__)()}
+    probe = make_optimizer(settings.optimizer, _probe_space(plan), seed=settings.seed, popsize=settings.popsize,
+                           **options)
+    settings = settings.model_copy(update={"lookahead": settings.lookahead
+                                           or max(probe.popsize, 2 * settings.workers)})
+    fingerprint = {"version": FINGERPRINT_VERSION, "plan": plan.describe(), "evaluator": evaluator.fingerprint(),
+                   **settings.fingerprint()}
     store = _open_journal(journal, fingerprint, config, resume, force)
     if spent is not None and (spent.queries or spent.tokens):
         store.reserve(PROBE_STAGE, 0, "probe", spent)
-    pool = _executor(executor, factory, workers, ray_address, eval_timeout, max_retries)
-    bound = getattr(factory, "bound", None)
-    ledger = Ledger(store, max_queries, max_tokens, bound)
-    bar = _progress(budget, store.count("fit") if resume else 0, progress)
+    pool = executor or _executor(settings, evaluator)
+    bound = getattr(evaluator, "bound", None)
+    ledger = Ledger(store, settings.max_queries, settings.max_tokens, bound)
+    bar = _progress(settings.budget, store.count("fit") if resume else 0, progress)
     shared = Shared(pool, store, ledger, resumed=store.trials() if resume else [],
                     on_result=lambda t: (bar(t), on_trial and on_trial(t)), paid=bound is not None)
     for t in shared.resumed:
         shared.by_key.setdefault((t.recipe.key(), t.split), t)
         if not t.cached:
             ledger.observe(t.score.cost)
+    has_validation = evaluator.has_validation
+    seed, window = settings.seed, settings.lookahead
     try:
         summaries, all_trials, validated = [], [], {}
         previous: MergeRecipe | None = None
@@ -139,12 +163,12 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
             stage_space = plan.space(stage, previous)
             run = StageRun(stage, stage_space, stage_budget,
                            lambda sp, s=stage, b=stage_budget: _stage_optimizer(
-                               sp, optimizer, options, seed + 1000 * s, popsize, b),
-                           shared, window, race, race_split, start, told)
+                               sp, settings.optimizer, options, seed + 1000 * s, settings.popsize, b),
+                           shared, window, race, race_split, settings.start, told)
             trials = run.run()
             told = run.full_told
             all_trials.extend(trials)
-            top = shortlist(trials, top_k)
+            top = shortlist(trials, settings.top_k)
             if has_validation and top:
                 validated.update({(stage, k): v for k, v in validate(shared, stage, top).items()})
             best, _ = choose(top, validated)
@@ -152,7 +176,8 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
             if best is None:
                 break
             previous = best.recipe
-        finalists = [t for t in all_trials if (t.stage, t.trial) in validated] or shortlist(all_trials, top_k)
+        finalists = ([t for t in all_trials if (t.stage, t.trial) in validated]
+                     or shortlist(all_trials, settings.top_k))
         best, val = choose(finalists, validated)
         if best is None:
             first = next((t.score.error for t in all_trials if t.score.error), "no candidate was evaluated")
@@ -165,6 +190,31 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         bar(None)
         pool.shutdown()
         store.close()
+
+
+def run(config: SearchConfig, resume: bool = False, force: bool = False,
+        progress: bool = True) -> tuple[SearchResult, TestReport | None]:
+    """Run (or resume) the search `config` describes, the code path the CLI and Ray jobs share:
+    the backend built from the config, the search, the test table of the result beside the
+    baselines (where there is a test split), and the outputs."""
+    from evomerge.backends import prepare
+    from evomerge.baselines import run_test_table
+    from evomerge.export import write_outputs
+    from evomerge.search_spaces import space_from_config
+
+    with ExitStack() as stack:
+        prepared = prepare(config, stack, resume)
+        factory = prepared.evaluator
+        space = space_from_config(config.space, prepared.experts, factory.weights.num_layers)
+        if factory.splits is not None:
+            s = factory.splits
+            print(f"searching for {', '.join(s.tasks)}: {len(s.fit)} fit, {len(s.validation)} validation, "
+                  f"{len(s.test)} test examples; {len(prepared.experts)} experts", flush=True)
+        result = optimize(space, factory, config, journal=config.journal, resume=resume, force=force,
+                          progress=progress, config=config.model_dump(mode="json"), spent=prepared.spent)
+        report = run_test_table(config, prepared, result)
+        write_outputs(config, result, report, factory.weights)
+        return result, report
 
 
 def _probe_space(plan: Plan) -> SearchSpace:
@@ -197,17 +247,13 @@ def _open_journal(path: str | Path | None, fingerprint: dict[str, Any], config: 
     return Journal.create(path, fingerprint, dict(config or {}))
 
 
-def _executor(kind: str | Executor, factory: EvaluatorFactory, workers: int, ray_address: str | None,
-              eval_timeout: float | None, max_retries: int) -> Executor:
-    if not isinstance(kind, str):
-        return kind
-    if kind == "threads":
-        return ThreadExecutor(factory, workers, eval_timeout=eval_timeout)
-    if kind == "ray":
+def _executor(settings: SearchSettings, factory: EvaluatorFactory) -> Executor:
+    if settings.executor == "ray":
         from evomerge.scheduler.ray_executor import RayExecutor
 
-        return RayExecutor(factory, workers, eval_timeout=eval_timeout, max_retries=max_retries, address=ray_address)
-    raise ConfigError(f"unknown executor {kind!r}; choose 'threads' or 'ray'")
+        return RayExecutor(factory, settings.workers, eval_timeout=settings.eval_timeout,
+                           max_retries=settings.max_retries, address=settings.ray_address)
+    return ThreadExecutor(factory, settings.workers, eval_timeout=settings.eval_timeout)
 
 
 def _progress(total: int, done: int, enabled: bool) -> Callable[[Trial | None], None]:

@@ -8,11 +8,16 @@ split never influences the search or the choice of recipe.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from evomerge.recipe import MergeRecipe, uniform
 from evomerge.score import Cost, Score
+
+if TYPE_CHECKING:
+    from evomerge.api import SearchResult
+    from evomerge.backends import Prepared
+    from evomerge.config import SearchConfig
 
 
 TABLES = ("none", "summary", "full")
@@ -82,3 +87,51 @@ def compare_on_test(score: Scorer, best: MergeRecipe, experts: Sequence[str], se
     first = next((s for s in scores.values() if s.ok), None)
     tasks = sorted({k.split("/", 1)[1] for k in (first.metrics if first else {}) if "/" in k and not k.startswith("loss/")})
     return TestReport(rows, chosen, tuple(tasks), len(first.example_ids) if first else 0)
+
+
+TEST_STAGE = -1
+"""The journal stage of the test table's evaluations (after every search stage)."""
+
+
+def run_test_table(config: SearchConfig, prepared: Prepared, result: SearchResult) -> TestReport | None:
+    """The test table (`compare_on_test`) after a configured run, paid through the same spend
+    ledger as the search: each evaluation reserved under the caps that are left, journaled (stage
+    -1), reused on resume, and what the table cost reported with it. ``config.test_table`` None: a
+    summary when the repository has more than `SUMMARY_ABOVE` experts, else the full table."""
+    table = config.test_table or ("summary" if len(prepared.experts) > SUMMARY_ABOVE else "full")
+    splits = prepared.evaluator.splits
+    if table == "none" or splits is None or not splits.test:
+        return None
+    from evomerge.journal import Journal
+    from evomerge.objectives import Objective
+    from evomerge.scheduler.ledger import Ledger
+    from evomerge.scheduler.loop import Shared, evaluate_once
+    from evomerge.scheduler.threads import ThreadExecutor
+
+    searcher: Any = prepared.evaluator
+    tester = replace(searcher, objective=Objective({m: 1.0 for m in config.test_metrics}))
+    paid = getattr(tester, "bound", None) is not None
+    bound = (lambda split: (tester if split == "test" else searcher).bound(split)) if paid else None
+    kept = config.journal is not None
+    journal = Journal.open(config.journal) if config.journal is not None else Journal.create(":memory:", {})
+    ledger = Ledger(journal, config.max_queries, config.max_tokens, bound,
+                    None if kept else result.cost + prepared.spent)
+    before = ledger.spent
+    resumed = journal.trials(stage=TEST_STAGE)
+    pools = {"test": ThreadExecutor(tester), "selection": ThreadExecutor(searcher)}
+
+    def score(items: list[tuple[int, Any]], split: str) -> dict[int, Any]:
+        pool = pools["test" if split == "test" else "selection"]
+        shared = Shared(pool, journal, ledger, resumed=resumed, paid=paid)
+        return {k: t.score for k, t in evaluate_once(shared, TEST_STAGE, items, split).items()}
+
+    try:
+        report = compare_on_test(score, result.best_recipe, prepared.experts,
+                                 "validation" if splits.validation else "fit", table)
+        report = replace(report, cost=ledger.spent + Cost(-before.queries, -before.tokens))
+        journal.set_meta("test_report", report.to_dict())
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+        journal.close()
+    return report

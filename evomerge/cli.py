@@ -3,32 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError
 
 
 def _search(args: argparse.Namespace) -> int:
+    from evomerge.api import run
     from evomerge.config import load_config
-    from evomerge.run import run
 
-    overrides = {k: getattr(args, k) for k in ("backend", "budget", "optimizer", "seed", "journal", "workers",
-                                                "fitness", "output", "repository", "executor", "ray_address",
-                                                "eval_timeout", "max_queries", "max_tokens", "test_table", "export_model")}
+    overrides: dict[str, Any] = {}
+    for dest in args.config_flags:
+        value = getattr(args, dest)
+        if value is not None:
+            section, _, name = dest.rpartition(".")
+            value = [str(v) for v in value] if isinstance(value, list) else value
+            (overrides.setdefault(section, {}) if section else overrides)[name] = value
     if args.workers and args.workers > 1 and args.executor is None:
         overrides["executor"] = "ray"
-    api = {k: v for k, v in (("base", args.api_base), ("provider", args.provider)) if v is not None}
-    if api:
-        overrides["api"] = api
-    if args.race is not None:
-        overrides["race"] = {"fraction": args.race}
-    task = {k: [str(p) for p in v] for k, v in (("files", args.task_file), ("test_files", args.test_file)) if v}
-    if task:
-        overrides["task"] = task
     config = load_config(args.config, overrides)
     result, report = run(config, resume=args.resume, force=args.force, progress=not args.no_progress)
     fit = result.best_loss
@@ -42,6 +41,76 @@ def _search(args: argparse.Namespace) -> int:
     if config.output is not None:
         print(f"outputs in {config.output}")
     return 0
+
+
+SECTION_FLAGS: dict[str, tuple[str, str, str]] = {
+    "api.base": ("--api-base", "URL", "api backend: the provider's base URL (default: a built-in local server)"),
+    "api.provider": ("--provider", "KIND", "api backend: the server's kind (default: auto, asked from the server)"),
+    "task.files": ("--task-file", "JSONL", 'your task: {"prompt", "answer"} JSONL lines to search on (fit + validation); '
+                                  "repeat for more tasks"),
+    "task.test_files": ("--test-file", "JSONL", "held-out JSONL examples for the test table after the search (never "
+                                       "searched on)"),
+    "race.fraction": ("--race", "FRACTION", "score candidates on this fraction of the fit examples first; finish only the "
+                                "promising"),
+}
+"""Flags for fields inside the config's sections; every scalar or list field at the top gets its own."""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per field of `SearchConfig` a command line can carry, typed and checked as the field
+    is (a positive field takes a positive number), its description the help: the config model is
+    the one place a setting is declared (mergekit's MergeOptions does this). Returns the dests."""
+    from evomerge.config import SearchConfig
+
+    dests = []
+    for name, info in SearchConfig.model_fields.items():
+        kwargs = _flag_kwargs(info.annotation, info.metadata, info.default)
+        if kwargs is not None:
+            negated = info.annotation is bool and info.default
+            flag = ("--no-" if negated else "--") + name.replace("_", "-")
+            help_text = f"turn off: {info.description}" if negated and info.description else info.description
+            parser.add_argument(flag, dest=name, help=help_text, **kwargs)
+            dests.append(name)
+    for dest, (flag, metavar, help_text) in SECTION_FLAGS.items():
+        section, name = dest.split(".")
+        model = SearchConfig.model_fields[section].annotation
+        if dataclasses.is_dataclass(model) or dataclasses.is_dataclass(_optional(model)):  # race: a dataclass
+            kind = {f.name: f.type for f in dataclasses.fields(_optional(model))}[name]
+            annotation, metadata = {"float": float}.get(kind, kind), []
+        else:
+            info = model.model_fields[name]
+            annotation, metadata = info.annotation, info.metadata
+        kwargs = _flag_kwargs(annotation, metadata, None) or {}
+        parser.add_argument(flag, dest=dest, help=help_text, **kwargs, **({} if "choices" in kwargs else
+                                                                          {"metavar": metavar}))
+        dests.append(dest)
+    return dests
+
+
+def _optional(annotation: Any) -> Any:
+    """`X | None` -> X."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return members[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(members) == 1 \
+        else annotation
+
+
+def _flag_kwargs(annotation: Any, metadata: list[Any], default: Any) -> dict[str, Any] | None:
+    """argparse keywords for a field of this type and constraints; None: no flag (a mapping or a section)."""
+    annotation = _optional(annotation)
+    if annotation is bool:
+        return {"action": "store_false" if default else "store_true", "default": None}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if typing.get_origin(annotation) is list:
+        return {"action": "append", "type": typing.get_args(annotation)[0]}
+    positive = any(getattr(m, "gt", None) == 0 or (getattr(m, "ge", None) or 0) >= 1 for m in metadata)
+    if annotation is int:
+        return {"type": _positive_int if positive else int}
+    if annotation is float:
+        return {"type": _positive_float if positive else float}
+    if annotation in (str, Path):
+        return {"type": annotation}
+    return None
 
 
 RECIPE_ROWS = 24  # a repository of hundreds of experts prints its strongest
@@ -93,7 +162,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from evomerge.export import register_on_provider, write_exports, write_model
     from evomerge.report import load_run
-    from evomerge.run import run_repository
+    from evomerge.export import run_repository
 
     if args.provider is not None and not args.name:
         raise ConfigError("--provider needs --name, the model id to register the merge under")
@@ -137,38 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("search", help="search for the best merge of experts")
     s.add_argument("--config", type=Path, help="YAML config file; flags override its fields")
-    s.add_argument("--backend", choices=["python", "local", "api"])
-    s.add_argument("--budget", type=_positive_int, help="paid evaluations (exact)")
-    s.add_argument("--optimizer", help="cma, ngopt, ng-cma, twopointsde, pso, oneplusone, random")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--journal", type=Path, help="SQLite journal of the run (needed to resume)")
     s.add_argument("--resume", action="store_true", help="continue the run recorded in --journal")
     s.add_argument("--force", action="store_true", help="resume even if the journal's config differs")
-    s.add_argument("--workers", type=_positive_int, help="evaluations in parallel (Ray actors when > 1)")
-    s.add_argument("--executor", choices=["threads", "ray"])
-    s.add_argument("--ray-address", help="connect to this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
-    s.add_argument("--eval-timeout", type=_positive_float, help="seconds before a candidate is cancelled as failed")
-    s.add_argument("--max-queries", type=_positive_int, help="cap on provider queries (never exceeded)")
-    s.add_argument("--max-tokens", type=_positive_int, help="cap on tokens (never exceeded)")
-    s.add_argument("--fitness", help="python backend: MODULE:CALLABLE returning a loss (default: built-in demo)")
-    s.add_argument("--repository", type=Path, help="local/api backends: the repository directory")
-    s.add_argument("--task-file", type=Path, action="append", metavar="JSONL",
-                   help="your task: {\"prompt\", \"answer\"} lines to search on (fit + validation); repeat for more tasks")
-    s.add_argument("--test-file", type=Path, action="append", metavar="JSONL",
-                   help="held-out examples for the test table after the search (never searched on)")
-    s.add_argument("--api-base", help="api backend: the provider's base URL (default: a built-in local server)")
-    s.add_argument("--provider", choices=["auto", "evomerge", "llama.cpp"],
-                   help="api backend: the server's kind (default: auto, asked from the server)")
-    s.add_argument("--race", type=float, metavar="FRACTION",
-                   help="score candidates on this fraction of the fit examples first; finish only the promising")
-    s.add_argument("--output", type=Path, help="directory for the best recipe, mergekit YAML, config and (local "
-                                               "backend) the merged adapter or checkpoint")
-    s.add_argument("--no-export-model", dest="export_model", action="store_false", default=None,
-                   help="local backend: do not write the merged adapter or checkpoint into --output")
-    s.add_argument("--test-table", choices=["none", "summary", "full"],
-                   help="the test table after the search, paid under the same caps (default: summary "
-                        "beyond 16 experts, else full)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(config_flags=_add_config_flags(s))
     s.set_defaults(func=_search)
     r = sub.add_parser("report", help="write a Markdown report with plots from a journal")
     r.add_argument("journal", type=Path)

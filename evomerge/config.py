@@ -7,16 +7,18 @@ its outputs and into its journal. Validation happens here, before any work start
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError
+from evomerge.scheduler.race import Race
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # attribute docstrings become field descriptions: the CLI's help text (evomerge.cli)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class SpaceConfig(_Frozen):
@@ -67,55 +69,47 @@ class ApiConfig(_Frozen):
     scales, β only; `evomerge.backends.llamacpp`); auto asks the server (llama.cpp answers /props)."""
 
 
-class RaceConfig(_Frozen):
-    """Racing: score on a minibatch of `fraction` of the fit examples first (see scheduler/race.py)."""
+class SearchSettings(_Frozen):
+    """What `evomerge.api.optimize` runs, validated once, here. Its dump less `RUNTIME` is the
+    journal's fingerprint: a resumed run must search the same way, but may run it differently
+    (more workers, another cluster, a raised cap)."""
 
-    fraction: float = Field(0.25, gt=0.0, lt=1.0)
-    quantile: float = Field(0.25, gt=0.0, le=1.0)
-    window: int | None = Field(None, ge=1)
-    warmup: int = Field(10, ge=1)
-
-
-class SearchConfig(_Frozen):
-    backend: Literal["python", "local", "api"] = "python"
     budget: int = Field(500, gt=0)
+    """paid evaluations (exact)"""
     optimizer: str = "cma"
+    """cma, ngopt, ng-cma, twopointsde, pso, oneplusone, random"""
     optimizer_options: dict[str, Any] = Field(default_factory=dict)
     popsize: int | None = Field(None, ge=2)
+    """candidates per optimizer generation (default: the optimizer's own)"""
     seed: int = 0
+    lookahead: int | None = Field(None, ge=1)
+    """candidates asked ahead of the results (default: max(popsize, 2 × workers))"""
+    top_k: int = Field(5, ge=1)
+    """candidates per stage re-scored on validation before the choice"""
+    start: bool = True
+    """each stage's first trial is its start point (the uniform merge for the evo spaces)"""
+    race: Race | None = None
+    """score candidates on a fraction of the fit examples first; finish only the promising"""
     workers: int = Field(1, ge=1)
+    """evaluations in parallel (Ray actors when > 1)"""
     executor: Literal["threads", "ray"] = "threads"
     ray_address: str | None = None
+    """connect to this Ray cluster (default: $RAY_ADDRESS or a local Ray)"""
     eval_timeout: float | None = Field(None, gt=0)
+    """seconds before a candidate is cancelled as failed"""
     max_retries: int = Field(2, ge=0)
+    """times a candidate whose Ray worker died is retried"""
     max_queries: int | None = Field(None, gt=0)
+    """cap on provider queries (never exceeded)"""
     max_tokens: int | None = Field(None, gt=0)
-    top_k: int = Field(5, ge=1)
-    journal: Path | None = None
-    output: Path | None = None
-    export_model: bool = True
-    """Local backend: also write the merged adapter (or checkpoint) into `output`."""
-    fitness: str | None = None
-    repository: Path | None = None
-    experts: list[str] | None = None
-    space: SpaceConfig = Field(default_factory=SpaceConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    api: ApiConfig = Field(default_factory=ApiConfig)
-    race: RaceConfig | None = None
-    test_metrics: list[str] = Field(default_factory=lambda: ["ce", "exact_match"], min_length=1)
-    """Metrics reported on the test split (configured apart from the search objective)."""
-    test_table: Literal["none", "summary", "full"] | None = None
-    """The test table after the search, paid under the same caps: ``full`` (best, uniform, every
-    expert alone, best single), ``summary`` (best, uniform, best single), ``none``; None: summary
-    beyond 16 experts, else full."""
-    device: str | None = None
-    dtype: str | None = None
-    batch_size: int | None = Field(None, ge=1)
-    """Examples per forward pass (local) or per request (api); None: the backend's default."""
-    population: bool = True
-    """Local backend: candidates asked ahead together share batched forwards (LoRA recipes that
-    stay low-rank; each row block served by its candidate's factors); false scores one at a time."""
+    """cap on tokens (never exceeded)"""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "executor", "ray_address", "eval_timeout", "max_retries", "max_queries", "max_tokens"})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that fix which candidates are asked, as the journal records them."""
+        return self.model_dump(mode="json", include=set(SearchSettings.model_fields) - self.RUNTIME)
 
     @field_validator("optimizer")
     @classmethod
@@ -125,6 +119,44 @@ class SearchConfig(_Frozen):
         if name.lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
         return name.lower()
+
+
+class SearchConfig(SearchSettings):
+    """A whole run: the search's settings plus where its candidates are scored and what it writes."""
+
+    backend: Literal["python", "local", "api"] = "python"
+    """where candidates are scored: a fitness callable, merges in memory, or a provider's API"""
+    journal: Path | None = None
+    """SQLite journal of the run (needed to resume)"""
+    output: Path | None = None
+    """directory for the best recipe, mergekit YAML, config and (local backend) the merged adapter or checkpoint"""
+    export_model: bool = True
+    """Local backend: also write the merged adapter (or checkpoint) into `output`."""
+    fitness: str | None = None
+    """python backend: MODULE:CALLABLE returning a loss (default: built-in demo)"""
+    repository: Path | None = None
+    """local/api backends: the repository directory (default: the tiny demo zoo)"""
+    experts: list[str] | None = None
+    """the experts to merge (default: every expert of the repository)"""
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    test_metrics: list[str] = Field(default_factory=lambda: ["ce", "exact_match"], min_length=1)
+    """Metrics reported on the test split (configured apart from the search objective)."""
+    test_table: Literal["none", "summary", "full"] | None = None
+    """The test table after the search, paid under the same caps: ``full`` (best, uniform, every
+    expert alone, best single), ``summary`` (best, uniform, best single), ``none``; None: summary
+    beyond 16 experts, else full."""
+    device: str | None = None
+    """local backend: the device to merge and score on (default: cuda when present, else cpu)"""
+    dtype: str | None = None
+    """local backend: the scoring dtype, e.g. bfloat16 (default: the model's)"""
+    batch_size: int | None = Field(None, ge=1)
+    """Examples per forward pass (local) or per request (api); None: the backend's default."""
+    population: bool = True
+    """Local backend: candidates asked ahead together share batched forwards (LoRA recipes that
+    stay low-rank; each row block served by its candidate's factors); false scores one at a time."""
 
     @field_validator("test_metrics")
     @classmethod
@@ -172,8 +204,13 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path or 'config'}: {where}: {msg}" + (
-            f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict) else "")) from None
+        raise ConfigError(describe_error(exc, str(path or "config"))) from None
+
+
+def describe_error(exc: ValidationError, source: str) -> str:
+    """A validation error as one line: where it came from, the field, what is wrong, what was given."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    given = err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict)
+    return f"{source}: {where}: {msg}" + (f" (got {err['input']!r})" if given else "")

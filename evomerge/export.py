@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import yaml
 
 from evomerge.blocks import block_of
-from evomerge.errors import RecipeError
+from evomerge.errors import ConfigError, RecipeError
 from evomerge.recipe import MergeRecipe, effective_weights
 from evomerge.repository import Repository
+
+if TYPE_CHECKING:
+    from evomerge.api import SearchResult
+    from evomerge.backends import Weights
+    from evomerge.baselines import TestReport
+    from evomerge.config import SearchConfig
 
 _MERGEKIT = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "task_arithmetic",
              "uniform": "task_arithmetic", "evo": "task_arithmetic", "evo_tv": "task_arithmetic", "evo_ties": "ties"}
@@ -222,3 +228,38 @@ def register_on_provider(recipe: MergeRecipe, base_url: str, name: str, api_key:
             message = reply.text[:200]
         raise BackendError(f"the provider refused to register {name!r} (HTTP {reply.status_code}): {message}")
     return reply.json()
+
+
+def write_outputs(config: SearchConfig, result: SearchResult, report: TestReport | None, weights: Weights) -> None:
+    """What a configured run leaves in `config.output`: its resolved config, the best recipe and its
+    mergekit YAML, the test report, and where the weights are here (the local backend) the merged
+    adapter or checkpoint that ships."""
+    if config.output is None:
+        return
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    write_exports(result.best_recipe, out, weights.repository)
+    if config.export_model and config.backend == "local" and weights.repository is not None:
+        write_model(result.best_recipe, weights.repository, choose=out, device=config.device)
+    if report is not None:
+        (out / "test_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def run_repository(config: Mapping[str, Any], override: str | Path | None = None,
+                   need: bool = False) -> Repository | None:
+    """The repository a journaled run searched, for its exports: `override`, else the config's,
+    else the tiny demo zoo where the run used it (built only when `need`, i.e. weights are to be
+    written). None when the weights are elsewhere (a remote provider, a python fitness)."""
+    path = override or config.get("repository")
+    if path is None and config.get("backend") in ("local", "api") and not (config.get("api") or {}).get("base"):
+        from evomerge.zoo import default_tiny_dir, ensure_tiny
+        from evomerge.zoo.builder import is_built
+
+        if need or is_built(default_tiny_dir(), "tiny", 0):
+            path = ensure_tiny()
+    if path is None:
+        if need:
+            raise ConfigError("writing the merged weights needs the repository the run searched; give --repository DIR")
+        return None
+    return Repository.open(path)

@@ -12,10 +12,14 @@ import random
 from itertools import zip_longest
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from evomerge.errors import TaskError
+from evomerge.errors import ConfigError, TaskError
 from evomerge.serve.protocol import answer_start
+
+if TYPE_CHECKING:
+    from evomerge.config import TaskConfig
+    from evomerge.repository import Repository
 
 SPLITS = ("fit", "validation", "test")
 GENERATION_MARGIN = 4
@@ -128,3 +132,34 @@ def split_search(examples: Sequence[Example], validation: float, seed: int = 0) 
     # Tasks interleaved, so any prefix of fit ("fit:K", racing's minibatch) spans every task.
     fit = [ex for row in zip_longest(*fits) for ex in row if ex is not None]
     return tuple(fit), tuple(val)
+
+
+def _zoo_default_tasks(root: Path) -> list[str]:
+    """A zoo's out-of-domain targets: the demo's task when the config names none."""
+    try:
+        return list(json.loads((root / "zoo.json").read_text()).get("ood_tasks") or [])[:1]
+    except (OSError, ValueError):
+        return []
+
+
+def load_splits(task: TaskConfig, repo: Repository | None) -> Splits:
+    """Fit / validation / test examples from repository task names and/or JSONL files."""
+    names = task.tasks or ([] if task.files or repo is None or repo.root is None else _zoo_default_tasks(repo.root))
+    search_examples: list[Example] = []
+    test: list[Example] = []
+    for name in names:
+        if repo is None or name not in repo.tasks:
+            known = ", ".join(sorted(repo.tasks)) if repo is not None else "none (no --repository given)"
+            raise ConfigError(f"task {name!r} is not in the repository; known tasks: {known or 'none'}")
+        search_examples += load_jsonl(repo.tasks[name]["search"], task=name)
+        test += load_jsonl(repo.tasks[name]["test"], task=name)
+    for path in task.files:
+        search_examples += load_jsonl(path)
+    for path in task.test_files:
+        test += load_jsonl(path)
+    if not search_examples:
+        raise ConfigError("no examples to search on: set task.tasks (repository task names) or task.files (JSONL)")
+    fit, val = split_search(search_examples, task.validation, task.split_seed)
+    if task.max_fit is not None:
+        fit = fit[: task.max_fit]
+    return Splits(fit, val, tuple(test))

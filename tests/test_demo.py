@@ -10,7 +10,7 @@ from evomerge.backends.local import LocalEvaluatorFactory
 from evomerge.journal import Journal
 from evomerge.recipe import uniform
 from evomerge.repository import Repository
-from evomerge.run import load_splits
+from evomerge.tasks import load_splits
 from evomerge.config import TaskConfig
 
 ROOT = Path(__file__).resolve().parents[1]

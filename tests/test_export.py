@@ -15,7 +15,7 @@ from evomerge.cli import main  # noqa: E402
 from evomerge.config import SearchConfig  # noqa: E402
 from evomerge.recipe import MergeRecipe  # noqa: E402
 from evomerge.repository import Repository  # noqa: E402
-from evomerge.run import run  # noqa: E402
+from evomerge.api import run  # noqa: E402
 from evomerge.search_spaces import build_space  # noqa: E402
 from evomerge.tasks import Example, write_jsonl  # noqa: E402
 from tests.serve.tiny_repo import build_tiny_repository  # noqa: E402

@@ -1,4 +1,4 @@
-"""`evomerge.run` wires the task's generation length, batch size and chat flag into the backends."""
+"""`evomerge.backends.prepare` wires the task's generation length, batch size and chat flag into the backends."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from evomerge.config import SearchConfig  # noqa: E402
 from evomerge.errors import ConfigError, TaskError  # noqa: E402
-from evomerge.run import prepare  # noqa: E402
+from evomerge.backends import prepare  # noqa: E402
 from evomerge.tasks import Example, generation_length, write_jsonl  # noqa: E402
 from tests.serve.tiny_repo import build_tiny_repository  # noqa: E402
 

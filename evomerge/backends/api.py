@@ -36,12 +36,14 @@ import os
 import random
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from evomerge._imports import require
 from evomerge.backends import llamacpp
-from evomerge.backends._base import Backend, Evaluator, register_backend
+from evomerge.backends._base import Backend, Evaluator, Prepared, Weights, register_backend
+from evomerge.backends._config import generation_budget, repository_dir, select_experts, splits_digest
 from evomerge.backends.memo import ExampleMemo
 from evomerge.errors import BackendError, BudgetExhausted, ConfigError
 from evomerge.objectives import Objective
@@ -49,7 +51,10 @@ from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost, Score
 from evomerge.serve.protocol import (MERGE_FIELD, all_greedy, answer_greedy, answer_nll, chat_messages,
                                      generation_prompt, mean_nll)
-from evomerge.tasks import Example, Splits, generation_length
+from evomerge.tasks import Example, Splits, generation_length, load_splits
+
+if TYPE_CHECKING:
+    from evomerge.config import SearchConfig
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +186,6 @@ def request_plan(objective: Objective, examples: Sequence[Example], per_request:
     return Cost(queries, _token_bound([p + a for p, a in scored] + prompts, chat) + len(prompts) * length + forced)
 
 
-@register_backend("api")
 class ApiBackend(Backend):
     """Scores recipes by querying an OpenAI-compatible provider that applies them server-side."""
 
@@ -781,6 +785,7 @@ def _message(exc: Any) -> str:
     return str(getattr(exc, "message", exc))[:300]
 
 
+@register_backend("api")
 @dataclass(frozen=True)
 class ApiEvaluatorFactory:
     """A picklable recipe for an api evaluator: each worker builds its own `ApiBackend` from it.
@@ -797,6 +802,73 @@ class ApiEvaluatorFactory:
     uses_gpu = False  # a client: Ray places it on CPU even on a GPU cluster
     objective: Objective | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    repository: str | None = None
+    """The repository on this machine where the provider was started here (for the exports)."""
+
+    @classmethod
+    def from_config(cls, config: SearchConfig, stack: ExitStack, resume: bool = False) -> Prepared:
+        """The provider at --api-base, or the reference server started on loopback (entered on
+        `stack`) over the repository (default: the tiny demo zoo). The user's examples stay here.
+
+        The start-up probe's paid request is counted (`Prepared.spent`, journaled by the search), so
+        the journal's ledger equals what the provider served. A resumed run probes with no caps left:
+        only the unpaid GET /models runs (its spend may already be at the cap, and the provider answered
+        the run that started it)."""
+        from evomerge.repository import Repository
+        from evomerge.serve.protocol import Limits
+
+        local = config.api.base is None or config.repository is not None
+        repo_dir = repository_dir(config) if local else None
+        splits = load_splits(config.task, Repository.open(repo_dir) if repo_dir is not None else None)
+        length = generation_budget(config, splits, Limits().max_tokens)
+        base = config.api.base
+        if base is None:
+            from evomerge.serve.embedded import serving
+
+            print(f"starting the reference provider over {repo_dir} on loopback", flush=True)
+            base = stack.enter_context(serving(repo_dir))
+        options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
+                   ("timeout", config.api.timeout), ("retries", config.api.max_retries), ("chat", config.task.chat),
+                   ("max_new_tokens", length)) + (() if config.batch_size is None else (("batch_size", config.batch_size),))
+        probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, **dict(options))
+        try:
+            probe.caps = UsageCap(0, 0) if resume else UsageCap(config.max_queries, config.max_tokens)
+            try:
+                probe.check()
+            except BudgetExhausted:  # resumed: the paid part of the probe is skipped
+                pass
+            experts = select_experts(config.experts, probe.experts())
+            spent = Cost(probe.caps.queries, probe.caps.tokens)
+        finally:
+            probe.close()
+        options += (("provider", probe.provider),)  # settled: every worker speaks the same profile
+        if probe.provider == "llama.cpp":
+            refused = llamacpp.space_error(config.space.name, config.space.options)
+            if refused is not None:
+                raise ConfigError(f"{base} is llama.cpp's server: {refused}")
+        factory = cls(base, config.api.key_env, splits, Objective.from_config(config.objective), options,
+                      None if repo_dir is None else str(repo_dir))
+        return Prepared(experts, factory, spent)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.splits.validation)
+
+    @property
+    def weights(self) -> Weights:
+        """The repository where it is on this machine; its layers only where the provider takes
+        per-block recipes (llama.cpp's server takes one scale per adapter)."""
+        if self.repository is None:
+            return Weights()
+        from evomerge.repository import Repository
+
+        repo = Repository.open(self.repository)
+        return Weights(repo, None if dict(self.options).get("provider") == "llama.cpp" else repo.block_layers)
+
+    def fingerprint(self) -> dict[str, Any]:
+        options = {k: v for k, v in self.options if k not in ("concurrency", "timeout", "retries")}
+        return {"backend": "api", "objective": repr(self.objective), "examples": splits_digest(self.splits),
+                "options": options}
 
     @property
     def secret_env(self) -> tuple[str, ...]:

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from evomerge import inference
-from evomerge.backends._base import Backend, Evaluator, register_backend
+from evomerge.backends._base import Backend, Evaluator, Prepared, Weights, register_backend
+from evomerge.backends._config import generation_budget, repository_dir, select_experts, splits_digest
 from evomerge.backends.memo import ExampleMemo
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
 from evomerge.score import Cost, Score
-from evomerge.tasks import Example, Splits, generation_length
+from evomerge.tasks import Example, Splits, generation_length, load_splits
 
+if TYPE_CHECKING:
+    from evomerge.config import SearchConfig
 
 CPU_POPULATION_COST = 0.25
 """On a CPU, where a forward is bound by multiply-adds, a recipe joins a population forward only
@@ -37,7 +41,6 @@ adapters (cost 0.02) ran 2.45x faster together, `evo_tv` over 8 (0.18) 3.29x, `e
 low-rank recipe."""
 
 
-@register_backend("local")
 class LocalBackend(Backend):
     """Merges each recipe into the resident base model and scores it on examples."""
 
@@ -232,6 +235,7 @@ class _PopulationEvaluator(_SplitEvaluator):
         return self.backend.evaluate_many(recipes, self.splits.get(split))
 
 
+@register_backend("local")
 @dataclass(frozen=True)
 class LocalEvaluatorFactory:
     """Picklable recipe for a local evaluator: a worker (thread, Ray actor) builds its own model.
@@ -251,11 +255,45 @@ class LocalEvaluatorFactory:
     chat: bool = False
     population: bool = True
     population_cost: float | None = None
+    uses_gpu = True
+
+    @classmethod
+    def from_config(cls, config: SearchConfig, stack: ExitStack, resume: bool = False) -> Prepared:
+        """The configured repository (default: the tiny demo zoo) merged and scored in this process."""
+        root = repository_dir(config)
+        repo = Repository.open(root)
+        splits = load_splits(config.task, repo)
+        experts = select_experts(config.experts, list(repo.experts))
+        if config.task.chat:  # refused now in one line, not by every candidate's evaluator
+            from evomerge._imports import require
+
+            inference.model_prompt(require("transformers", "task.chat").AutoTokenizer.from_pretrained(str(repo.base)),
+                                   "", chat=True)
+        batch = {} if config.batch_size is None else {"batch_size": config.batch_size}
+        factory = cls(str(root), splits, Objective.from_config(config.objective), device=config.device,
+                      dtype=config.dtype, max_new_tokens=generation_budget(config, splits), chat=config.task.chat,
+                      population=config.population, **batch)
+        return Prepared(experts, factory)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.splits.validation)
+
+    @property
+    def weights(self) -> Weights:
+        repo = self._repository()
+        return Weights(repo, repo.block_layers)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": "local", "objective": repr(self.objective), "examples": splits_digest(self.splits),
+                "max_new_tokens": self.max_new_tokens, "chat": self.chat, "dtype": self.dtype}
+
+    def _repository(self) -> Repository:
+        return (Repository.from_paths(self.repository_path, experts=self.expert_paths)
+                if self.expert_paths else Repository.open(self.repository_path))
 
     def __call__(self) -> Evaluator:
-        repo = (Repository.from_paths(self.repository_path, experts=self.expert_paths)
-                if self.expert_paths else Repository.open(self.repository_path))
-        backend = LocalBackend(repo, self.objective, device=self.device, dtype=self.dtype,
+        backend = LocalBackend(self._repository(), self.objective, device=self.device, dtype=self.dtype,
                                batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, chat=self.chat,
                                population_cost=self.population_cost)
         return (_PopulationEvaluator if self.population else _SplitEvaluator)(backend, self.splits)

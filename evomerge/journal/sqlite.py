@@ -122,6 +122,9 @@ class Journal:
         elif fingerprint is not None and not force:
             stored = json.loads(meta["fingerprint"])
             theirs = json.loads(json.dumps(fingerprint, sort_keys=True))
+            if "version" not in stored:  # an earlier version's: the evaluator by class name only
+                theirs = {k: v for k, v in theirs.items() if k in stored and k != "evaluator"}
+                stored.pop("evaluator", None)
             if stored != theirs:
                 diff = sorted(k for k in set(stored) | set(theirs) if stored.get(k) != theirs.get(k))
                 refusal = (f"journal {path} belongs to a different configuration (differs in: {', '.join(diff)}); "

@@ -6,7 +6,7 @@ Every registered builder takes the expert names first and keyword options after 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from evomerge.errors import ConfigError
 from evomerge.search_spaces._base import SPACES, Plan, SearchSpace, SingleStage, as_plan, register_space
@@ -15,6 +15,9 @@ from evomerge.search_spaces.classic import ClassicSpace, baseline, grid, grid_ta
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field
 from evomerge.search_spaces.evo import EvoPlan, EvoSpace, ScaleSpace
 from evomerge.search_spaces.projected import ProjectedSpace
+
+if TYPE_CHECKING:
+    from evomerge.config import SpaceConfig
 
 
 def build_space(name: str, experts: Sequence[str], **options: Any) -> SearchSpace | Plan:
@@ -27,6 +30,20 @@ def build_space(name: str, experts: Sequence[str], **options: Any) -> SearchSpac
         raise ConfigError(f"search space {name!r} got invalid options {sorted(options)}: {exc}") from None
 
 
+def space_from_config(config: SpaceConfig, experts: Sequence[str], num_layers: int | None) -> SearchSpace | Plan:
+    """The configured space over `experts`, given the backend's layer count where its blocks need
+    one: `evo_joint`'s default block stage, `blockwise`, or any plan's `refine_groups`."""
+    options = dict(config.options)
+    if config.name == "evo_joint" and "num_layers" not in options and num_layers is not None:
+        options["num_layers"] = num_layers  # its default block stage
+    if (config.name == "blockwise" or options.get("refine_groups")) and "num_layers" not in options:
+        if num_layers is None:
+            raise ConfigError(f"the {config.name} space's blocks need space.options.num_layers for this backend")
+        options["num_layers"] = num_layers
+    return build_space(config.name, experts, **options)
+
+
 __all__ = ["SPACES", "Plan", "SearchSpace", "SingleStage", "as_plan", "register_space", "build_space",
+           "space_from_config",
            "CoefficientSpace", "Field", "EvoSpace", "ScaleSpace", "EvoPlan", "ClassicSpace", "BlockwiseSpace",
            "ProjectedSpace", "baseline", "grid", "grid_task_arithmetic"]
