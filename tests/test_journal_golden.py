@@ -16,6 +16,9 @@ from benchmarks.journal_identity import RUNS, journal_dump
 from evomerge.cli import main
 
 GOLDEN = Path(__file__).parent / "golden" / "python_search.json"
+OLD_JOURNAL = Path(__file__).parent / "golden" / "python_search_v1.sqlite"
+"""The same search's journal as the version before issue 19 wrote it (its fingerprint names the
+evaluator by class only)."""
 
 
 def _dump(tmp: Path) -> dict:
@@ -31,6 +34,18 @@ def test_python_search_journal_matches_golden(tmp_path, capsys):
     for i, (got, want) in enumerate(zip(dump["evaluations"], golden["evaluations"])):
         assert got == want, f"evaluation {i} differs from the golden journal"
     assert dump == golden
+
+
+def test_a_journal_of_the_earlier_version_resumes_and_still_refuses_another_search(tmp_path, capsys):
+    import shutil
+
+    journal = tmp_path / "old.sqlite"
+    shutil.copy(OLD_JOURNAL, journal)
+    flags = ["search", *RUNS["python"], "--journal", str(journal), "--no-progress", "--resume"]
+    assert main([*flags, "--seed", "4"]) == 2
+    assert "differs in: seed" in capsys.readouterr().err
+    assert main(flags) == 0  # the same search: nothing is asked again
+    assert journal_dump(journal)["evaluations"] == json.loads(GOLDEN.read_text())["evaluations"]
 
 
 if __name__ == "__main__":
