@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import Any, Callable, ClassVar, Sequence
 
-from evomerge.errors import ConfigError
 from evomerge.recipe import MergeRecipe
+from evomerge.registry import Registry
 from evomerge.score import Cost, Score
 from evomerge.tasks import Example
 
@@ -49,17 +49,15 @@ class Backend(ABC):
         """Release what the backend holds (models, connections)."""
 
 
-BACKENDS: dict[str, type[Backend]] = {}
+BACKENDS: Registry[type[Backend]] = Registry("backend")
 
 
 def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:
     """Class decorator: make a backend available under `name` (what users type in YAML)."""
 
     def deco(cls: type[Backend]) -> type[Backend]:
-        if name in BACKENDS:
-            raise ConfigError(f"backend name {name!r} is registered twice")
+        BACKENDS.add(name, cls)
         cls.name = name
-        BACKENDS[name] = cls
         return cls
 
     return deco
