@@ -90,17 +90,17 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
     method = METHODS[recipe.method]
     lora = repository is not None and any(repository.expert(e).kind == "lora" for e in recipe.experts)
     if method.lora == "factors" and (lora or repository is None):
-        notes.append(f"Not exact: {method.name} multiplies merged LoRA factors, (Σ β_i·s_i·B_i)(Σ β_i·S_α_i(A_i)), which is "
-                     "quadratic in β with cross terms; mergekit has no such method. Below is task arithmetic with "
-                     "the scales β as weights.")
+        notes.append(f"Not exact: {method.name} multiplies merged LoRA factors, (Σ β_i·s_i·B_i)(Σ β_i·S_α_i(A_i)), "
+                     "which is quadratic in β with cross terms; mergekit has no such method. Below is task arithmetic "
+                     "with the scales β as weights.")
     if method.densities and not method.mergekit_density and any(d < 1.0 for d in _all_densities(recipe)):
         notes.append("Not exact: mergekit cannot express the keep ratios α (each expert's LoRA A, or task vector, "
                      "pruned to its largest-magnitude fraction α); this is the merge with every α = 1.")
     weights = _all_weights(recipe)
     if method.disjoint_mean == "count" and (len(set(weights)) > 1 or min(weights) < 0):
-        notes.append(f"Not exact: {method.name} divides each agreeing entry by how many experts agree, mergekit's TIES by "
-                     "the sum of their weights (β / mean|β| here, lambda the mean|β|); the two agree when every β "
-                     "is the same positive number.")
+        notes.append(f"Not exact: {method.name} divides each agreeing entry by how many experts agree, mergekit's "
+                     "TIES by the sum of their weights (β / mean|β| here, lambda the mean|β|); the two agree when "
+                     "every β is the same positive number.")
     if method.stochastic:
         notes.append(f"DARE drops entries at random: mergekit draws its own masks (run it with --random-seed "
                      f"{recipe.seed or 0}, the recipe's seed), evomerge seeds each mask by (seed, expert, tensor), "

@@ -77,8 +77,8 @@ def test_low_rank_methods_merge_lora_factors_and_dense_ones_refuse(merger, tiny_
         assert a.shape[0] == (ranks[0] if method.lora == "factors" else sum(ranks)) < min(a.shape[1], b.shape[0])
         if method.lora == "concat":  # linear in the updates: the method's own merge of each dense ΔW_i
             updates = [torch.from_numpy(s * f[target][1] @ f[target][0]).float() for f, s in factors]
-            dense = KERNELS[method.kernel]([Contribution(n, w, 1.0, u.clone) for n, w, u in zip(LORA, weights, updates)],
-                                           target, None)
+            contribs = [Contribution(n, w, 1.0, u.clone) for n, w, u in zip(LORA, weights, updates)]
+            dense = KERNELS[method.kernel](contribs, target, None)
             torch.testing.assert_close(b @ a, 0.9 * dense, rtol=0, atol=1e-6)
 
 
