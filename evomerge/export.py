@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.blocks import block_of
 from evomerge.errors import ConfigError, RecipeError
-from evomerge.recipe import MergeRecipe, effective_weights
+from evomerge.recipe import METHODS, MergeRecipe, effective_weights
 from evomerge.repository import Repository
 
 if TYPE_CHECKING:
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from evomerge.baselines import TestReport
     from evomerge.config import SearchConfig
 
-_MERGEKIT = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "task_arithmetic",
-             "uniform": "task_arithmetic", "evo": "task_arithmetic", "evo_tv": "task_arithmetic", "evo_ties": "ties"}
 _LAYER_PART = 3  # "model.layers.N.self_attn.q_proj.weight" -> group "model.layers.N.self_attn."
 
 Value = Callable[[tuple[float, ...], "tuple[float, ...] | None"], float]
@@ -37,14 +35,15 @@ Value = Callable[[tuple[float, ...], "tuple[float, ...] | None"], float]
 
 def _values(recipe: MergeRecipe, as_linear: bool) -> dict[str, Callable[[int], Value]]:
     """mergekit's per-expert parameters, each as a function of the coefficients in force."""
-    strength = _strength(recipe) if recipe.method == "evo_ties" else 1.0
+    method = METHODS[recipe.method]
+    strength = _strength(recipe)
 
     def weight(i: int) -> Value:
         def f(w: tuple[float, ...], d: tuple[float, ...] | None) -> float:
             if as_linear:                              # mergekit's linear normalises by Σw itself
                 return w[i]
             ew = effective_weights(recipe.method, w)[i]
-            if recipe.method == "dare":                # evomerge rescales survivors by 1/density
+            if method.stochastic:                      # evomerge rescales survivors by 1/density
                 density = 1.0 if d is None else d[i]
                 return 0.0 if density == 0.0 else ew / density
             return ew / strength                       # evo_ties: mergekit's normalised TIES cancels a common β
@@ -53,7 +52,7 @@ def _values(recipe: MergeRecipe, as_linear: bool) -> dict[str, Callable[[int], V
     def density(i: int) -> Value:
         return lambda w, d: 1.0 if d is None else d[i]
 
-    return {"weight": weight, **({"density": density} if recipe.method in ("ties", "evo_ties", "dare") else {})}
+    return {"weight": weight, **({"density": density} if method.mergekit_density else {})}
 
 
 def _groups(names: Sequence[str]) -> dict[str, list[str]]:
@@ -94,20 +93,21 @@ def _setting(recipe: MergeRecipe, value: Value, names: Sequence[str]) -> Any:
 def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
     """What the YAML does not reproduce, in plain words."""
     notes = []
+    method = METHODS[recipe.method]
     lora = repository is not None and any(repository.expert(e).kind == "lora" for e in recipe.experts)
-    if recipe.method == "evo" and (lora or repository is None):
-        notes.append("Not exact: evo multiplies merged LoRA factors, (Σ β_i·s_i·B_i)(Σ β_i·S_α_i(A_i)), which is "
-                     "quadratic in β with cross terms; mergekit has no such method. Below is task arithmetic with "
-                     "the scales β as weights.")
-    if recipe.method in ("evo", "evo_tv") and any(d < 1.0 for d in _all_densities(recipe)):
+    if method.lora == "factors" and (lora or repository is None):
+        notes.append(f"Not exact: {method.name} multiplies merged LoRA factors, (Σ β_i·s_i·B_i)(Σ β_i·S_α_i(A_i)), "
+                     "which is quadratic in β with cross terms; mergekit has no such method. Below is task arithmetic "
+                     "with the scales β as weights.")
+    if method.densities and not method.mergekit_density and any(d < 1.0 for d in _all_densities(recipe)):
         notes.append("Not exact: mergekit cannot express the keep ratios α (each expert's LoRA A, or task vector, "
                      "pruned to its largest-magnitude fraction α); this is the merge with every α = 1.")
     weights = _all_weights(recipe)
-    if recipe.method == "evo_ties" and (len(set(weights)) > 1 or min(weights) < 0):
-        notes.append("Not exact: evo_ties divides each agreeing entry by how many experts agree, mergekit's TIES by "
-                     "the sum of their weights (β / mean|β| here, lambda the mean|β|); the two agree when every β "
-                     "is the same positive number.")
-    if recipe.method == "dare":
+    if method.disjoint_mean == "count" and (len(set(weights)) > 1 or min(weights) < 0):
+        notes.append(f"Not exact: {method.name} divides each agreeing entry by how many experts agree, mergekit's "
+                     "TIES by the sum of their weights (β / mean|β| here, lambda the mean|β|); the two agree when "
+                     "every β is the same positive number.")
+    if method.stochastic:
         notes.append(f"DARE drops entries at random: mergekit draws its own masks (run it with --random-seed "
                      f"{recipe.seed or 0}, the recipe's seed), evomerge seeds each mask by (seed, expert, tensor), "
                      "so the two agree in distribution, not entry by entry. Each weight holds the 1/density rescale "
@@ -121,7 +121,11 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
 
 
 def _strength(recipe: MergeRecipe) -> float:
-    """evo_ties's strength as mergekit's lambda: the mean |β| (the β when all are equal, where the YAML is exact)."""
+    """The strength mergekit's lambda carries: for a disjoint mean over the agreeing count (evo_ties),
+    whose β's size is the strength, the mean |β| (the β when all are equal, where the YAML is
+    exact); 1 for every other method."""
+    if METHODS[recipe.method].disjoint_mean != "count":
+        return 1.0
     weights = [abs(w) for w in _all_weights(recipe)]
     return sum(weights) / len(weights) or 1.0
 
@@ -141,7 +145,8 @@ def to_mergekit(recipe: MergeRecipe, repository: Repository | None = None, base:
                 dtype: str = "float32") -> str:
     """A mergekit YAML config of `recipe` (exact for linear, task arithmetic, uniform and TIES; DARE
     up to its random masks); `repository` gives the paths and tensor names."""
-    as_linear = recipe.method == "linear" and recipe.scale == 1.0
+    method = METHODS[recipe.method]
+    as_linear = method.weighting == "normalised" and recipe.scale == 1.0
     base_ref = str(repository.base.resolve()) if repository is not None else base
     names = list(repository.base_files) if repository is not None else []
     values = _values(recipe, as_linear)
@@ -152,16 +157,16 @@ def to_mergekit(recipe: MergeRecipe, repository: Repository | None = None, base:
             expert = repository.expert(name)
             ref = f"{base_ref}+{expert.path.resolve()}" if expert.kind == "lora" else str(expert.path.resolve())
         models.append({"model": ref, "parameters": {k: _setting(recipe, v(i), names) for k, v in values.items()}})
-    config: dict[str, Any] = {"merge_method": "linear" if as_linear else _MERGEKIT[recipe.method]}
+    config: dict[str, Any] = {"merge_method": "linear" if as_linear else method.mergekit}
     if not as_linear:   # mergekit's linear would take a base_model as one more (unweighted) input
         config["base_model"] = base_ref
     config["models"] = models
     if as_linear:
         config["parameters"] = {"normalize": True}
     else:
-        strength = _strength(recipe) if recipe.method == "evo_ties" else 1.0
-        config["parameters"] = {"normalize": recipe.method in ("ties", "evo_ties"), "lambda": recipe.scale * strength}
-        if recipe.method == "dare":
+        config["parameters"] = {"normalize": method.disjoint_mean is not None,
+                                "lambda": recipe.scale * _strength(recipe)}
+        if method.stochastic:
             config["parameters"]["rescale"] = False
     config["dtype"] = dtype
     text = yaml.safe_dump(config, sort_keys=False)

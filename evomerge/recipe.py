@@ -20,6 +20,10 @@ Methods (what `weights` and `densities` mean for each):
 - ``uniform``: θ_0 + mean_i τ_i (weights are all 1/N).
 
 ``blocks`` override weights and densities for the tensors of one block (see `evomerge.blocks`).
+
+Each method's registered `MergeMethod` (in `METHODS`) states these facts once for every stage: the
+merger picks its kernel and LoRA form from it, the search spaces their bounds, the export its
+mergekit name.
 """
 
 from __future__ import annotations
@@ -30,12 +34,68 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from numbers import Real
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from evomerge.errors import RecipeError
+from evomerge.registry import Registry
 
-METHODS = ("evo", "evo_tv", "evo_ties", "linear", "task_arithmetic", "ties", "dare", "uniform")
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """What one merge method is: the facts recipe validation, the merger, the search spaces and the
+    mergekit export read, instead of each keeping its own list of method names."""
+
+    name: str
+    kernel: str
+    """Its per-tensor task-vector merge in `evomerge.merging.methods.KERNELS`, named rather than held
+    so that validating a recipe never loads torch."""
+    family: Literal["evo", "classic", "baseline"]
+    """Which spaces search it: Evo-Merging's α/β spaces, the classic weights-densities-scale spaces,
+    or none (a fixed baseline)."""
+    weighting: Literal["as_given", "normalised", "uniform"] = "as_given"
+    """What multiplies each task vector: its weight, w_i/Σw (linear), or 1/N (uniform)."""
+    densities: bool = False
+    """Whether densities change the merge (keep ratios α, TIES's trim, DARE's keep probability)."""
+    lora: Literal["factors", "concat", "dense"] = "dense"
+    """How LoRA experts merge: ``factors``, A and B combined apart at the experts' rank (quadratic in
+    β); ``concat``, linear in the updates, as one adapter of rank Σ r_i; ``dense``, each update B·A
+    materialised (the merge has no adapter form)."""
+    disjoint_mean: Literal["weights", "count"] | None = None
+    """TIES's sign election, then the mean of the agreeing entries over their weights or their count."""
+    stochastic: bool = False
+    """Drops entries at random, seeded by the recipe's seed, rescaling survivors by 1/density (DARE)."""
+    mergekit: str = "task_arithmetic"
+    """The mergekit merge_method an export writes (exact or with the caveats `evomerge.export` adds)."""
+    mergekit_density: bool = False
+    """Whether that mergekit method takes per-model densities."""
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether a merge of LoRA experts stays an adapter (never materialises ΔW)."""
+        return self.lora != "dense"
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method", error=RecipeError)
 """Merge methods a recipe may name; the keys users type in YAML."""
+for _method in (
+    MergeMethod("evo", kernel="evo", family="evo", densities=True, lora="factors"),
+    MergeMethod("evo_tv", kernel="evo", family="evo", densities=True, lora="concat"),  # evo's on a task vector
+    MergeMethod("evo_ties", kernel="evo_ties", family="evo", densities=True, disjoint_mean="count",
+                mergekit="ties", mergekit_density=True),
+    MergeMethod("linear", kernel="task_arithmetic", family="classic", weighting="normalised", lora="concat"),
+    MergeMethod("task_arithmetic", kernel="task_arithmetic", family="classic", lora="concat"),
+    MergeMethod("ties", kernel="ties", family="classic", densities=True, disjoint_mean="weights",
+                mergekit="ties", mergekit_density=True),
+    MergeMethod("dare", kernel="dare", family="classic", densities=True, stochastic=True,
+                mergekit="dare_linear", mergekit_density=True),
+    MergeMethod("uniform", kernel="task_arithmetic", family="baseline", weighting="uniform", lora="concat"),
+):
+    METHODS.add(_method.name, _method)
+
+
+def methods_in(family: str) -> tuple[str, ...]:
+    """The names of the methods of one `MergeMethod.family`, in registration order."""
+    return tuple(name for name in METHODS if METHODS[name].family == family)
 
 
 def _floats(values: Sequence[float], what: str) -> tuple[float, ...]:
@@ -88,8 +148,7 @@ class MergeRecipe:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise RecipeError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+        METHODS[self.method]  # raises naming the known methods
         experts = tuple(str(e) for e in self.experts)
         if not experts:
             raise RecipeError("a recipe needs at least one expert")
@@ -183,9 +242,10 @@ def effective_weights(method: str, weights: Sequence[float]) -> tuple[float, ...
     the normalisation over the recipe's experts (not over those touching a tensor) keeps adapters
     that leave a tensor alone counted as τ_i = 0 there.
     """
-    if method == "uniform":
+    weighting = METHODS[method].weighting
+    if weighting == "uniform":
         return (1.0 / len(weights),) * len(weights)
-    if method == "linear":
+    if weighting == "normalised":
         total = sum(weights)
         if abs(total) < 1e-8:
             raise RecipeError("linear merge weights sum to zero; use task_arithmetic for signed weights")

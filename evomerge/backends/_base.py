@@ -13,8 +13,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-from evomerge.errors import ConfigError
 from evomerge.recipe import MergeRecipe
+from evomerge.registry import Registry
 from evomerge.score import Cost, Score
 from evomerge.tasks import Example, Splits
 
@@ -159,16 +159,14 @@ class Backend(ABC):
         """Release what the backend holds (models, connections)."""
 
 
-BACKENDS: dict[str, type[BuildsFromConfig]] = {}
+BACKENDS: Registry[type[BuildsFromConfig]] = Registry("backend")
 
 
 def register_backend(name: str) -> Callable[[type], type]:
     """Class decorator: make a backend's factory available under `name` (what users type in YAML)."""
 
     def deco(cls: type) -> type:
-        if name in BACKENDS:
-            raise ConfigError(f"backend name {name!r} is registered twice")
-        BACKENDS[name] = cls
+        BACKENDS.add(name, cls)
         return cls
 
     return deco

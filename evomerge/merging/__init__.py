@@ -1,10 +1,11 @@
-"""Merging experts into a base model: methods, the streaming merger and the in-place engine.
+"""Merging experts into a base model: kernels, the streaming merger and the in-place engine.
 
-Importing this package loads torch; `import evomerge` does not.
+Importing this package loads torch; `import evomerge` does not (what each method is, without its
+tensors, is `evomerge.recipe.METHODS`).
 """
 
 from evomerge.merging.engine import MergeEngine
 from evomerge.merging.merger import Merger
-from evomerge.merging.methods import METHODS
+from evomerge.merging.methods import KERNELS
 
-__all__ = ["MergeEngine", "Merger", "METHODS"]
+__all__ = ["MergeEngine", "Merger", "KERNELS"]

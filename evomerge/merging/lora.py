@@ -1,11 +1,11 @@
 """Evo-Merging on LoRA factors: prune A, combine A and B separately, multiply once.
 
 For one module and adapters (A_i, B_i) with scaling s_i = lora_alpha/r:
-- ``evo``: A_m = Σ β_i·S_{α_i}(A_i), B_m = Σ β_i·s_i·B_i, ΔW = B_m·A_m. With equal s_i this is
-  exactly s·B_m·A_m (the paper's form); folding s_i into B keeps adapters of different alphas
-  comparable. Quadratic in β; needs equal ranks.
-- ``evo_tv``: ΔW = Σ β_i·s_i·B_i·S_{α_i}(A_i), linear in β; any ranks. Task arithmetic, linear and
-  uniform over adapters are this with α = 1 and their effective weights.
+- ``evo`` (form ``factors``, `sum_factors`): A_m = Σ β_i·S_{α_i}(A_i), B_m = Σ β_i·s_i·B_i,
+  ΔW = B_m·A_m. With equal s_i this is exactly s·B_m·A_m (the paper's form); folding s_i into B
+  keeps adapters of different alphas comparable. Quadratic in β; needs equal ranks.
+- ``evo_tv`` (form ``concat``): ΔW = Σ β_i·s_i·B_i·S_{α_i}(A_i), linear in β; any ranks. Task
+  arithmetic, linear and uniform over adapters are this with α = 1 and their effective weights.
 
 Each method returns the factors (B, A) of one module, not ΔW: the engine multiplies them, an
 adapter export writes them, so the exported adapter is the very merge that was scored.
@@ -94,7 +94,7 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 """(B, A) of one module's merged update: ΔW = B·A."""
 
 
-def evo(terms: Sequence[Term], module: str) -> Factors:
+def sum_factors(terms: Sequence[Term], module: str) -> Factors:
     """(B_m, A_m) of the factor-wise Evo merge at the experts' rank (one stack: equal ranks)."""
     if len(terms) > 1:
         ranks = ", ".join(f"{n} (r={t.stack.a.shape[1]})" for t in terms for n in t.names)
@@ -117,8 +117,6 @@ def concat(terms: Sequence[Term], module: str) -> Factors:
     return torch.cat(bs, 1), torch.cat(as_, 0)
 
 
-FACTOR_METHODS = {"evo": evo, "evo_tv": concat, "task_arithmetic": concat, "linear": concat, "uniform": concat}
-"""Methods whose LoRA part stays low-rank, and how each builds its factors."""
-
-PRUNES_A = ("evo", "evo_tv")
-"""Factor methods that read densities as keep ratios α of A (the classic ones ignore densities)."""
+FACTORS = {"factors": sum_factors, "concat": concat}
+"""How a low-rank method builds its factors, by its `MergeMethod.lora` form; a method that reads
+densities prunes each A to its keep ratio α, the others leave A whole."""

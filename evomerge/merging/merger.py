@@ -19,8 +19,8 @@ import torch
 from evomerge.blocks import block_of
 from evomerge.errors import RecipeError
 from evomerge.merging import lora
-from evomerge.merging.methods import METHODS, Contribution
-from evomerge.recipe import MergeRecipe, effective_weights
+from evomerge.merging.methods import KERNELS, Contribution
+from evomerge.recipe import METHODS, MergeRecipe, effective_weights
 from evomerge.repository import Expert, Repository, TensorReader
 
 BaseTensor = Callable[[str], torch.Tensor]
@@ -61,8 +61,9 @@ class Merger:
     def deltas(self, recipe: MergeRecipe, base: BaseTensor) -> Iterator[tuple[str, torch.Tensor]]:
         """(tensor name, merged ΔW in float32) for every tensor `recipe` changes."""
         experts = [self.repository.expert(n) for n in recipe.experts]
-        factor_method = lora.FACTOR_METHODS.get(recipe.method)
         method = METHODS[recipe.method]
+        factor_method = lora.FACTORS.get(method.lora)  # None: LoRA experts join as dense task vectors
+        kernel = KERNELS[method.kernel]
         for name in self.targets(recipe):
             weights, densities = self._coefficients(recipe, name)
             base_t: torch.Tensor | None = None
@@ -87,7 +88,7 @@ class Merger:
                 b, a = factor_method(terms, name)
                 delta = b @ a
             if contribs:
-                part = method(contribs, name, recipe.seed)
+                part = kernel(contribs, name, recipe.seed)
                 delta = part if delta is None else delta.add_(part)
             if delta is None:
                 continue
@@ -97,8 +98,8 @@ class Merger:
 
     def low_rank_refusal(self, recipe: MergeRecipe) -> str | None:
         """Why `recipe` has no adapter form (None when it stays low-rank: LoRA experts only, merged
-        by a factor method of `lora.FACTOR_METHODS`)."""
-        if recipe.method not in lora.FACTOR_METHODS:
+        by a method that is `MergeMethod.low_rank`)."""
+        if not METHODS[recipe.method].low_rank:
             return (f"a {recipe.method} merge of LoRA experts is not low-rank (it trims or drops entries of each "
                     "full update B·A), so it has no adapter form; export the merged checkpoint (--model) instead")
         full = next((n for n in recipe.experts if self.repository.expert(n).kind == "full"), None)
@@ -122,7 +123,7 @@ class Merger:
         refusal = self.low_rank_refusal(recipe)
         if refusal is not None:
             raise RecipeError(refusal)
-        factor_method = lora.FACTOR_METHODS[recipe.method]
+        factor_method = lora.FACTORS[METHODS[recipe.method].lora]
         experts = [self.repository.expert(n) for n in recipe.experts]
         for name in self.targets(recipe):
             weights, densities = self._coefficients(recipe, name)
@@ -146,6 +147,7 @@ class Merger:
 
     def _low_rank_cost(self, recipe: MergeRecipe) -> float:
         experts = [self.repository.expert(n) for n in recipe.experts]
+        keeps_rank = METHODS[recipe.method].lora == "factors"  # sums factors; concatenating adds ranks
         added = base = 0
         for name in self.targets(recipe):
             weights, _ = self._coefficients(recipe, name)
@@ -153,7 +155,7 @@ class Merger:
             if ranks:
                 stack = next(iter(self._stacks[name].values()))
                 n_in, n_out = stack.a.shape[2], stack.b.shape[1]
-                added += (max(ranks) if recipe.method == "evo" else sum(ranks)) * (n_in + n_out)
+                added += (max(ranks) if keeps_rank else sum(ranks)) * (n_in + n_out)
                 base += n_in * n_out
         return added / base if base else 0.0
 
@@ -171,7 +173,7 @@ class Merger:
         for i, e in enumerate(experts):
             if e.kind == "lora" and name in e.modules and weights[i] != 0.0:
                 picked.setdefault(e.modules[name].rank, []).append(i)
-        alphas = densities if densities is not None and recipe.method in lora.PRUNES_A else None
+        alphas = densities if densities is not None and METHODS[recipe.method].densities else None
         return [self._term(self._stacks[name][rank], [experts[i].name for i in idx], [weights[i] for i in idx],
                            [1.0 if alphas is None else alphas[i] for i in idx])
                 for rank, idx in sorted(picked.items())]

@@ -1,9 +1,11 @@
-"""Merge methods as small registered functions over one tensor's task vectors.
+"""Merge kernels: small registered functions over one tensor's task vectors.
 
-Each method receives, for one tensor, one `Contribution` per expert (its weight, its density and
-a thunk producing its task vector τ_i = θ_i − θ_0 in float32) and returns the merged delta. Task
-vectors are produced on demand and dropped after use, so memory holds a few tensors of one shape
-whatever the number of experts. LoRA experts' own method (`evo` on factors) lives in `lora.py`.
+A recipe's method (`evomerge.recipe.MergeMethod`) names its kernel here: linear and uniform share
+task arithmetic's (with their effective weights), evo_tv evo's. Each kernel receives, for one
+tensor, one `Contribution` per expert (its weight, its density and a thunk producing its task
+vector τ_i = θ_i − θ_0 in float32) and returns the merged delta. Task vectors are produced on
+demand and dropped after use, so memory holds a few tensors of one shape whatever the number of
+experts. Merges of LoRA factors (low-rank methods) live in `lora.py`.
 Semantics follow mergekit's where both have the method (weights multiply trimmed deltas before
 the sign election; the disjoint mean divides by the sum of agreeing weights).
 """
@@ -17,6 +19,7 @@ import torch
 
 from evomerge.errors import RecipeError
 from evomerge.merging.sparsify import dare, keep_count, mask_from, prune, select
+from evomerge.registry import Registry
 
 TIES_CACHE_BYTES = 256 << 20
 """TIES keeps trimmed deltas between its two passes while they fit in this; else it recomputes."""
@@ -32,20 +35,9 @@ class Contribution:
     delta: Callable[[], torch.Tensor]  # returns a fresh tensor the method may modify in place
 
 
-Method = Callable[[Sequence[Contribution], str, "int | None"], torch.Tensor]
-METHODS: dict[str, Method] = {}
-
-
-def merge_method(name: str) -> Callable[[Method], Method]:
-    """Register a task-vector merge under the recipe's method name."""
-
-    def deco(fn: Method) -> Method:
-        if name in METHODS:
-            raise RecipeError(f"merge method {name!r} is registered twice")
-        METHODS[name] = fn
-        return fn
-
-    return deco
+Kernel = Callable[[Sequence[Contribution], str, "int | None"], torch.Tensor]
+KERNELS: Registry[Kernel] = Registry("merge kernel", error=RecipeError)
+"""Task-vector merges by the name a `MergeMethod.kernel` gives."""
 
 
 def _density(c: Contribution) -> float:
@@ -66,38 +58,34 @@ def _weighted_sum(contribs: Sequence[Contribution],
     return total
 
 
-@merge_method("task_arithmetic")
+@KERNELS.register("task_arithmetic")
 def task_arithmetic(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
     """Σ w_i·τ_i."""
     return _weighted_sum(contribs, lambda c, d: d)
 
 
-METHODS["linear"] = METHODS["uniform"] = task_arithmetic  # with `evomerge.recipe.effective_weights`
 
-
-@merge_method("evo")
+@KERNELS.register("evo")
 def evo(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
     """Σ β_i·S_{α_i}(τ_i): Evo-Merging on full checkpoints (α prunes τ_i, β scales it)."""
     return _weighted_sum(contribs, lambda c, d: prune(d, _density(c), "round"))
 
 
-METHODS["evo_tv"] = evo  # on a task vector the two Evo variants coincide
 
-
-@merge_method("dare")
+@KERNELS.register("dare")
 def dare_merge(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
     """Σ w_i·DARE(τ_i): seeded random drop, survivors rescaled by 1/density."""
     return _weighted_sum(contribs, lambda c, d: dare(d, _density(c), seed, c.expert, tensor))
 
 
-@merge_method("ties")
+@KERNELS.register("ties")
 def ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
     """Trim each τ_i to its top density, elect signs by the weighted sum, take the disjoint mean
     (divided by the agreeing weights, as mergekit's normalised TIES)."""
     return _disjoint(contribs, by_count=False)
 
 
-@merge_method("evo_ties")
+@KERNELS.register("evo_ties")
 def evo_ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
     """TIES in Evo-Merging's coefficients: trim τ_i to its top α_i, scale it by the signed β_i,
     elect each entry's sign by the sum, and average the agreeing entries over how many agree.

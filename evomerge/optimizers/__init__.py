@@ -26,11 +26,8 @@ def make_optimizer(name: str, space: SearchSpace, seed: int, popsize: int | None
     key = name.lower()
     if key.startswith(NG_PREFIX):
         factory = nevergrad_factory(name[len(NG_PREFIX):])
-    elif key in OPTIMIZERS:
-        factory = OPTIMIZERS[key]
     else:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))} "
-                          f"or {NG_PREFIX}<nevergrad name>")
+        factory = OPTIMIZERS[name]
     if budget is not None and getattr(factory, "wants_budget", False):
         options.setdefault("budget", budget)
     try:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.registry import Registry
 
 
 class Optimizer(ABC):
@@ -93,17 +94,7 @@ class Optimizer(ABC):
         return opt
 
 
-OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {}
-
-
-def register_optimizer(name: str) -> Callable[[Callable[..., Optimizer]], Callable[..., Optimizer]]:
-    """Decorator: make an optimizer available under `name` (case-insensitive, what users type)."""
-
-    def deco(factory: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
-        key = name.lower()
-        if key in OPTIMIZERS:
-            raise ConfigError(f"optimizer name {name!r} is registered twice")
-        OPTIMIZERS[key] = factory
-        return factory
-
-    return deco
+OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer", fold_case=True,
+                                                          also="ng:<nevergrad name>")
+"""Optimizer factories by name (case-insensitive, what users type)."""
+register_optimizer = OPTIMIZERS.register

@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 
 def build_space(name: str, experts: Sequence[str], **options: Any) -> SearchSpace | Plan:
     """The registered space or plan `name` over `experts`; ConfigError names the valid choices."""
-    if name not in SPACES:
-        raise ConfigError(f"unknown search space {name!r}; choose one of {', '.join(sorted(SPACES))}")
+    builder = SPACES[name]
     try:
-        return SPACES[name](experts, **options)
+        return builder(experts, **options)
     except TypeError as exc:
         raise ConfigError(f"search space {name!r} got invalid options {sorted(options)}: {exc}") from None
 

@@ -13,8 +13,9 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from evomerge.errors import ConfigError, SearchSpaceError
+from evomerge.errors import SearchSpaceError
 from evomerge.recipe import MergeRecipe
+from evomerge.registry import Registry
 
 
 class SearchSpace(ABC):
@@ -105,16 +106,6 @@ def as_plan(space: "SearchSpace | Plan") -> Plan:
     return space if isinstance(space, Plan) else SingleStage(space)
 
 
-SPACES: dict[str, Callable[..., "SearchSpace | Plan"]] = {}
-
-
-def register_space(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: make a space or plan builder available under `name` (what users type in YAML)."""
-
-    def deco(builder: Callable[..., Any]) -> Callable[..., Any]:
-        if name in SPACES:
-            raise ConfigError(f"search space name {name!r} is registered twice")
-        SPACES[name] = builder
-        return builder
-
-    return deco
+SPACES: Registry[Callable[..., Any]] = Registry("search space")
+"""Space and plan builders by name (what users type in YAML): experts first, options as keywords."""
+register_space = SPACES.register

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 from evomerge.blocks import KINDS, blocks_for
 from evomerge.errors import ConfigError
 from evomerge.search_spaces._base import register_space
-from evomerge.search_spaces.classic import CLASSIC, DARE_SEED, classic_fields
+from evomerge.search_spaces.classic import CLASSIC, classic_fields, drop_seed
 from evomerge.search_spaces.coefficients import CoefficientSpace
-from evomerge.search_spaces.evo import EvoSpace
+from evomerge.search_spaces.evo import EVO_METHODS, EvoSpace
 
-BASES = (*CLASSIC, "evo", "evo_tv")
+BASES = (*CLASSIC, *EVO_METHODS)
 
 
 class BlockwiseSpace(CoefficientSpace):
@@ -35,15 +35,13 @@ class BlockwiseSpace(CoefficientSpace):
         if num_layers < 1 or groups < 1:
             raise ConfigError(f"blockwise needs num_layers >= 1 and groups >= 1, got {num_layers} and {groups}")
         blocks = blocks_for(num_layers, groups, tuple(kinds))
-        if method in ("evo", "evo_tv"):
+        if method in EVO_METHODS:
             base = EvoSpace(experts, search, method=method, **starts)
             fields, lam = list(base.fields), base.penalty_weight
         else:
             fields, lam = classic_fields(method, len(experts), **starts), 0.0
-            if method == "dare" and seed is None:
-                seed = DARE_SEED
         super().__init__(method, experts, fields, penalty=lam if penalty is None else penalty, sigma0=sigma0,
-                         blocks=blocks, seed=seed if method == "dare" else None, label=f"blockwise_{method}")
+                         blocks=blocks, seed=drop_seed(method, seed), label=f"blockwise_{method}")
 
 
 @register_space("blockwise")

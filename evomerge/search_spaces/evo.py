@@ -28,7 +28,7 @@ import numpy as np
 
 from evomerge.blocks import blocks_for
 from evomerge.errors import ConfigError, SearchSpaceError
-from evomerge.recipe import BlockOverride, MergeRecipe
+from evomerge.recipe import BlockOverride, MergeRecipe, methods_in
 from evomerge.search_spaces._base import Plan, SearchSpace, register_space
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field, per_expert
 
@@ -46,8 +46,9 @@ BLOCKS_AFTER = 64
 """The block stage runs only when the starts leave at least this many evaluations: taking a quarter
 of 24 from the joint search cost 0.15 test exact match on smol-mini (budget 40, 3 seeds); of 78–84
 it added 0.05 on tiny and was level on smol-mini (budget 100)."""
-EVO_METHODS = ("evo", "evo_tv", "evo_ties")
-"""What an evo space merges with: the factor form, the task-vector form, or TIES's sign election on it."""
+EVO_METHODS = methods_in("evo")
+"""What an evo space merges with (evo: the factor form, evo_tv: the task-vector form, evo_ties: TIES's
+sign election on it)."""
 
 
 def _beta_start(beta_init: str | float, n: int) -> float:

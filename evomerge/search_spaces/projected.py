@@ -74,10 +74,9 @@ def projected(experts: Sequence[str], inner: str = "evo_joint", k: int = 16, pro
               inner_options: dict[str, Any] | None = None) -> ProjectedSpace:
     """Project the registered single-stage space `inner` (built with `inner_options`; evo_joint
     without its starts, stages of their own) down to k."""
-    if inner not in SPACES:
-        raise ConfigError(f"unknown inner space {inner!r} for projected; choose one of {', '.join(sorted(SPACES))}")
+    builder = SPACES[inner]
     options = {"scale_grid": None, "singles": False, **(inner_options or {})} if inner == "evo_joint" else dict(inner_options or {})
-    built = SPACES[inner](experts, **options)
+    built = builder(experts, **options)
     if isinstance(built, Plan):
         if len(built.names) != 1:
             raise ConfigError(f"projected needs a single-stage inner space; {inner!r} has stages {list(built.names)}")

@@ -41,7 +41,8 @@ def test_fixed_scale_is_not_searched():
     assert space.decode(np.zeros(4)).scale == 0.4
 
 
-@pytest.mark.parametrize("method,per_block", [("task_arithmetic", 4), ("ties", 8), ("evo", 8), ("linear", 4)])
+@pytest.mark.parametrize("method,per_block", [("task_arithmetic", 4), ("ties", 8), ("evo", 8), ("evo_ties", 8),
+                                              ("linear", 4)])
 def test_blockwise_decodes_one_override_per_block(method, per_block):
     names = blocks_for(6, 3)
     space = build_space("blockwise", EXPERTS, num_layers=6, groups=3, method=method)
