@@ -168,10 +168,11 @@ def _prepare_api(config: SearchConfig, stack: ExitStack, resume: bool = False) -
     the journal's ledger equals what the provider served. A resumed run probes with no caps left:
     only the unpaid GET /models runs (its spend may already be at the cap, and the provider answered
     the run that started it)."""
-    from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
+    from evomerge.backends.remote import ApiBackend, ApiEvaluatorFactory
     from evomerge.errors import BudgetExhausted
     from evomerge.objectives import Objective
     from evomerge.serve.protocol import Limits
+    from evomerge.spend import UsageCap
 
     local = config.api.base is None or config.repository is not None
     repo_dir = _repository_dir(config) if local else None
