@@ -111,10 +111,11 @@ class ApiBackend(Backend):
             if all(i in by_id for i in prior.example_ids):
                 self.memo.remember(key, [by_id[i] for i in prior.example_ids],
                                    {k: v for k, v in prior.per_example.items()})
-        run = self._transport.run
+        def score(missing: list[Example]) -> dict[str, Any]:
+            return self._transport.run(self._metrics(recipe, missing, tally, length))
+
         try:
-            per_example = self.memo.scores(key, examples, lambda missing: run(self._metrics(recipe, missing, tally,
-                                                                                            length)))
+            per_example = self.memo.scores(key, examples, score)
             objective = self._objective_for(examples, tally, length)
         except (BackendError, BudgetExhausted) as exc:
             return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from evomerge._imports import require
 from evomerge.backends import llamacpp
@@ -55,9 +55,9 @@ class Transport:
         client = openai.AsyncOpenAI(base_url=self.api_base, api_key=key or "no-key", max_retries=0, timeout=timeout)
         return client, asyncio.Semaphore(concurrency)
 
-    def run(self, coro: Awaitable[Any]) -> Any:
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run `coro` on the client's loop and wait for it (from any thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def close(self) -> None:
         if self._loop.is_running():
