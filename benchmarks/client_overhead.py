@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import httpx
 
-from evomerge.backends.api import ApiBackend
+from evomerge.backends.remote import ApiBackend
 from evomerge.recipe import MergeRecipe
 from evomerge.tasks import Example
 

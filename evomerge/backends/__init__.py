@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
-from evomerge.backends import api, local, python  # noqa: F401  (each registers its factory)
+from evomerge.backends import local, python, remote  # noqa: F401  (each registers its factory)
 from evomerge.backends._base import BACKENDS, EvaluatorFactory, Prepared, Weights
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -30,16 +29,6 @@ from evomerge.score import Cost, Score
 
 SCHEMA_VERSION = 1
 _MAGIC = "evomerge-journal"
-
-FAULT_COMMIT_DELAY = "EVOMERGE_FAULT_COMMIT_DELAY"
-"""Fault hook for the crash tests (tests/faults): seconds to sleep inside an open write
-transaction of an evaluation commit, so a `kill -9` can land there. Unset: no-op."""
-
-
-def _fault_delay(variable: str) -> None:
-    delay = os.environ.get(variable)
-    if delay:
-        time.sleep(float(delay))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,7 +153,6 @@ class Journal:
             raise
         self._batch -= 1
         if not self._batch:
-            _fault_delay(FAULT_COMMIT_DELAY)
             self._conn.commit()
 
     def __enter__(self) -> "Journal":

@@ -23,12 +23,12 @@ before any was seen), and gets no limit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 from evomerge.journal import Journal
 from evomerge.score import Cost
+from evomerge.spend import UsageCap
 
 Bound = Callable[[str], tuple[Cost, Cost]]
 """split -> (the worst case of one evaluation on it, the least it needs without a retry)."""
@@ -45,44 +45,41 @@ class Grant:
 
 
 class Ledger:
-    """Query and token caps over one search's evaluations; see the module docstring."""
+    """Query and token caps over one search's evaluations, kept in a `UsageCap` (the arithmetic
+    the api backend's own caps share); see the module docstring."""
 
     def __init__(self, journal: Journal, max_queries: int | None = None, max_tokens: int | None = None,
                  bound: Bound | None = None, spent: Cost | None = None) -> None:
         """`spent`: what was paid before (default: what the journal records, reservations left
         open included)."""
         self.journal = journal
-        self.max_queries, self.max_tokens = max_queries, max_tokens
         self._bound = bound
-        self.spent = spent if spent is not None else journal.totals() + journal.outstanding()
-        self._held: dict[int, Cost] = {}
-        self._next = 0
+        self.cap = UsageCap(max_queries, max_tokens,
+                            spent if spent is not None else journal.totals() + journal.outstanding())
         self._max_seen: Cost | None = None
 
     @property
+    def spent(self) -> Cost:
+        return self.cap.spent
+
+    @property
     def active(self) -> bool:
-        return self.max_queries is not None or self.max_tokens is not None
+        return self.cap.active
 
     def observe(self, cost: Cost) -> None:
         """A resumed evaluation's cost: sizes the admission of evaluators without a bound."""
         seen = self._max_seen or Cost()
         self._max_seen = Cost(max(seen.queries, cost.queries), max(seen.tokens, cost.tokens))
 
-    def _room(self) -> tuple[float, float]:
-        held = sum(self._held.values(), Cost())
-        return ((math.inf if self.max_queries is None else self.max_queries - self.spent.queries - held.queries),
-                (math.inf if self.max_tokens is None else self.max_tokens - self.spent.tokens - held.tokens))
-
     def _grant_cost(self, split: str) -> Cost | None:
         """What an evaluation on `split` would be granted now, or None when it does not fit."""
-        queries, tokens = self._room()
+        queries, tokens = self.cap.room()
         if self._bound is None:
             if self._max_seen is None:  # nothing seen: one at a time, while anything is left
-                return Cost() if not self._held and queries > 0 and tokens > 0 else None
-            need = self._max_seen
-            return need if need.queries <= queries and need.tokens <= tokens else None
+                return Cost() if self.cap.idle and queries > 0 and tokens > 0 else None
+            return self._max_seen if self.cap.fits(self._max_seen) else None
         full, least = self._bound(split)
-        if least.queries > queries or least.tokens > tokens or queries <= 0:
+        if not self.cap.fits(least) or queries <= 0:
             return None
         return Cost(int(min(full.queries, queries)), int(min(full.tokens, tokens)))
 
@@ -93,7 +90,7 @@ class Ledger:
     @property
     def idle(self) -> bool:
         """No reservation is held (so none will be released to make room)."""
-        return not self._held
+        return self.cap.idle
 
     def reserve(self, stage: int, trial: int, split: str) -> Grant | None:
         """Reserve an evaluation of trial `trial` on `split`, journaled before it is sent; None
@@ -104,13 +101,12 @@ class Ledger:
         if cost is None:
             return None
         rid = self.journal.reserve(stage, trial, split, cost)
-        self._held[rid] = cost
+        self.cap.reserve(cost)
         return Grant(rid, cost, cost if self._bound is not None else None)
 
     def settle(self, grant: Grant | None, cost: Cost) -> None:
         """The reserved evaluation was recorded (`Journal.record(reservation=grant.id)`) at `cost`."""
         if grant is None or grant.id is None:
             return
-        self._held.pop(grant.id, None)
-        self.spent = self.spent + Cost(cost.queries, cost.tokens)
+        self.cap.settle(grant.cost, Cost(cost.queries, cost.tokens))
         self.observe(cost)

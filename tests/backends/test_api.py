@@ -10,13 +10,14 @@ from dataclasses import replace
 
 import pytest
 
-from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory, UsageCap
 from evomerge.backends.memo import ExampleMemo
+from evomerge.backends.remote import ApiBackend, ApiEvaluatorFactory
 from evomerge.errors import BackendError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.serve.embedded import ServerThread
 from evomerge.serve.protocol import answer_nll
+from evomerge.spend import UsageCap
 from evomerge.tasks import Example, Splits
 from tests.serve.fault_proxy import FaultProxy
 from tests.serve.fixtures import API_KEY, fresh_server, host, local_and_api, server, stats, tiny_repo  # noqa: F401

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 import evomerge
-from evomerge.backends.api import ApiBackend, ApiEvaluatorFactory
+from evomerge.backends.remote import ApiBackend, ApiEvaluatorFactory
 from evomerge.journal import Journal
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe

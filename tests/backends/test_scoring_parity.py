@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("peft")
 
 from evomerge import inference  # noqa: E402
-from evomerge.backends.api import ApiBackend  # noqa: E402
+from evomerge.backends.remote import ApiBackend  # noqa: E402
 from evomerge.backends.local import LocalBackend  # noqa: E402
 from evomerge.errors import BackendError, TaskError  # noqa: E402
 from evomerge.objectives import Objective  # noqa: E402

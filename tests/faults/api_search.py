@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 import evomerge
-from evomerge.backends.api import ApiEvaluatorFactory
+from evomerge.backends.remote import ApiEvaluatorFactory
 from evomerge.journal import Journal
 from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space

@@ -3,7 +3,7 @@
 Kinds of kill point:
 - ``evaluation``: while no write transaction is open (the process is mostly inside the slowed
   fitness function);
-- ``commit``: inside an evaluation commit, held open by EVOMERGE_FAULT_COMMIT_DELAY.
+- ``commit``: inside an evaluation commit, held open by `tests.faults.held_commit`.
 (The journal holds no optimizer checkpoints any more: resume replays the evaluations.)
 
 Where the process is gets probed from outside with SQLite's own lock: ``BEGIN IMMEDIATE`` with
@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.cli import main
-from evomerge.journal.sqlite import FAULT_COMMIT_DELAY
 
 ROOT = Path(__file__).resolve().parents[2]
 FITNESS = f"{ROOT / 'tests' / '_fitness.py'}:slow_demo"
 KINDS = ("evaluation", "commit")
 EVAL_DELAY = "0.002"
 """Seconds per evaluation (EVOMERGE_TEST_DELAY of tests/_fitness.py): the run lasts seconds."""
-_HOLD = {"commit": (FAULT_COMMIT_DELAY, "0.05")}
+_HOLD = {"commit": 0.05}
+"""Seconds a kind's run holds each journal commit open (`tests.faults.held_commit`)."""
 
 
 def reference_args(journal: Path, budget: int, seed: int) -> list[str]:
@@ -42,14 +42,14 @@ def reference_args(journal: Path, budget: int, seed: int) -> list[str]:
             "--seed", str(seed), "--journal", str(journal)]
 
 
-def search(journal: Path, budget: int, seed: int, resume: bool = False, env: dict[str, str] | None = None,
+def search(journal: Path, budget: int, seed: int, resume: bool = False, hold: float | None = None,
            ) -> subprocess.Popen:
-    """Start `python -m evomerge search --backend python` on the slowed demo fitness."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), EVOMERGE_TEST_DELAY=EVAL_DELAY, **(env or {}))
-    if env is None or FAULT_COMMIT_DELAY not in env:
-        full_env.pop(FAULT_COMMIT_DELAY, None)
-    args = [sys.executable, "-m", "evomerge", *reference_args(journal, budget, seed)]
-    return subprocess.Popen(args + (["--resume"] if resume else []), env=full_env, stdout=subprocess.PIPE,
+    """Start `python -m evomerge search --backend python` on the slowed demo fitness; with `hold`,
+    through `tests.faults.held_commit`, each journal commit held open `hold` seconds."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), EVOMERGE_TEST_DELAY=EVAL_DELAY)
+    cli = ["evomerge"] if hold is None else ["tests.faults.held_commit", str(hold)]
+    args = [sys.executable, "-m", *cli, *reference_args(journal, budget, seed)]
+    return subprocess.Popen(args + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -105,8 +105,7 @@ class KillPoint:
 def kill_during(journal: Path, budget: int, seed: int, kind: str, after: int, resume: bool = False,
                 timeout: float = 120.0) -> KillPoint:
     """Run a search, and SIGKILL it at the first moment of `kind` once `after` evaluations are paid."""
-    env = dict([_HOLD[kind]]) if kind in _HOLD else {}
-    proc = search(journal, budget, seed, resume=resume, env=env)
+    proc = search(journal, budget, seed, resume=resume, hold=_HOLD.get(kind))
     deadline = time.monotonic() + timeout
     try:
         while paid(journal) < after:

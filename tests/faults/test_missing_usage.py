@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import evomerge
-from evomerge.backends.api import ApiEvaluatorFactory
+from evomerge.backends.remote import ApiEvaluatorFactory
 from evomerge.journal import Journal
 from evomerge.objectives import Objective
 from evomerge.search_spaces import build_space

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import evomerge
-from evomerge.backends.api import ApiEvaluatorFactory
+from evomerge.backends.remote import ApiEvaluatorFactory
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Splits
 from tests.faults.api_search import EXAMPLES

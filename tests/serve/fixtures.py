@@ -67,7 +67,7 @@ def stats(server: Any) -> dict[str, Any]:
 def local_and_api(repo: Path, url: str, objective: Any, examples: list[Any], recipe: Any, **options: Any) -> tuple[Any, Any]:
     """The local and the api score of `recipe` on `examples` (fresh backends, so no memo is shared;
     `options` go to both), after checking neither failed."""
-    from evomerge.backends.api import ApiBackend
+    from evomerge.backends.remote import ApiBackend
     from evomerge.backends.local import LocalBackend
 
     local = LocalBackend(repo, objective, device="cpu", **options)
