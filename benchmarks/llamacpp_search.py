@@ -59,7 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def provider(kind: str, zoo: Path, gguf: Path, log: Path) -> Iterator[str]:
     """A real server of `kind` on 127.0.0.1; yields its /v1 URL."""
     if kind == "llama.cpp":
-        from tests.zoo.llamacpp_server import LlamaServer
+        from tests.helpers.llamacpp_server import LlamaServer
 
         with LlamaServer(gguf, log) as server:
             yield server.url
