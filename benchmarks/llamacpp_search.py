@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="api.timeout, seconds per request (a loaded machine can need more for evomerge serve)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/llamacpp_search.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp_search.json"))
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each run's journal, the example files and llama.cpp's log here (default: a temporary folder)")
     return ap.parse_args(argv)
