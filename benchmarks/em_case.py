@@ -7,7 +7,7 @@ scores every recipe of one setting of a report (methods and references; default 
 test split both ways, so the comparison can be read on the metric the task means; in domain it
 also scores each task expert on its own task both ways (the reference of the 0.9 × target).
 
-Usage: python -m benchmarks.em_case benchmarks/quality_smol-cpu-b30.json [--setting ood] [--test-per-task N]
+Usage: python -m benchmarks.em_case benchmarks/results/quality_smol-cpu-b30.json [--setting ood] [--test-per-task N]
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="api.timeout, seconds per request (a loaded machine can need more for evomerge serve)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/llamacpp_search.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp_search.json"))
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each run's journal, the example files and llama.cpp's log here (default: a temporary folder)")
     return ap.parse_args(argv)
@@ -59,7 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def provider(kind: str, zoo: Path, gguf: Path, log: Path) -> Iterator[str]:
     """A real server of `kind` on 127.0.0.1; yields its /v1 URL."""
     if kind == "llama.cpp":
-        from tests.zoo.llamacpp_server import LlamaServer
+        from tests.helpers.llamacpp_server import LlamaServer
 
         with LlamaServer(gguf, log) as server:
             yield server.url

@@ -40,7 +40,7 @@ def repository(path: str | None) -> Path:
 
         return ensure_tiny()
     except ImportError:  # the zoo is not built in this checkout: use the tests' tiny repository
-        from tests.serve.tiny_repo import build_tiny_repository
+        from tests.helpers.bpe import build_tiny_repository
 
         return build_tiny_repository(Path(tempfile.mkdtemp()) / "tiny_repo")
 

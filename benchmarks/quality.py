@@ -59,7 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--race", action="store_true", help="also run the default search in racing mode (query efficiency)")
     ap.add_argument("--race-factor", type=float, default=2.0,
                     help="the raced run's budget of candidates, as a multiple of --budget (stopped ones are cheap)")
-    ap.add_argument("--out", default="benchmarks", help="folder for quality_<tag>.md/.json and the PNGs")
+    ap.add_argument("--out", default="benchmarks/results", help="folder for quality_<tag>.md/.json and the PNGs")
     ap.add_argument("--tag", default=None, help="name of the outputs (default: zoo preset, + -quick)")
     ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="PART.json",
                     help="merge the JSON of runs of parts of the suite (say one process per setting and seed "

@@ -4,7 +4,7 @@
 # what it finished. Then: python -m benchmarks.quality --combine $OUT/quality_part-*.json --tag smol
 #   ZOO=/path/to/zoo-smol OUT=/tmp/q B=40 bash benchmarks/quality_parts.sh
 set -euo pipefail
-ZOO=${ZOO:?set ZOO to a zoo directory}; OUT=${OUT:-benchmarks}; B=${B:-500}; SEEDS=${SEEDS:-0 1 2}
+ZOO=${ZOO:?set ZOO to a zoo directory}; OUT=${OUT:-benchmarks/results}; B=${B:-500}; SEEDS=${SEEDS:-0 1 2}
 METHODS="evo_tv_joint paper_two_stage uniform best_single task_arithmetic_grid ties_grid dare_grid lorahub_40 random
          lorahub_full paper_alpha_only paper_beta_only"
 mkdir -p "$OUT/logs"

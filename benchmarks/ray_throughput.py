@@ -31,7 +31,7 @@ from evomerge.recipe import MergeRecipe
 from evomerge.scheduler.ray_executor import RayExecutor, connect
 from evomerge.scheduler.threads import ThreadExecutor
 from evomerge.search_spaces import build_space
-from tests.scheduler._ray_fitness import DelayServer, HttpFactory
+from tests.helpers.ray_fitness import DelayServer, HttpFactory
 
 
 def _recipe(i: int, delay: float | None = None) -> MergeRecipe:

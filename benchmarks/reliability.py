@@ -25,8 +25,8 @@ import httpx
 
 from tests.faults import api_search, crash
 from tests.faults.fuzz import fuzz
-from tests.serve.fixtures import start_server
-from tests.serve.tiny_repo import build_tiny_repository
+from tests.helpers.bpe import build_tiny_repository
+from tests.helpers.provider import start_server
 
 SEED = 5
 

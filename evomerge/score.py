@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, ParamSpec, Sequence
+
+P = ParamSpec("P")
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -57,6 +60,11 @@ class Score:
     def failed(cls, error: str, cost: Cost | None = None) -> "Score":
         return cls(loss=math.nan, status=STATUS_FAILED, error=error, cost=cost or Cost())
 
+    @classmethod
+    def from_exception(cls, exc: BaseException, seconds: float = 0.0) -> "Score":
+        """The failed Score an exception becomes: "Type: message" (journals and tests compare this text)."""
+        return cls.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=seconds))
+
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss if math.isfinite(self.loss) else None, "metrics": dict(self.metrics),
                 "cost": self.cost.to_dict(), "status": self.status, "error": self.error,
@@ -71,3 +79,19 @@ class Score:
                    error=data.get("error"),
                    per_example={k: tuple(v) for k, v in (data.get("per_example") or {}).items()},
                    example_ids=tuple(data.get("example_ids") or ()))
+
+
+def attempt_batch(call: Callable[[], Sequence[Score]], count: int) -> list[Score]:
+    """The scores `call` gives for `count` candidates, or, if it raises, `count` failed Scores
+    carrying the time it took: a candidate's failure is data, not a crash, at every layer that
+    runs an evaluator (a backend, a worker thread, a Ray actor, the loop reading a future)."""
+    start = time.perf_counter()
+    try:
+        return list(call())
+    except Exception as exc:
+        return [Score.from_exception(exc, time.perf_counter() - start)] * count
+
+
+def attempt(call: Callable[P, Score], *args: P.args, **kwargs: P.kwargs) -> Score:
+    """`call(*args, **kwargs)`, or the failed Score its exception becomes (one-candidate `attempt_batch`)."""
+    return attempt_batch(lambda: [call(*args, **kwargs)], 1)[0]

@@ -112,7 +112,7 @@ def test_em_case_reproduces_the_reports_exact_match_and_never_exceeds_it_cased(r
 
 
 def test_a_raced_run_gets_the_query_efficiency_figure(tmp_path):
-    recorded = Path(quality.__file__).parent / "quality_tiny-race-b120.json"
+    recorded = Path(quality.__file__).parent / "results" / "quality_tiny-race-b120.json"
     data = json.loads(recorded.read_text())
     quality.main(["--combine", str(recorded), "--out", str(tmp_path), "--tag", "raced"])
     assert (tmp_path / "quality_raced_ood_race.png").stat().st_size > 1000

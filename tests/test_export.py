@@ -18,7 +18,7 @@ from evomerge.repository import Repository  # noqa: E402
 from evomerge.api import run  # noqa: E402
 from evomerge.search_spaces import build_space  # noqa: E402
 from evomerge.tasks import Example, write_jsonl  # noqa: E402
-from tests.serve.tiny_repo import build_tiny_repository  # noqa: E402
+from tests.helpers.bpe import build_tiny_repository  # noqa: E402
 
 TEXT = "Question: what colour is the sky? Answer:"
 SEARCH = [Example(f"Question {i}: sky? Answer:", " blue", id=f"s{i}") for i in range(8)]

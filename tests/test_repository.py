@@ -10,15 +10,15 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.errors import RepositoryError
 from evomerge.repository import Repository
-from tests import _tiny
+from tests.helpers import tiny
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
-    base = _tiny.build_base(root / "base")
-    _tiny.build_full_expert(base, root / "experts" / "full", seed=1)
-    _tiny.build_lora_expert(base, root / "experts" / "lora", seed=2)
+    base = tiny.build_base(root / "base")
+    tiny.build_full_expert(base, root / "experts" / "full", seed=1)
+    tiny.build_lora_expert(base, root / "experts" / "lora", seed=2)
     return root
 
 
@@ -35,7 +35,7 @@ def edit(path, fn):
 
 
 def test_open_zoo_manifest_and_from_paths(repo_dir):
-    _tiny.write_zoo(repo_dir, {"full": {"path": "experts/full", "kind": "full", "task": "add", "distractor": False},
+    tiny.write_zoo(repo_dir, {"full": {"path": "experts/full", "kind": "full", "task": "add", "distractor": False},
                                "lora": {"path": "experts/lora", "kind": "lora", "task": None, "distractor": True}},
                     {"add": {"train": "tasks/add/train.jsonl", "search": "tasks/add/search.jsonl", "test": "tasks/add/test.jsonl"}})
     repo = Repository.open(repo_dir)
@@ -104,7 +104,7 @@ def test_rejects_other_architecture_and_wrong_kind(repo_dir):
     (repo_dir / "experts/full/config.json").write_text(json.dumps(cfg))
     with pytest.raises(RepositoryError, match="expert 'full': architecture differs .*num_hidden_layers"):
         Repository.from_paths(repo_dir / "base", experts=[repo_dir / "experts/full"])
-    _tiny.write_zoo(repo_dir, {"lora": {"path": "experts/lora", "kind": "full"}})
+    tiny.write_zoo(repo_dir, {"lora": {"path": "experts/lora", "kind": "full"}})
     with pytest.raises(RepositoryError, match="listed as full but .* holds a lora"):
         Repository.open(repo_dir)
 

@@ -14,7 +14,7 @@ from evomerge.config import SearchConfig  # noqa: E402
 from evomerge.errors import ConfigError, TaskError  # noqa: E402
 from evomerge.backends import prepare  # noqa: E402
 from evomerge.tasks import Example, generation_length, write_jsonl  # noqa: E402
-from tests.serve.tiny_repo import build_tiny_repository  # noqa: E402
+from tests.helpers.bpe import build_tiny_repository  # noqa: E402
 
 SEARCH = [Example(f"Question {i}: sky? Answer:", " blue", id=f"s{i}") for i in range(8)]
 TEST = [Example("Question: sky at night? Answer:", " a very dark blue, nearly black", id="t0")]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from evomerge.recipe import MergeRecipe
 from evomerge.registry import Registry
-from evomerge.score import Cost, Score
+from evomerge.score import Cost, Score, attempt
 from evomerge.tasks import Example, Splits
 
 if TYPE_CHECKING:
@@ -143,11 +143,8 @@ class Backend(ABC):
         """Score `recipe` on `examples`; `options` are what a paid backend takes from the scheduler
         (its spend `limit`, racing's `prior`)."""
         start = time.perf_counter()
-        try:
-            score = self._evaluate(recipe, examples, **options)
-        except Exception as exc:  # a candidate's failure is data, not a crash
-            return Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))
-        if score.cost.seconds == 0.0:
+        score = attempt(self._evaluate, recipe, examples, **options)
+        if score.cost.seconds == 0.0:  # a backend that does not time itself is timed here
             score = replace(score, cost=replace(score.cost, seconds=time.perf_counter() - start))
         return score
 

@@ -3,14 +3,14 @@
 The base class keeps the bookkeeping (counts, best so far); a subclass implements `_ask` and
 `_tell`. `ask` never blocks waiting for tells (an asynchronous scheduler may ask ahead of a
 generation), and `tell` accepts points that were never asked, so a journal can be replayed.
-An optimizer is picklable (a pickle resumes exactly); the journal never stores one: resume
-replays the journaled tells into a freshly seeded optimizer, so a journal holds data only.
+There is no optimizer checkpoint: resume rebuilds the optimizer from its seed and replays the
+journaled asks and tells in their order (scheduler/loop.py), so "same seed and same calls ⇒
+same asks" is all an optimizer promises, and a journal holds data only.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -82,16 +82,6 @@ class Optimizer(ABC):
 
     @abstractmethod
     def _tell(self, z: np.ndarray, loss: float) -> None: ...
-
-    def checkpoint(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-
-    @staticmethod
-    def restore(blob: bytes) -> "Optimizer":
-        opt = pickle.loads(blob)
-        if not isinstance(opt, Optimizer):
-            raise TypeError("checkpoint does not hold an evomerge optimizer")
-        return opt
 
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer", fold_case=True,

@@ -29,7 +29,7 @@ from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Executor
 from evomerge.scheduler.ledger import Grant, Ledger
 from evomerge.scheduler.race import Race
-from evomerge.score import STATUS_STOPPED, Cost, Score
+from evomerge.score import STATUS_STOPPED, Cost, Score, attempt
 from evomerge.search_spaces._base import SearchSpace
 
 STALL_LIMIT = 200
@@ -264,10 +264,8 @@ class StageRun:
 
 
 def _result(fut: Future) -> Score:
-    try:
-        score = fut.result()
-    except Exception as exc:  # an executor that broke its promise still yields a failed candidate
-        return Score.failed(f"{type(exc).__name__}: {exc}")
+    """A future's Score; an executor that broke its promise still yields a failed candidate."""
+    score = attempt(fut.result)
     return score if isinstance(score, Score) else Score.failed(f"evaluator returned {type(score).__name__}, not a Score")
 
 

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +34,7 @@ from evomerge.backends._base import Evaluator, EvaluatorFactory
 from evomerge.errors import ConfigError
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Job, QueueExecutor
-from evomerge.score import Cost, Score
+from evomerge.score import Score, attempt, attempt_batch
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +56,10 @@ class _EvalActor:
         return callable(getattr(self._evaluate, "many", None))
 
     def evaluate(self, recipe: MergeRecipe, split: str, options: dict[str, Any]) -> Score:
-        start = time.perf_counter()
-        try:
-            return self._evaluate(recipe, split, **options)
-        except Exception as exc:  # an evaluator should not raise; if it does, the failure is data
-            return Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))
+        return attempt(self._evaluate, recipe, split, **options)
 
     def many(self, recipes: list[MergeRecipe], split: str) -> list[Score]:
-        start = time.perf_counter()
-        try:
-            return self._evaluate.many(recipes, split)
-        except Exception as exc:
-            return [Score.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=time.perf_counter() - start))] * len(recipes)
+        return attempt_batch(lambda: self._evaluate.many(recipes, split), len(recipes))
 
 
 def _reason(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 from evomerge.backends._base import Evaluator, EvaluatorFactory
 from evomerge.scheduler._base import Job, QueueExecutor
-from evomerge.score import Score
+from evomerge.score import Score, attempt, attempt_batch
 
 
 class ThreadExecutor(QueueExecutor):
@@ -46,7 +46,7 @@ class ThreadExecutor(QueueExecutor):
             except Exception as exc:  # an evaluator that cannot be built fails this candidate, not the search
                 carry = None
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_result(Score.failed(f"{type(exc).__name__}: {exc}"))
+                    job.future.set_result(Score.from_exception(exc))
                 continue
             batch, carry = self._batch(job, callable(getattr(evaluator, "many", None)))
             batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
@@ -64,13 +64,10 @@ class ThreadExecutor(QueueExecutor):
             timer = threading.Timer(self.eval_timeout * len(batch), self._expire, [j.future for j in batch])
             timer.daemon = True
             timer.start()
-        try:
-            if len(batch) == 1:
-                scores = [evaluator(batch[0].recipe, batch[0].split, **batch[0].options)]
-            else:
-                scores = evaluator.many([j.recipe for j in batch], batch[0].split)
-        except Exception as exc:  # an evaluator that raises is a failed candidate, not a crash
-            scores = [Score.failed(f"{type(exc).__name__}: {exc}")] * len(batch)
+        if len(batch) == 1:
+            scores = [attempt(evaluator, batch[0].recipe, batch[0].split, **batch[0].options)]
+        else:
+            scores = attempt_batch(lambda: evaluator.many([j.recipe for j in batch], batch[0].split), len(batch))
         if timer is not None:
             timer.cancel()
         with self._lock:

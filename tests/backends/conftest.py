@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from evomerge.tasks import Example
-from tests import _tiny
+from tests.helpers import tiny
 
 
 @pytest.fixture(scope="session")
 def local_repo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("local_repo")
-    base = _tiny.build_base(root / "base")
+    base = tiny.build_base(root / "base")
     experts = {}
     for i in range(2):
-        _tiny.build_lora_expert(base, root / "experts" / f"lora{i}", seed=40 + i)
+        tiny.build_lora_expert(base, root / "experts" / f"lora{i}", seed=40 + i)
         experts[f"lora{i}"] = {"path": f"experts/lora{i}", "kind": "lora", "task": None, "distractor": False}
-    return _tiny.write_zoo(root, experts)
+    return tiny.write_zoo(root, experts)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ from evomerge.serve.embedded import ServerThread
 from evomerge.serve.protocol import answer_nll
 from evomerge.spend import UsageCap
 from evomerge.tasks import Example, Splits
-from tests.serve.fault_proxy import FaultProxy
-from tests.serve.fixtures import API_KEY, fresh_server, host, local_and_api, server, stats, tiny_repo  # noqa: F401
+from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.provider import API_KEY, fresh_server, host, local_and_api, server, stats, tiny_repo  # noqa: F401
 
 EXAMPLES = [Example(f"Question {i}: what colour is the sky? Answer:", [" blue", " grey", " four"][i % 3],
                     task=["sky", "math"][i % 2], id=f"e{i}") for i in range(10)]

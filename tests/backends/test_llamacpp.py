@@ -19,8 +19,8 @@ from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Splits, load_jsonl
-from tests.serve.fault_proxy import FaultProxy
-from tests.zoo.llamacpp_server import LlamaServer, tiny_gguf  # noqa: F401 (fixture)
+from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.llamacpp_server import LlamaServer, tiny_gguf  # noqa: F401 (fixture)
 
 EXPERTS = ("first_letter", "upper", "last_letter")
 OBJECTIVE = Objective({"ce": 1.0, "exact_match": 1.0, "greedy_match": 0.5}, "mean")

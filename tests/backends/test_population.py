@@ -13,7 +13,7 @@ from evomerge.merging import population
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
-from tests import _tiny
+from tests.helpers import tiny
 
 EXPERTS = ("lora0", "lora1", "lora2")
 RECIPES = (
@@ -29,12 +29,12 @@ RECIPES = (
 def repo_dir(tmp_path_factory):
     """Adapters of two ranks, strong enough that the merges answer differently."""
     root = tmp_path_factory.mktemp("population_repo")
-    base = _tiny.build_base(root / "base")
+    base = tiny.build_base(root / "base")
     experts = {}
     for i, r in enumerate((4, 4, 2)):
-        _tiny.build_lora_expert(base, root / "experts" / f"lora{i}", seed=60 + i, r=r)
+        tiny.build_lora_expert(base, root / "experts" / f"lora{i}", seed=60 + i, r=r)
         experts[f"lora{i}"] = {"path": f"experts/lora{i}", "kind": "lora", "task": None, "distractor": False}
-    return _tiny.write_zoo(root, experts)
+    return tiny.write_zoo(root, experts)
 
 
 @pytest.fixture(scope="module")

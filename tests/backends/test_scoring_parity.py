@@ -23,9 +23,9 @@ from evomerge.recipe import MergeRecipe  # noqa: E402
 from evomerge.tasks import Example, generation_length  # noqa: E402
 from evomerge.serve.app import create_app  # noqa: E402
 from evomerge.serve.embedded import ServerThread, load_host  # noqa: E402
-from tests.backends.bpe_repo import CHAT_TEMPLATE, EXPERTS, build_bpe_repository, train_full_expert  # noqa: E402
-from tests.serve.fault_proxy import FaultProxy  # noqa: E402
-from tests.serve.fixtures import API_KEY, local_and_api, start_server  # noqa: E402
+from tests.helpers.bpe import CHAT_TEMPLATE, EXPERTS, build_bpe_repository, train_full_expert  # noqa: E402
+from tests.helpers.fault_proxy import FaultProxy  # noqa: E402
+from tests.helpers.provider import API_KEY, local_and_api, start_server  # noqa: E402
 
 RECIPE = MergeRecipe("evo", EXPERTS, (0.8, -0.5), (0.7, 1.0))
 Q = "Question: what is the colour of {}? Answer:"

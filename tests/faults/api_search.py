@@ -22,7 +22,7 @@ from evomerge.journal import Journal
 from evomerge.scheduler.race import Race
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Example, Splits
-from tests.serve.fault_proxy import FAULTS, FaultProxy
+from tests.helpers.fault_proxy import FAULTS, FaultProxy
 
 KEY_ENV = "EVOMERGE_FAULTS_API_KEY"
 EXAMPLES = tuple(Example(f"Question {i}: what colour is the sky? Answer:", [" blue", " grey", " four"][i % 3],

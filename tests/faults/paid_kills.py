@@ -20,7 +20,7 @@ from pathlib import Path
 from evomerge.api import PROBE_STAGE
 from tests.faults.api_search import EXAMPLES, KEY_ENV, VALIDATION, ledger_queries, served, settle
 from tests.faults.crash import ROOT, paid
-from tests.serve.fault_proxy import FAULTS, FaultProxy
+from tests.helpers.fault_proxy import FAULTS, FaultProxy
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from evomerge.objectives import Objective
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Splits
 from tests.faults.api_search import EXAMPLES, KEY_ENV, VALIDATION
-from tests.serve.fault_proxy import FaultProxy
-from tests.serve.fixtures import API_KEY
+from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.provider import API_KEY
 
 pytestmark = pytest.mark.timeout(300)
 

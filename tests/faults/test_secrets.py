@@ -15,7 +15,7 @@ from evomerge.backends.remote import ApiEvaluatorFactory
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Splits
 from tests.faults.api_search import EXAMPLES
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_ENV = "EVOMERGE_SECRETS_TEST_KEY"

@@ -10,7 +10,7 @@ import pytest
 
 from evomerge.serve.protocol import Limits
 from tests.faults.fuzz import fuzz
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 pytestmark = pytest.mark.timeout(300)
 

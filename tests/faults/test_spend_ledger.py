@@ -8,7 +8,7 @@ import pytest
 from evomerge.scheduler.race import Race
 from tests.faults.api_search import search_through_faults
 from tests.faults.paid_kills import Campaign, kill_and_resume
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 pytestmark = pytest.mark.timeout(300)
 RACE = Race(fraction=0.25, warmup=3)

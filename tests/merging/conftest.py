@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from tests import _tiny
+from tests.helpers import tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_repo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    base = _tiny.build_base(root / "base")
+    base = tiny.build_base(root / "base")
     experts = {}
     for i in range(3):
-        _tiny.build_full_expert(base, root / "experts" / f"full{i}", seed=10 + i, quantum=0.01 if i < 2 else None)
+        tiny.build_full_expert(base, root / "experts" / f"full{i}", seed=10 + i, quantum=0.01 if i < 2 else None)
         experts[f"full{i}"] = {"path": f"experts/full{i}", "kind": "full", "task": None, "distractor": False}
     lora = {"lora0": {}, "lora1": {"alpha": 16}, "lora2": {}, "lora_r2": {"r": 2, "targets": ("q_proj", "down_proj")}}
     for i, (name, kw) in enumerate(lora.items()):
-        _tiny.build_lora_expert(base, root / "experts" / name, seed=20 + i, **kw)
+        tiny.build_lora_expert(base, root / "experts" / name, seed=20 + i, **kw)
         experts[name] = {"path": f"experts/{name}", "kind": "lora", "task": None, "distractor": False}
-    return _tiny.write_zoo(root, experts)
+    return tiny.write_zoo(root, experts)
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,8 @@ def ray_session() -> Iterator[object]:
     # A short path: Ray's unix sockets live under it and must stay under 108 characters.
     temp_dir = tempfile.mkdtemp(prefix="evr-", dir="/tmp")
     if not ray.is_initialized():
-        # Workers import evomerge and the test factories (`_ray_fitness`) from this checkout.
-        here = Path(__file__).resolve().parent
-        with worker_pythonpath(str(here.parent.parent), str(here)):
+        # Workers import evomerge and the test factories (`tests.helpers.ray_fitness`) from this checkout.
+        with worker_pythonpath(str(Path(__file__).resolve().parents[2])):
             ray.init(num_cpus=SESSION_CPUS, num_gpus=SESSION_GPUS, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -26,7 +26,7 @@ from ray.util.state import list_actors
 
 from evomerge.journal import Journal
 from tests.faults.api_search import EXAMPLES, VALIDATION, ledger_queries, served
-from tests.serve.fixtures import API_KEY, tiny_repo  # noqa: F401  (pytest fixture)
+from tests.helpers.provider import API_KEY, tiny_repo  # noqa: F401  (pytest fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -117,7 +117,7 @@ def test_a_search_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", cluster.url, "--working-dir", str(REPO), "--submission-id", "evomerge-2n",
          "--", sys.executable, "-m", "evomerge", "search", "--backend", "python", "--budget", "30",
-         "--journal", str(journal), "--workers", "2", "--fitness", "tests.scheduler._ray_fitness:squares_where",
+         "--journal", str(journal), "--workers", "2", "--fitness", "tests.helpers.ray_fitness:squares_where",
          "--no-progress"],
         env=env, capture_output=True, text=True, timeout=240)
     status = JobSubmissionClient(cluster.url).get_job_status("evomerge-2n")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from _ray_fitness import BrokenFactory, DelayServer, HttpFactory, ProbeFactory, squares
 from evomerge.errors import BackendError, ConfigError
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler.ray_executor import SHUTDOWN_ERROR, RayExecutor, actor_resources
+from tests.helpers.ray_fitness import BrokenFactory, DelayServer, HttpFactory, ProbeFactory, squares
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,14 +143,14 @@ def test_a_population_evaluator_takes_the_queued_candidates_together(ray_session
     from evomerge.backends.local import LocalEvaluatorFactory
     from evomerge.objectives import Objective
     from evomerge.tasks import Example, Splits
-    from tests import _tiny
+    from tests.helpers import tiny
 
-    base = _tiny.build_base(tmp_path / "base")
+    base = tiny.build_base(tmp_path / "base")
     experts = {}
     for i in range(2):
-        _tiny.build_lora_expert(base, tmp_path / "experts" / f"lora{i}", seed=70 + i)
+        tiny.build_lora_expert(base, tmp_path / "experts" / f"lora{i}", seed=70 + i)
         experts[f"lora{i}"] = {"path": f"experts/lora{i}", "kind": "lora", "task": None, "distractor": False}
-    _tiny.write_zoo(tmp_path, experts)
+    tiny.write_zoo(tmp_path, experts)
     fit = tuple(Example(f"say {w}:", w, "word", f"w:{w}") for w in ("cat", "dog", "sun"))
     factory = LocalEvaluatorFactory(str(tmp_path), Splits(fit, (), ()), Objective("ce"), device="cpu",
                                     dtype="float32", population_cost=math.inf)

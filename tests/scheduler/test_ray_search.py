@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 import evomerge
-from _ray_fitness import ProbeFactory, squares
 from evomerge.journal import Journal
 from evomerge.scheduler.ray_executor import RayExecutor
 from evomerge.search_spaces import build_space
+from tests.helpers.ray_fitness import ProbeFactory, squares
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,1 +1,1 @@
-from tests.serve.fixtures import fresh_server, host, server, tiny_repo  # noqa: F401  (pytest fixtures)
+from tests.helpers.provider import fresh_server, host, server, tiny_repo  # noqa: F401  (pytest fixtures)

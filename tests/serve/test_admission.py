@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from evomerge.serve.protocol import Limits
-from tests.serve.fixtures import API_KEY, start_server, stats
+from tests.helpers.provider import API_KEY, start_server, stats
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_PROMPT = 40

@@ -12,7 +12,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 REQUIRED = {

@@ -11,7 +11,7 @@ import pytest
 import evomerge
 from evomerge.cli import main
 from evomerge.search_spaces import build_space
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 RECIPE = {"method": "evo_tv", "experts": ["math", "colour"], "weights": [0.9, -0.6], "densities": [0.7, 1.0]}

@@ -12,7 +12,7 @@ import pytest
 
 from evomerge.recipe import MergeRecipe
 from evomerge.serve.protocol import Limits
-from tests.serve.fixtures import API_KEY, start_server, stats
+from tests.helpers.provider import API_KEY, start_server, stats
 
 PROMPT = "Question: what colour is the sky? Answer: blue"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from evomerge.recipe import MergeRecipe
 from evomerge.serve.protocol import answer_nll
-from tests.serve.fixtures import API_KEY
+from tests.helpers.provider import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 EXAMPLES = [{"prompt": f"Question {i}: sky? Answer:", "answer": " blue", "id": f"x{i}"} for i in range(5)]

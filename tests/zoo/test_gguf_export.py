@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from evomerge.tasks import load_jsonl
-from tests.zoo.llamacpp_server import LlamaServer, require_xllamacpp, tiny_gguf  # noqa: F401 (fixture)
+from tests.helpers.llamacpp_server import LlamaServer, require_xllamacpp, tiny_gguf  # noqa: F401 (fixture)
 
 EXAMPLES = 12
 

@@ -1,7 +1,9 @@
-"""Tiny real transformers and experts on disk, for tests of the repository, merging and backends.
+"""Untrained tiny transformers and experts on disk in milliseconds, for tests of the repository,
+the merge math and the backends.
 
-A 2-layer Llama with a character-level tokenizer is saved as a real Hugging Face directory; full
-experts are perturbed copies of it; LoRA experts are real PEFT adapters with B ≠ 0.
+A 2-layer Llama with a character-level tokenizer (one token per character, so no tokenization
+question arises) is saved as a real Hugging Face directory; full experts are perturbed copies of
+it; LoRA experts are real PEFT adapters with B ≠ 0.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Shared fixtures: the tiny repository (built once per session), a real provider on 127.0.0.1.
+"""A real provider on 127.0.0.1 over the BPE provider repository (`bpe.build_tiny_repository`,
+built once per session), its fixtures, and the local-vs-api comparison the parity tests share.
 
-Imported by tests/serve/conftest.py and tests/backends/test_api.py.
+Fixtures reach a test folder through its conftest.py (serve, faults) or an import (test_api.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ API_KEY = "sk-test-" + secrets.token_hex(8)
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.getbasetemp() / "tiny_repo"
     if not (root / "experts" / "french" / "adapter_config.json").is_file():
-        from tests.serve.tiny_repo import build_tiny_repository
+        from tests.helpers.bpe import build_tiny_repository
 
         build_tiny_repository(root)
     return root
