@@ -8,12 +8,12 @@ split never influences the search or the choice of recipe.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from evomerge.recipe import MergeRecipe, uniform
 from evomerge.score import Cost, Score
-
 
 TABLES = ("none", "summary", "full")
 SUMMARY_ABOVE = 16

@@ -14,8 +14,9 @@ turning right (measured on the tiny zoo's ``upper_first``: 0.44 exact match lost
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Objective:
         object.__setattr__(self, "metric", self.metric if isinstance(self.metric, str) else dict(weights))
 
     @classmethod
-    def from_config(cls, config: Any) -> "Objective":
+    def from_config(cls, config: Any) -> Objective:
         """From an `evomerge.config.ObjectiveConfig` (or anything with metric and aggregate)."""
         return cls(metric=config.metric, aggregate=config.aggregate)
 
@@ -86,7 +87,7 @@ class Objective:
     def needs_references(self) -> bool:
         return self.aggregate == "normalized" and self.references is None
 
-    def with_references(self, references: Mapping[str, float | Mapping[str, float]]) -> "Objective":
+    def with_references(self, references: Mapping[str, float | Mapping[str, float]]) -> Objective:
         """With reference losses per task: one number for every metric, or one per metric."""
         return Objective(self.metric, self.aggregate, dict(references))
 

@@ -18,10 +18,10 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from evomerge._imports import require
 from evomerge.errors import RepositoryError
@@ -155,7 +155,7 @@ class Repository:
     preset: str | None = None
 
     @classmethod
-    def open(cls, path: str | Path, check_finite: bool = True) -> "Repository":
+    def open(cls, path: str | Path, check_finite: bool = True) -> Repository:
         """Open a directory: a zoo (``zoo.json``) or a base model with an ``experts/`` folder."""
         root = Path(path)
         manifest = root / "zoo.json"
@@ -175,7 +175,7 @@ class Repository:
 
     @classmethod
     def from_paths(cls, base: str | Path, experts: Sequence[str | Path] = (), experts_dir: str | Path | None = None,
-                   check_finite: bool = True) -> "Repository":
+                   check_finite: bool = True) -> Repository:
         """A repository from a base directory and expert directories (named by their folder)."""
         dirs = [Path(p) for p in experts]
         if experts_dir is not None:
@@ -194,7 +194,7 @@ class Repository:
 
     @classmethod
     def _build(cls, root: Path | None, base: Path, specs: Mapping[str, tuple[Path, str | None, str | None, bool]],
-               tasks: Mapping[str, Mapping[str, Path]], preset: str | None, check_finite: bool) -> "Repository":
+               tasks: Mapping[str, Mapping[str, Path]], preset: str | None, check_finite: bool) -> Repository:
         if not (base / "config.json").exists():
             raise RepositoryError(f"base model {base} has no config.json; point to a Hugging Face model directory")
         base_files = _safetensors_files(base, "base model")
@@ -304,7 +304,7 @@ class TensorReader:
         """Forget the maps; each unmaps once no view of it is left."""
         self._maps.clear()
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

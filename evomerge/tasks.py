@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import random
-from itertools import zip_longest
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from evomerge.errors import TaskError
 from evomerge.serve.protocol import answer_start

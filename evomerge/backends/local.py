@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,6 @@ from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
 from evomerge.score import Cost, Score
 from evomerge.tasks import Example, Splits, generation_length
-
 
 CPU_POPULATION_COST = 0.25
 """On a CPU, where a forward is bound by multiply-adds, a recipe joins a population forward only

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from evomerge.backends._base import Backend, Evaluator, register_backend
 from evomerge.recipe import MergeRecipe

@@ -10,8 +10,9 @@ S-LoRA / Punica idea, here as forward hooks on the resident base model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 

@@ -8,8 +8,9 @@ the recipe, so `decode(encode(r)) == r` holds exactly, float for float.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -16,7 +16,8 @@ of them, in general position). Any other recipe raises SearchSpaceError.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class ProjectedSpace(SearchSpace):
     name = "projected"
 
     def __init__(self, inner: SearchSpace, k: int, projection_seed: int = 0) -> None:
-        if not 1 <= k:
+        if not k >= 1:
             raise ConfigError(f"projected space needs a dimension k >= 1, got {k}")
         self.inner = inner
         self.projection_seed = int(projection_seed)

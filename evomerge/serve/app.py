@@ -18,7 +18,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import EvomergeError, TaskError
@@ -42,11 +43,10 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
     the merges registered as models (default: in memory); `cross_recipe` False scores each recipe in
     its own forward, merged (the worker's path before requests of distinct recipes shared one)."""
     fastapi = require("fastapi", "evomerge serve")
+    from fastapi import Header
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from fastapi import Header
 
     worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch, cross_recipe=cross_recipe)
     registry = registry if registry is not None else ModelRegistry()

@@ -9,8 +9,9 @@ False tokenizes text without adding special tokens: chat-templated text carries 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from evomerge._imports import require
 from evomerge.recipe import MergeRecipe

@@ -15,8 +15,9 @@ agree to float precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from evomerge.errors import TaskError
 

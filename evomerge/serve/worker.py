@@ -15,8 +15,9 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from evomerge.recipe import MergeRecipe
 from evomerge.serve.host import ModelHost, Scored
@@ -91,7 +92,7 @@ class MergeWorker:
         """Run `fn(host)` on the worker thread whatever weights are active (token counting)."""
         return await self._submit(None, "call", fn, ANY_KEY)
 
-    def _submit(self, recipe: MergeRecipe | None, kind: str, payload: Any, key: str | None = None) -> "asyncio.Future[Any]":
+    def _submit(self, recipe: MergeRecipe | None, kind: str, payload: Any, key: str | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
 

@@ -11,8 +11,9 @@ import random
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import RepositoryError

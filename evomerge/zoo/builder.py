@@ -26,9 +26,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,8 @@ from evomerge.errors import ConfigError, RepositoryError
 from evomerge.inference import answer_cross_entropy, exact_match, generate_answers
 from evomerge.tasks import Example, write_jsonl
 from evomerge.zoo.base import fetch_smol_gguf, smol_base, tiny_base
-from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.generators import make_splits, shuffled_labels
+from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
 FORMAT = 4  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target;

@@ -11,8 +11,8 @@ carries it and the rest of the repository, its shuffled-label twin included, onl
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from evomerge.errors import ConfigError
 from evomerge.tasks import Example

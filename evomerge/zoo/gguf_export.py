@@ -19,8 +19,9 @@ answers as the PEFT model does up to float rounding.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
