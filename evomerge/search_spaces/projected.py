@@ -54,7 +54,7 @@ class ProjectedSpace(SearchSpace):
     def encode(self, recipe: MergeRecipe) -> np.ndarray:
         target = self.inner.encode(recipe)
         free = (target > self.inner.lower) & (target < self.inner.upper)
-        z, *_ = np.linalg.lstsq(self.matrix[free], target[free] - self.inner.x0[free], rcond=None)
+        z: np.ndarray = np.linalg.lstsq(self.matrix[free], target[free] - self.inner.x0[free], rcond=None)[0]
         z = np.round(z, DECIMALS)
         if np.any(np.abs(z) > 1.0) or self.decode(z) != recipe:
             raise SearchSpaceError(f"the recipe is outside the range of the {self.dim}-dimensional projection "
@@ -77,7 +77,9 @@ def projected(experts: Sequence[str], inner: str = "evo_joint", k: int = 16, pro
     without its starts, stages of their own) down to k."""
     if inner not in SPACES:
         raise ConfigError(f"unknown inner space {inner!r} for projected; choose one of {', '.join(sorted(SPACES))}")
-    options = {"scale_grid": None, "singles": False, **(inner_options or {})} if inner == "evo_joint" else dict(inner_options or {})
+    options = dict(inner_options or {})
+    if inner == "evo_joint":
+        options = {"scale_grid": None, "singles": False, **options}
     built = SPACES[inner](experts, **options)
     if isinstance(built, Plan):
         if len(built.names) != 1:

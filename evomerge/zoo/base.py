@@ -32,7 +32,7 @@ def pretraining_text(seed: int, n: int) -> list[tuple[str, str]]:
     prompt; each expert then learns only its own transformation.
     """
     rng = random.Random(f"{seed}:pretrain")
-    word_tasks = [t for t in ("upper", "first_letter", "last_letter", "reverse", "copy", "plural")]
+    word_tasks = ["upper", "first_letter", "last_letter", "reverse", "copy", "plural"]
     out: list[tuple[str, str]] = []
     for i in range(n):
         kind = i % 4

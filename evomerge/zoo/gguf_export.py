@@ -114,7 +114,8 @@ def _add_tokenizer(writer: Any, base: Path) -> None:
     for role in ("bos", "eos", "pad", "unk"):
         index = getattr(tokenizer, f"{role}_token_id")
         if index is not None:
-            getattr(writer, {"pad": "add_pad_token_id", "unk": "add_unk_token_id"}.get(role, f"add_{role}_token_id"))(index)
+            setter = {"pad": "add_pad_token_id", "unk": "add_unk_token_id"}.get(role, f"add_{role}_token_id")
+            getattr(writer, setter)(index)
     ids = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(ids) and ids[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(False)
