@@ -85,7 +85,8 @@ def compare_on_test(score: Scorer, best: MergeRecipe, experts: Sequence[str], se
     if chosen is not None:
         rows["best_single"] = {"expert": chosen, **_row(scores.get(2 + experts.index(chosen)))}
     first = next((s for s in scores.values() if s.ok), None)
-    tasks = sorted({k.split("/", 1)[1] for k in (first.metrics if first else {}) if "/" in k and not k.startswith("loss/")})
+    keys = first.metrics if first else {}
+    tasks = sorted({k.split("/", 1)[1] for k in keys if "/" in k and not k.startswith("loss/")})
     return TestReport(rows, chosen, tuple(tasks), len(first.example_ids) if first else 0)
 
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,12 +52,12 @@ def encode(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos: bool = False,
     the answer tokens run to the end. Special tokens a tokenizer appends after the text are
     dropped (never scored; the model is causal, so nothing before them changes)."""
     prompts = [model_prompt(tokenizer, p, chat) for p, _ in pairs]
-    enc = tokenizer([p + a for p, (_, a) in zip(prompts, pairs)], add_special_tokens=not chat,
+    enc = tokenizer([p + a for p, (_, a) in zip(prompts, pairs, strict=True)], add_special_tokens=not chat,
                     return_offsets_mapping=True)
     if eos and tokenizer.eos_token_id is None:
         raise TaskError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
     out = []
-    for ids, offsets, prompt, (_, answer) in zip(enc["input_ids"], enc["offset_mapping"], prompts, pairs):
+    for ids, offsets, prompt, (_, answer) in zip(enc["input_ids"], enc["offset_mapping"], prompts, pairs, strict=True):
         mask = ends_after([end for _, end in offsets], answer_start(prompt))
         if not answer or True not in mask:
             raise TaskError(f"answer {answer!r} has no tokens; every example needs a non-empty answer")
@@ -109,11 +110,11 @@ def _keeps_logits(model: Any) -> bool:
     asked once per model class (a forward set on the instance itself is asked each time)."""
     if "forward" in getattr(model, "__dict__", {}):
         return _takes_logits_to_keep(model.forward)
-    return _class_keeps_logits(type(model))
+    return _class_keeps_logits(type(model))  # type: ignore[arg-type]  # classes hash; mypy disagrees (python/mypy#11470)
 
 
 @lru_cache(maxsize=64)
-def _class_keeps_logits(cls: type) -> bool:
+def _class_keeps_logits(cls: type[Any]) -> bool:
     return _takes_logits_to_keep(cls.forward)
 
 
@@ -154,7 +155,7 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
         token_lp = torch.log_softmax(picked, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
         token_greedy = (picked.argmax(-1) == target).cpu().numpy()
         bounds = np.cumsum([len(ids) - n_prompt for ids, n_prompt in encoded])[:-1]
-        for row, (lp, hit) in enumerate(zip(np.split(token_lp, bounds), np.split(token_greedy, bounds))):
+        for row, (lp, hit) in enumerate(zip(np.split(token_lp, bounds), np.split(token_greedy, bounds), strict=True)):
             ce[start + row] = -float(lp.mean())
             greedy[start + row] = float(hit.all())
     return ce, greedy
@@ -250,7 +251,7 @@ TEXT_METRICS = {"exact_match": exact_match, "exact_match_ci": exact_match_ci, "f
 
 def text_scores(wanted: Sequence[str], answers: Sequence[str], examples: Sequence[Example]) -> dict[str, np.ndarray]:
     """Per-example values of each wanted text metric (local backend and api client alike)."""
-    return {name: np.array([fn(a, e.answer) for a, e in zip(answers, examples)], dtype=np.float64)
+    return {name: np.array([fn(a, e.answer) for a, e in zip(answers, examples, strict=True)], dtype=np.float64)
             for name, fn in TEXT_METRICS.items() if name in wanted}
 
 
@@ -270,7 +271,7 @@ def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], bat
     out = np.empty(len(examples), dtype=np.float64)
     at = 0
     for i, e in enumerate(examples):
-        n = len(e.choices)
-        out[i] = float(e.choices[int(np.argmin(ce[at : at + n]))] == e.answer)
-        at += n
+        choices = e.choices or ()  # never empty: checked above
+        out[i] = float(choices[int(np.argmin(ce[at : at + len(choices)]))] == e.answer)
+        at += len(choices)
     return out

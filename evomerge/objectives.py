@@ -14,8 +14,9 @@ turning right (measured on the tiny zoo's ``upper_first``: 0.44 exact match lost
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,13 @@ def metric_loss(metric: str, values: np.ndarray) -> np.ndarray:
     """Per-example loss of a metric's values (lower is better)."""
     values = np.asarray(values, dtype=np.float64)
     return values if metric == "ce" else 1.0 - values
+
+
+def _per_metric(references: Mapping[str, float | Mapping[str, float]],
+                metrics: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Reference losses per task and metric; a task's single number stands for every metric."""
+    return {task: dict(ref) if isinstance(ref, Mapping) else dict.fromkeys(metrics, ref)
+            for task, ref in references.items()}
 
 
 @dataclass(frozen=True)
@@ -50,12 +58,12 @@ class Objective:
             if name not in METRICS:
                 raise ConfigError(f"unknown objective metric {name!r}; choose from {', '.join(METRICS)}")
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
-                raise ConfigError(f"objective.metric weight of {name!r} is {w!r}; blend weights must be positive numbers")
+                raise ConfigError(f"objective.metric weight of {name!r} is {w!r}; "
+                                  "blend weights must be positive numbers")
         if self.aggregate not in AGGREGATES:
             raise ConfigError(f"unknown objective aggregate {self.aggregate!r}; choose from {', '.join(AGGREGATES)}")
         if self.references is not None:
-            refs = {task: dict(ref) if isinstance(ref, Mapping) else dict.fromkeys(weights, ref)
-                    for task, ref in self.references.items()}
+            refs = _per_metric(self.references, weights)
             for task, ref in refs.items():
                 for name, value in ref.items():
                     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -65,7 +73,7 @@ class Objective:
         object.__setattr__(self, "metric", self.metric if isinstance(self.metric, str) else dict(weights))
 
     @classmethod
-    def from_config(cls, config: Any) -> "Objective":
+    def from_config(cls, config: Any) -> Objective:
         """From an `evomerge.config.ObjectiveConfig` (or anything with metric and aggregate)."""
         return cls(metric=config.metric, aggregate=config.aggregate)
 
@@ -86,9 +94,9 @@ class Objective:
     def needs_references(self) -> bool:
         return self.aggregate == "normalized" and self.references is None
 
-    def with_references(self, references: Mapping[str, float | Mapping[str, float]]) -> "Objective":
+    def with_references(self, references: Mapping[str, float | Mapping[str, float]]) -> Objective:
         """With reference losses per task: one number for every metric, or one per metric."""
-        return Objective(self.metric, self.aggregate, dict(references))
+        return Objective(self.metric, self.aggregate, _per_metric(references, self.weights))
 
     def metric_losses(self, per_example: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
         """Mean loss of each of the objective's metrics, per task."""
@@ -98,12 +106,14 @@ class Objective:
         if len(tasks) == 0:
             raise ConfigError("no examples to score; the split is empty")
         if any(len(per_example[m]) != len(tasks) for m in self.weights):
-            raise ConfigError(f"{len(per_example[next(iter(self.weights))])} example scores for {len(tasks)} task labels")
+            n = len(per_example[next(iter(self.weights))])
+            raise ConfigError(f"{n} example scores for {len(tasks)} task labels")
         labels = np.asarray(tasks)
         return {t: {m: float(metric_loss(m, per_example[m])[labels == t].mean()) for m in self.weights}
                 for t in sorted(set(tasks))}
 
-    def reference_losses(self, per_example: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    def reference_losses(self, per_example: Mapping[str, np.ndarray],
+                         tasks: Sequence[str]) -> dict[str, dict[str, float]]:
         """`metric_losses` of a reference model (the base), each kept above what one example can
         measure (1/n of a task's n examples; CE 1e-3), so a metric the base already gets right
         still divides by a positive number."""

@@ -68,7 +68,7 @@ def _plot(run: RunView, path: Path) -> None:
         best.append(low)
     axes_n = 2 if total else 1
     fig, axes = plt.subplots(1, axes_n, figsize=(6 * axes_n, 4), squeeze=False)
-    for ax, xs, label in zip(axes[0], (xs_eval, xs_query), ("evaluations", "queries")):
+    for ax, xs, label in zip(axes[0], (xs_eval, xs_query), ("evaluations", "queries"), strict=False):
         ax.plot(xs, current, ".", alpha=0.4, label="candidate loss")
         ax.plot(xs, best, "-", color="C3", label="best so far")
         for i in range(1, len(paid)):
@@ -98,20 +98,23 @@ def write_report(journal: str | Path, out: str | Path | None = None, top: int = 
     lines = [f"# evomerge report: {Path(journal).name}", "",
              f"Status: {'finished' if run.finished else 'unfinished (resume to complete)'}. "
              f"{len(paid)} paid evaluations ({len(run.fit) - len(paid)} served from cache), {len(failed)} failed.",
-             f"Cost: {run.cost.queries} queries, {run.cost.tokens} tokens, {run.cost.seconds:.1f} s of evaluation.", "",
-             "![convergence](convergence.png)", "", "## Stages", "", "| stage | evaluations | best fit loss |", "|---|---|---|"]
+             f"Cost: {run.cost.queries} queries, {run.cost.tokens} tokens, {run.cost.seconds:.1f} s of evaluation.",
+             "", "![convergence](convergence.png)", "",
+             "## Stages", "", "| stage | evaluations | best fit loss |", "|---|---|---|"]
     for stage in sorted({t.stage for t in run.fit}):
         ts = [t for t in paid if t.stage == stage]
         ok = [t.loss for t in ts if t.ok]
         lines.append(f"| {stage} | {len(ts)} | {_fmt(min(ok) if ok else None)} |")
+    best_validation = run.validation.get((run.best.stage, run.best.trial))
     lines += ["", "## Best recipe", "", f"Chosen: stage {run.best.stage}, trial {run.best.trial}, method "
               f"`{run.best.recipe.method}`; fit loss {_fmt(run.best.loss)}, validation loss "
-              f"{_fmt(run.validation[(run.best.stage, run.best.trial)].loss if (run.best.stage, run.best.trial) in run.validation else None)}.",
+              f"{_fmt(best_validation.loss if best_validation else None)}.",
               "", "| expert | weight (β) | keep ratio / density (α) |", "|---|---|---|"]
     r = run.best.recipe
     for i, name in enumerate(r.experts):
         lines.append(f"| {name} | {r.weights[i]:.4f} | {_fmt(r.densities[i]) if r.densities else '—'} |")
-    lines += ["", f"## Top {top} candidates by fit loss", "", "| stage | trial | fit loss | validation loss |", "|---|---|---|---|"]
+    lines += ["", f"## Top {top} candidates by fit loss", "",
+              "| stage | trial | fit loss | validation loss |", "|---|---|---|---|"]
     for t in sorted((t for t in paid if t.ok), key=lambda t: t.loss)[:top]:
         v = run.validation.get((t.stage, t.trial))
         lines.append(f"| {t.stage} | {t.trial} | {_fmt(t.loss)} | {_fmt(v.loss if v else None)} |")

@@ -18,10 +18,10 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from evomerge._imports import require
 from evomerge.errors import RepositoryError
@@ -63,8 +63,7 @@ def _safetensors_files(directory: Path, what: str) -> dict[str, Path]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    out[key] = f
+                out.update(dict.fromkeys(h.keys(), f))
         except Exception as exc:  # safetensors raises its own error types for a corrupt header
             raise RepositoryError(f"{what}: cannot read {f} ({exc})") from None
     return out
@@ -95,7 +94,7 @@ def _check_finite(expert: str, files: Mapping[str, Path]) -> None:
                 raise RepositoryError(f"expert {expert!r}: tensor {key} holds NaN or inf; re-export the expert")
 
 
-def _match_pattern(patterns: Mapping[str, object], module: str, default: object) -> object:
+def _match_pattern(patterns: Mapping[str, float], module: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern: the first key that matches the module name's tail."""
     for pat, value in patterns.items():
         if re.search(rf"(^|\.){pat}$", module):
@@ -155,14 +154,15 @@ class Repository:
     preset: str | None = None
 
     @classmethod
-    def open(cls, path: str | Path, check_finite: bool = True) -> "Repository":
+    def open(cls, path: str | Path, check_finite: bool = True) -> Repository:
         """Open a directory: a zoo (``zoo.json``) or a base model with an ``experts/`` folder."""
         root = Path(path)
         manifest = root / "zoo.json"
         if not manifest.exists():
             if (root / "base").is_dir() and (root / "experts").is_dir():
                 return cls.from_paths(root / "base", experts_dir=root / "experts", check_finite=check_finite)
-            raise RepositoryError(f"{root} has no zoo.json and no base/ + experts/ folders; build one with `evomerge zoo`")
+            raise RepositoryError(f"{root} has no zoo.json and no base/ + experts/ folders; "
+                                  "build one with `evomerge zoo`")
         try:
             data = json.loads(manifest.read_text())
             specs = {n: (root / e["path"], e.get("kind"), e.get("task"), bool(e.get("distractor", False)))
@@ -175,7 +175,7 @@ class Repository:
 
     @classmethod
     def from_paths(cls, base: str | Path, experts: Sequence[str | Path] = (), experts_dir: str | Path | None = None,
-                   check_finite: bool = True) -> "Repository":
+                   check_finite: bool = True) -> Repository:
         """A repository from a base directory and expert directories (named by their folder)."""
         dirs = [Path(p) for p in experts]
         if experts_dir is not None:
@@ -194,7 +194,7 @@ class Repository:
 
     @classmethod
     def _build(cls, root: Path | None, base: Path, specs: Mapping[str, tuple[Path, str | None, str | None, bool]],
-               tasks: Mapping[str, Mapping[str, Path]], preset: str | None, check_finite: bool) -> "Repository":
+               tasks: Mapping[str, Mapping[str, Path]], preset: str | None, check_finite: bool) -> Repository:
         if not (base / "config.json").exists():
             raise RepositoryError(f"base model {base} has no config.json; point to a Hugging Face model directory")
         base_files = _safetensors_files(base, "base model")
@@ -222,8 +222,9 @@ class Repository:
         try:
             return self.experts[name]
         except KeyError:
+            more = " ..." if len(self.experts) > 10 else ""
             raise RepositoryError(f"no expert named {name!r} in the repository; known: "
-                                  f"{', '.join(sorted(self.experts)[:10])}{' ...' if len(self.experts) > 10 else ''}") from None
+                                  f"{', '.join(sorted(self.experts)[:10])}{more}") from None
 
     @property
     def block_layers(self) -> int:
@@ -293,7 +294,8 @@ class TensorReader:
         begin, end = entry["data_offsets"]
         numel = math.prod(entry["shape"])
         if numel * dtype.itemsize != end - begin:
-            raise RepositoryError(f"{f}: tensor {key} claims {end - begin} bytes for shape {entry['shape']}; the file is corrupt")
+            raise RepositoryError(f"{f}: tensor {key} claims {end - begin} bytes for shape {entry['shape']}; "
+                                  "the file is corrupt")
         if start + end > len(m):
             raise RepositoryError(f"{f}: file ends inside tensor {key}; the file is truncated")
         if numel == 0:
@@ -304,7 +306,7 @@ class TensorReader:
         """Forget the maps; each unmaps once no view of it is left."""
         self._maps.clear()
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import random
-from itertools import zip_longest
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, TaskError
 from evomerge.serve.protocol import answer_start
@@ -36,8 +37,8 @@ class Example:
     id: str = ""
     choices: tuple[str, ...] | None = None
 
-    def to_dict(self) -> dict:
-        out = {"prompt": self.prompt, "answer": self.answer, "task": self.task, "id": self.id}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt": self.prompt, "answer": self.answer, "task": self.task, "id": self.id}
         if self.choices is not None:
             out["choices"] = list(self.choices)
         return out
@@ -59,7 +60,7 @@ def load_jsonl(path: str | Path, task: str | None = None) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TaskError(f"{path}:{no}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str)):
             raise TaskError(f'{path}:{no}: each line needs string fields "prompt" and "answer"')
         choices = row.get("choices")
         if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
@@ -110,7 +111,8 @@ class Splits:
         return tuple(sorted({e.task for e in self.fit + self.validation + self.test}))
 
 
-def split_search(examples: Sequence[Example], validation: float, seed: int = 0) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+def split_search(examples: Sequence[Example], validation: float,
+                 seed: int = 0) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
     """Divide search examples into fit and validation, stratified by task and seeded; fit comes
     interleaved by task."""
     if not 0.0 <= validation < 1.0:

@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -37,8 +38,8 @@ CPU_POPULATION_COST = 0.25
 while its low-rank path adds at most this share of the adapted layers' work (`Merger.low_rank_cost`).
 Measured on SmolLM2-135M, 12 candidates x 32 examples, other work sharing the cores: `evo` over 8
 adapters (cost 0.02) ran 2.45x faster together, `evo_tv` over 8 (0.18) 3.29x, `evo_tv` over 32 (~0.6)
-0.59x; on a quiet CPU `evo` is about even (0.87-1.14x), see benchmarks/RESULTS.md. A GPU, bound by reading weights, batches every
-low-rank recipe."""
+0.59x; on a quiet CPU `evo` is about even (0.87-1.14x), see benchmarks/RESULTS.md. A GPU, bound by
+reading weights, batches every low-rank recipe."""
 
 
 class LocalBackend(Backend):
@@ -139,10 +140,8 @@ class LocalBackend(Backend):
         tokens = max(len(e.prompt) + len(e.answer) for e in examples) + length  # bytes bound tokens
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         kv = 2 * config.num_hidden_layers * heads * (config.hidden_size // config.num_attention_heads)
-        if self.engine.device.type == "cuda":
-            budget = torch.cuda.mem_get_info(self.engine.device)[0] // 4
-        else:
-            budget = 1 << 30
+        on_gpu = self.engine.device.type == "cuda"
+        budget = torch.cuda.mem_get_info(self.engine.device)[0] // 4 if on_gpu else 1 << 30
         forward = tokens * (config.vocab_size + 16 * config.hidden_size) * 4
         generate = tokens * (kv + 16 * config.hidden_size) * 4 + 2 * config.vocab_size * 4
         return max(self.batch_size, budget // forward), max(self.batch_size, budget // generate)
@@ -167,10 +166,9 @@ class LocalBackend(Backend):
             if values is not None:
                 seconds = (time.perf_counter() - start) / len(batched)
                 at = {e: j for j, e in enumerate(unique)}
-                for i, v in zip(batched, values):
-                    per_example = self.memo.scores(
-                        (recipes[i].key(), self.objective.metrics), examples,
-                        lambda missing, v=v: {k: x[[at[e] for e in missing]] for k, x in v.items()})
+                for i, v in zip(batched, values, strict=True):
+                    per_example = self.memo.scores((recipes[i].key(), self.objective.metrics), examples,
+                                                   partial(_rows, v, at))
                     scores[i] = self._score(per_example, examples, ids, objective, seconds)
         return [scores[i] if i in scores else self.evaluate(r, examples) for i, r in enumerate(recipes)]
 
@@ -189,7 +187,8 @@ class LocalBackend(Backend):
             found = self._references[ids] = self.objective.with_references(base)
         return found
 
-    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
+    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], **options: Any) -> Score:
+        """`options` (a spend limit, a racing prior) are for paid backends: a local forward costs nothing."""
         start = time.perf_counter()
         ids = tuple(e.id or str(i) for i, e in enumerate(examples))
         length = self.max_new_tokens or generation_length(examples)  # all given, not the memo's missing few
@@ -217,6 +216,11 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _rows(values: dict[str, np.ndarray], at: dict[Example, int], missing: list[Example]) -> dict[str, np.ndarray]:
+    """The rows of a population forward's `values` (one per example in `at`) for `missing`."""
+    return {k: x[[at[e] for e in missing]] for k, x in values.items()}
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,16 @@ class PythonBackend(Backend):
     def __init__(self, fitness: Fitness) -> None:
         self.fitness = fitness
 
-    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example]) -> Score:
+    def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], **options: Any) -> Score:
+        """`options` (a spend limit, a racing prior) are for paid backends; the fitness is called as is."""
         out = self.fitness(recipe)
         metrics: dict[str, float] = {}
         cost = Cost()
         if isinstance(out, dict):
             if "loss" not in out:
                 return Score.failed("fitness returned a dict without a 'loss' key")
-            metrics = {k: float(v) for k, v in out.items() if k not in ("loss", "queries", "tokens") and isinstance(v, Real)}
+            metrics = {k: float(v) for k, v in out.items()
+                       if k not in ("loss", "queries", "tokens") and isinstance(v, Real)}
             cost = Cost(int(out.get("queries", 0)), int(out.get("tokens", 0)))
             out = out["loss"]
         if isinstance(out, bool) or not isinstance(out, Real):

@@ -10,8 +10,9 @@ S-LoRA / Punica idea, here as forward hooks on the resident base model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -27,9 +28,7 @@ def stacked_factors(merger: Merger, recipes: Sequence[MergeRecipe], dtype: torch
     """Per adapted weight name: (A of shape (C, R, in), B of shape (C, out, R)), candidate c's
     update B[c]·A[c] the very ΔW its merge would add; a candidate that leaves a module alone (or
     has a lower rank there) has zero rows. Raises RecipeError for a recipe with no low-rank form."""
-    per: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
-    for recipe in recipes:
-        per.append({name: (a, b) for name, b, a in merger.low_rank(recipe)})
+    per = [{name: (a, b) for name, b, a in merger.low_rank(recipe)} for recipe in recipes]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in dict.fromkeys(n for factors in per for n in factors):
         shapes = [f[name] for f in per if name in f]

@@ -30,7 +30,8 @@ def validate(shared: Shared, stage: int, candidates: list[Trial]) -> dict[int, T
     return evaluate_once(shared, stage, [(t.trial, t.recipe) for t in candidates], "validation")
 
 
-def choose(candidates: list[Trial], validation: dict[tuple[int, int], Trial] | None) -> tuple[Trial | None, Trial | None]:
+def choose(candidates: list[Trial],
+           validation: dict[tuple[int, int], Trial] | None) -> tuple[Trial | None, Trial | None]:
     """The fit trial to return and its validation trial (None where no validation ran)."""
     if not candidates:
         return None, None

@@ -11,7 +11,8 @@ have to pick anyway.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from evomerge.blocks import KINDS, blocks_for
 from evomerge.errors import ConfigError

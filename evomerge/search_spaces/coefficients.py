@@ -8,8 +8,9 @@ the recipe, so `decode(encode(r)) == r` holds exactly, float for float.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,8 +85,9 @@ class CoefficientSpace(SearchSpace):
         if "weights" not in [f.name for f in self.fields]:
             raise ConfigError("a coefficient space needs a weights field (searched or fixed)")
         for f in self.fields:
-            if len(f.start) != (n if f.name in PER_EXPERT else 1):
-                raise ConfigError(f"{f.name} start has {len(f.start)} values; expected {n if f.name in PER_EXPERT else 1}")
+            expected = n if f.name in PER_EXPERT else 1
+            if len(f.start) != expected:
+                raise ConfigError(f"{f.name} start has {len(f.start)} values; expected {expected}")
         lo, hi, x0 = [], [], []
         for f in self.fields:
             if f.searched:
@@ -154,7 +156,8 @@ class CoefficientSpace(SearchSpace):
     def _recipe_values(self, recipe: MergeRecipe) -> dict[str, np.ndarray | None]:
         if self.blocks:
             w = np.array([b.weights for b in recipe.blocks])
-            d = None if any(b.densities is None for b in recipe.blocks) else np.array([b.densities for b in recipe.blocks])
+            dense = any(b.densities is None for b in recipe.blocks)
+            d = None if dense else np.array([b.densities for b in recipe.blocks])
         else:
             w = np.array([recipe.weights])
             d = None if recipe.densities is None else np.array([recipe.densities])

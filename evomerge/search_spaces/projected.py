@@ -16,7 +16,8 @@ of them, in general position). Any other recipe raises SearchSpaceError.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class ProjectedSpace(SearchSpace):
     name = "projected"
 
     def __init__(self, inner: SearchSpace, k: int, projection_seed: int = 0) -> None:
-        if not 1 <= k:
+        if not k >= 1:
             raise ConfigError(f"projected space needs a dimension k >= 1, got {k}")
         self.inner = inner
         self.projection_seed = int(projection_seed)
@@ -53,7 +54,7 @@ class ProjectedSpace(SearchSpace):
     def encode(self, recipe: MergeRecipe) -> np.ndarray:
         target = self.inner.encode(recipe)
         free = (target > self.inner.lower) & (target < self.inner.upper)
-        z, *_ = np.linalg.lstsq(self.matrix[free], target[free] - self.inner.x0[free], rcond=None)
+        z: np.ndarray = np.linalg.lstsq(self.matrix[free], target[free] - self.inner.x0[free], rcond=None)[0]
         z = np.round(z, DECIMALS)
         if np.any(np.abs(z) > 1.0) or self.decode(z) != recipe:
             raise SearchSpaceError(f"the recipe is outside the range of the {self.dim}-dimensional projection "

@@ -17,8 +17,9 @@ import hashlib
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from evomerge.serve.schemas import ApiError
 
@@ -114,7 +115,7 @@ async def within(deadline: float, work: Awaitable[T]) -> T:
     """`work`, or 504 (OpenAI's shape, ``deadline_exceeded``) once `deadline` (time.monotonic) passes."""
     try:
         return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ApiError(504, "the request ran past this provider's deadline and was stopped; send fewer or "
                             "shorter prompts, or a lower max_tokens", None, kind="server_error",
                        code="deadline_exceeded") from None

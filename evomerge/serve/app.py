@@ -1,6 +1,7 @@
 """The reference provider: an OpenAI-compatible API whose every request may carry a merge recipe.
 
-Routes: GET /v1/models (POST / DELETE register merges as models: `evomerge.serve.registry`), POST /v1/completions (echo + logprobs for client-side scoring),
+Routes: GET /v1/models (POST / DELETE register merges as models: `evomerge.serve.registry`),
+POST /v1/completions (echo + logprobs for client-side scoring),
 POST /v1/chat/completions (the model's chat template; echo + continue_final_message + logprobs
 score a final assistant message), the merge-session API (`evomerge.serve.sessions`), GET /v1/stats,
 POST /tokenize (vLLM's and llama.cpp's route: unpaid, so a client can count what usage omits).
@@ -18,7 +19,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import EvomergeError, TaskError
@@ -42,11 +44,10 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
     the merges registered as models (default: in memory); `cross_recipe` False scores each recipe in
     its own forward, merged (the worker's path before requests of distinct recipes shared one)."""
     fastapi = require("fastapi", "evomerge serve")
+    from fastapi import Header
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from fastapi import Header
 
     worker = MergeWorker(host, cache_size=cache_size, max_batch_texts=limits.max_batch, cross_recipe=cross_recipe)
     registry = registry if registry is not None else ModelRegistry()
@@ -143,15 +144,15 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits = Lim
                 generated = await within(deadline, worker.call(recipe, unless_expired(deadline, lambda h: h.generate(
                     prompts, req.max_tokens, req.temperature, req.seed, max_time=deadline - time.monotonic()))))
             completions_ = [g.text for g in generated]
-            scored: list[Scored | None] = [None] * len(prompts)
+            scored: Sequence[Scored | None] = [None] * len(prompts)
             if req.logprobs is not None:
-                scored = await within(deadline, worker.score(recipe, [p + c for p, c in zip(prompts, completions_)],
-                                                             req.logprobs))
+                texts = [p + c for p, c in zip(prompts, completions_, strict=True)]
+                scored = await within(deadline, worker.score(recipe, texts, req.logprobs))
             completion_tokens = sum(g.tokens for g in generated)
             bill.used = prompt_tokens + completion_tokens
         worker.stats.queries += 1
         choices = []
-        for i, (p, g, s) in enumerate(zip(prompts, generated, scored)):
+        for i, (p, g, s) in enumerate(zip(prompts, generated, scored, strict=True)):
             choices.append({"index": i, "text": (p + g.text) if req.echo else g.text,
                             "finish_reason": _finish(g, req.max_tokens),
                             "logprobs": None if s is None else _logprobs(s, 0 if req.echo else len(p), req.logprobs)})
@@ -227,6 +228,8 @@ def _logprobs(s: Scored, start: int, top: int | None) -> dict[str, Any]:
 def _chat_turns(host: ModelHost, req: ChatRequest | TokenizeRequest) -> tuple[str, str]:
     """The templated prompt and the final assistant message it continues ("" unless
     `continue_final_message`), or a 422 naming what is wrong."""
+    if req.messages is None:  # a TokenizeRequest may carry a prompt instead; /tokenize checks first
+        raise ApiError(422, "give messages to apply the chat template to", "messages")
     messages = [m.model_dump() for m in req.messages]
     final = ""
     if req.continue_final_message:
@@ -248,13 +251,13 @@ def _chat_logprobs(s: Scored, start: int) -> list[dict[str, Any]]:
     """OpenAI's chat logprobs items for the tokens that end after character `start`. Byte tokens
     of one character share its span: the first carries the character (text and UTF-8 bytes), the
     rest are empty, so the tokens (and the bytes) join to the message, as OpenAI's do."""
-    keep = ends_after([off + len(tok) for tok, off in zip(s.tokens, s.text_offset)], start)
+    keep = ends_after([off + len(tok) for tok, off in zip(s.tokens, s.text_offset, strict=True)], start)
     tops = s.top_logprobs or [None] * len(s.tokens)
     shown = [tok if i == 0 or off != s.text_offset[i - 1] else "" for i, (tok, off) in
-             enumerate(zip(s.tokens, s.text_offset))]
+             enumerate(zip(s.tokens, s.text_offset, strict=True))]
 
     def item(token: str, logprob: float | None) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
     return [{**item(tok, lp), "top_logprobs": [item(t, v) for t, v in (top or {}).items()]}
-            for tok, lp, top, k in zip(shown, s.token_logprobs, tops, keep) if k]
+            for tok, lp, top, k in zip(shown, s.token_logprobs, tops, keep, strict=True) if k]

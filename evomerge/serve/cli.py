@@ -68,8 +68,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.torch_threads:
         require("torch", "evomerge serve").set_num_threads(args.torch_threads)
     sock = bind(args.host, args.port)  # fail fast on a taken port, before loading the model
-    for flag, value in (("--max-prompt-tokens", args.max_prompt_tokens), ("--tokens-per-minute", args.tokens_per_minute),
-                        ("--deadline", args.deadline)):
+    for flag, value in (("--max-prompt-tokens", args.max_prompt_tokens),
+                        ("--tokens-per-minute", args.tokens_per_minute), ("--deadline", args.deadline)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} is {value}; give a positive number")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,

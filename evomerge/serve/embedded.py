@@ -11,8 +11,9 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import BackendError

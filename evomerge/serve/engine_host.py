@@ -9,8 +9,9 @@ This host owns its engine: nothing else may call `engine.apply` on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import RecipeError, RepositoryError
@@ -40,7 +41,7 @@ class EngineHost:
         self._dirty: set[str] = set()
 
     @classmethod
-    def open(cls, directory: str | Path, device: str | None = None, dtype: str | None = None) -> "EngineHost":
+    def open(cls, directory: str | Path, device: str | None = None, dtype: str | None = None) -> EngineHost:
         from evomerge.repository import Repository
 
         return cls(Repository.open(directory), device, dtype)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -53,9 +54,10 @@ class Guard:
                              "invalid_request_error", "body_too_large")
             return
         if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            receive = await self._buffered(receive, send)
-            if receive is None:
+            replay = await self._buffered(receive, send)
+            if replay is None:
                 return
+            receive = replay
         await self.app(scope, receive, send)
 
     async def _buffered(self, receive: Receive, send: Send) -> Receive | None:

@@ -9,8 +9,9 @@ False tokenizes text without adding special tokens: chat-templated text carries 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from evomerge._imports import require
 from evomerge.recipe import MergeRecipe
@@ -36,8 +37,8 @@ class Generated:
 
 class ModelHost(Protocol):
     """What `evomerge serve` drives. `merge` is the expensive step the server caches and counts.
-    A host may also offer `low_rank(recipe) -> bool` and `score_many(recipes, texts, top, special)`
-    (`EngineHost` does): score requests of distinct recipes then share one forward, with no merge."""
+    A host may also be a `PopulationHost` (`EngineHost` is): score requests of distinct recipes
+    then share one forward, with no merge."""
 
     base_name: str
     experts: tuple[str, ...]
@@ -64,6 +65,18 @@ class ModelHost(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` costs (what usage reports)."""
+
+
+@runtime_checkable
+class PopulationHost(Protocol):
+    """A host's optional path for score requests of several recipes in one forward over the base."""
+
+    def low_rank(self, recipe: MergeRecipe) -> bool:
+        """Whether `recipe` can share a forward with other recipes (no merge)."""
+
+    def score_many(self, recipes: Sequence[MergeRecipe], texts: Sequence[Sequence[str]], top: int = 0,
+                   special: bool = True) -> list[list[Scored]]:
+        """`ModelHost.score` of each recipe's texts, all in one forward; leaves the base active."""
 
 
 class TransformersRunner:
@@ -94,8 +107,7 @@ class TransformersRunner:
         # logprob of token t given tokens < t: position t-1's distribution at ids[t]
         picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).tolist()
         tops = logp[:, :-1].topk(top, dim=-1) if top > 0 else None
-        top_values = tops.values.tolist() if tops is not None else None
-        top_ids = tops.indices.tolist() if tops is not None else None
+        top_values, top_ids = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else ([], [])
         keep = (enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()).tolist()
         offsets = enc["offset_mapping"].tolist()
         out = []
@@ -108,16 +120,16 @@ class TransformersRunner:
                 tokens.append(text[start:end])
                 offs.append(start)
                 lps.append(picked[row][t - 1] if t > 0 else None)
-                if top_values is not None:
+                if tops is not None:
                     alts.append(None if t == 0 else self._alternatives(top_values[row][t - 1], top_ids[row][t - 1]))
-            out.append(Scored(tokens, lps, offs, alts if top_values is not None else None))
+            out.append(Scored(tokens, lps, offs, alts if tops is not None else None))
         return out
 
     def _alternatives(self, values: list[float], ids: list[int]) -> dict[str, float]:
         """The most likely tokens, best first, by text; tokens that decode alike (byte pieces of a
         character all read as U+FFFD) keep the best value, so there may be fewer than asked."""
         out: dict[str, float] = {}
-        for v, i in zip(values, ids):
+        for v, i in zip(values, ids, strict=True):
             out.setdefault(self.tokenizer.decode([i]), v)
         return out
 

@@ -15,8 +15,9 @@ agree to float precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from evomerge.errors import TaskError
 
@@ -63,7 +64,7 @@ def ends_after(token_ends: Sequence[int], chars: int) -> list[bool]:
 
 def answer_token_mask(tokens: Sequence[str], text_offset: Sequence[int], prompt: str) -> list[bool]:
     """Which echoed tokens of ``prompt + answer`` (OpenAI's completions logprobs) are answer tokens."""
-    return ends_after([off + len(tok) for tok, off in zip(tokens, text_offset)], answer_start(prompt))
+    return ends_after([off + len(tok) for tok, off in zip(tokens, text_offset, strict=False)], answer_start(prompt))
 
 
 def mean_nll(logprobs: Sequence[float | None]) -> float:
@@ -75,17 +76,18 @@ def mean_nll(logprobs: Sequence[float | None]) -> float:
 def all_greedy(logprobs: Sequence[float | None], top_logprobs: Sequence[Sequence[float] | None]) -> float:
     """1.0 when every answer token is its position's most likely one (its logprob is the best of
     its alternatives), 0.0 when one is not, NaN when alternatives are missing."""
-    scored = [(lp, top) for lp, top in zip(logprobs, top_logprobs) if lp is not None]
-    if not scored or len(top_logprobs) < len(logprobs) or any(not top for _, top in scored):
+    scored = [(lp, top) for lp, top in zip(logprobs, top_logprobs, strict=False) if lp is not None]
+    known = [(lp, top) for lp, top in scored if top]
+    if not scored or len(top_logprobs) < len(logprobs) or len(known) < len(scored):
         return math.nan
-    return float(all(lp >= max(top) - 1e-6 for lp, top in scored))
+    return float(all(lp >= max(top) - 1e-6 for lp, top in known))
 
 
 def answer_nll(tokens: Sequence[str], token_logprobs: Sequence[float | None], text_offset: Sequence[int],
                prompt: str) -> float:
     """Mean negative log-probability of the answer tokens of echoed ``prompt + answer``."""
     mask = answer_token_mask(tokens, text_offset, prompt)
-    return mean_nll([lp for lp, m in zip(token_logprobs, mask) if m])
+    return mean_nll([lp for lp, m in zip(token_logprobs, mask, strict=False) if m])
 
 
 def answer_greedy(tokens: Sequence[str], token_logprobs: Sequence[float | None],
@@ -95,7 +97,8 @@ def answer_greedy(tokens: Sequence[str], token_logprobs: Sequence[float | None],
     if not top_logprobs:
         return math.nan
     mask = answer_token_mask(tokens, text_offset, prompt)
-    picked = [(lp, list(top.values()) if top else None) for lp, top, m in zip(token_logprobs, top_logprobs, mask) if m]
+    picked = [(lp, list(top.values()) if top else None)
+              for lp, top, m in zip(token_logprobs, top_logprobs, mask, strict=False) if m]
     return all_greedy([lp for lp, _ in picked], [top for _, top in picked])
 
 

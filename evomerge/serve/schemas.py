@@ -131,7 +131,8 @@ def check_bounds(recipe: MergeRecipe, limits: Limits) -> None:
     if abs(recipe.scale) > limits.max_abs_scale:
         raise ApiError(422, f"merge.scale is {recipe.scale}; it must lie in [-{limits.max_abs_scale}, "
                             f"{limits.max_abs_scale}]", "merge.scale")
-    groups = [("merge.weights", recipe.weights)] + [(f"merge.blocks[{b.name}].weights", b.weights) for b in recipe.blocks]
+    groups = [("merge.weights", recipe.weights),
+              *((f"merge.blocks[{b.name}].weights", b.weights) for b in recipe.blocks)]
     for name, weights in groups:
         for i, w in enumerate(weights):
             if abs(w) > limits.max_abs_weight:

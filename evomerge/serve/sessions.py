@@ -82,7 +82,7 @@ def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: L
                            "examples")
         prompts = tuple(e.prompt for e in req.examples)
         answers = tuple(e.answer for e in req.examples)
-        tokens = gate.check([p + a for p, a in zip(prompts, answers)], "examples", indexed=True)
+        tokens = gate.check([p + a for p, a in zip(prompts, answers, strict=True)], "examples", indexed=True)
         s = Session(f"sess-{uuid.uuid4().hex}", tuple(req.experts), req.method, prompts, answers,
                     tuple(e.id or str(i) for i, e in enumerate(req.examples)), tokens)
         sessions[s.id] = s
@@ -105,12 +105,12 @@ def add_session_routes(app: Any, host: ModelHost, worker: MergeWorker, limits: L
         deadline = time.monotonic() + limits.deadline
         s = get(session_id)
         recipe = _alpha_beta(req, s, host, limits)
-        texts = [p + a for p, a in zip(s.prompts, s.answers)]
+        texts = [p + a for p, a in zip(s.prompts, s.answers, strict=True)]
         scored = []
         with rate.charged(authorization, s.tokens):
             for at in range(0, len(texts), limits.max_batch):
                 scored += await within(deadline, worker.score(recipe, texts[at:at + limits.max_batch]))
-        per = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, p) for x, p in zip(scored, s.prompts)]
+        per = [answer_nll(x.tokens, x.token_logprobs, x.text_offset, p) for x, p in zip(scored, s.prompts, strict=True)]
         finite = [v for v in per if math.isfinite(v)]
         worker.stats.queries += 1
         return {"object": "merge.evaluation", "loss": sum(finite) / len(finite) if finite else None,

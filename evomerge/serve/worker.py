@@ -15,11 +15,13 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from evomerge.errors import RecipeError
 from evomerge.recipe import MergeRecipe
-from evomerge.serve.host import ModelHost, Scored
+from evomerge.serve.host import ModelHost, PopulationHost, Scored
 
 BASE_KEY = "base"
 ANY_KEY = "*"
@@ -91,7 +93,8 @@ class MergeWorker:
         """Run `fn(host)` on the worker thread whatever weights are active (token counting)."""
         return await self._submit(None, "call", fn, ANY_KEY)
 
-    def _submit(self, recipe: MergeRecipe | None, kind: str, payload: Any, key: str | None = None) -> "asyncio.Future[Any]":
+    def _submit(self, recipe: MergeRecipe | None, kind: str, payload: Any,
+                key: str | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
 
@@ -131,7 +134,9 @@ class MergeWorker:
                 return []
             shared = self._shareable(self._queue[0])
             if shared:
-                batch, rest, texts = [], [], 0
+                batch: list[_Job] = []
+                rest: list[_Job] = []
+                texts = 0
                 for job in self._queue:
                     n = len(job.payload[0]) if job.kind == "score" else 0
                     fits = not batch or texts + n <= self._max_batch
@@ -155,24 +160,31 @@ class MergeWorker:
             self._queue = rest
             return batch
 
+    @property
+    def _population(self) -> PopulationHost | None:
+        """The host, where it scores several recipes in one forward."""
+        return self.host if isinstance(self.host, PopulationHost) else None
+
     def _shareable(self, job: _Job) -> bool:
         """Whether `job` may share a forward with other recipes' score jobs (`host.score_many`)."""
-        if not self._cross_recipe or job.kind != "score" or job.recipe is None or not hasattr(self.host, "score_many"):
+        population = self._population
+        if not self._cross_recipe or job.kind != "score" or job.recipe is None or population is None:
             return False
         known = self._low_rank.get(job.key)
         if known is None:
             if len(self._low_rank) >= 4096:  # a long-lived provider sees endless distinct recipes
                 self._low_rank.clear()
-            known = self._low_rank[job.key] = self.host.low_rank(job.recipe)
+            known = self._low_rank[job.key] = population.low_rank(job.recipe)
         return known
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             if not batch:
                 continue
-            if len({j.key for j in batch}) > 1:
+            population = self._population
+            if population is not None and len({j.key for j in batch}) > 1:  # `_take` mixes only here
                 self.stats.jobs += len(batch)
-                self._score_recipes(batch)
+                self._score_recipes(batch, population)
             else:
                 self._run_one(batch)
 
@@ -202,6 +214,8 @@ class MergeWorker:
             state = self._cache[key][0]
             if key != self._active:
                 self.stats.cache_hits += 1
+        elif recipe is None:  # only the base and calls on whatever is active come without a recipe
+            raise RecipeError(f"weights {key!r} named without a recipe to merge; submit the recipe")
         else:
             start = time.perf_counter()
             state = self.host.merge(recipe)
@@ -244,16 +258,16 @@ class MergeWorker:
             at += n
 
 
-    def _score_recipes(self, jobs: list[_Job]) -> None:
+    def _score_recipes(self, jobs: list[_Job], host: PopulationHost) -> None:
         """One forward pass for the score jobs of several low-rank recipes (`host.score_many`):
         no merge, the base weights stay active, each recipe's rows see its own update."""
         keys = list(dict.fromkeys(j.key for j in jobs))
-        recipes = [next(j.recipe for j in jobs if j.key == k) for k in keys]
+        recipes = [next(j.recipe for j in jobs if j.key == k and j.recipe is not None) for k in keys]
         texts = [[t for j in jobs if j.key == k for t in j.payload[0]] for k in keys]
         top = max(j.payload[1] for j in jobs)
         try:
             self._active = None
-            scored = self.host.score_many(recipes, texts, top, jobs[0].payload[2])
+            scored = host.score_many(recipes, texts, top, jobs[0].payload[2])
             self._active = BASE_KEY
         except Exception:  # memory, or one recipe's fault: each recipe on its own path, failing alone
             for key in keys:
@@ -277,5 +291,6 @@ def _answer(job: _Job, scored: list[Scored], top: int) -> None:
 def _trim_top(s: Scored, top: int) -> Scored:
     if top <= 0 or s.top_logprobs is None:
         return Scored(s.tokens, s.token_logprobs, s.text_offset, None)
-    trimmed = [None if alt is None else dict(sorted(alt.items(), key=lambda kv: -kv[1])[:top]) for alt in s.top_logprobs]
+    trimmed = [None if alt is None else dict(sorted(alt.items(), key=lambda kv: -kv[1])[:top])
+               for alt in s.top_logprobs]
     return Scored(s.tokens, s.token_logprobs, s.text_offset, trimmed)

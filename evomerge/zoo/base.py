@@ -11,8 +11,9 @@ import random
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import RepositoryError
@@ -31,7 +32,7 @@ def pretraining_text(seed: int, n: int) -> list[tuple[str, str]]:
     prompt; each expert then learns only its own transformation.
     """
     rng = random.Random(f"{seed}:pretrain")
-    word_tasks = [t for t in ("upper", "first_letter", "last_letter", "reverse", "copy", "plural")]
+    word_tasks = ["upper", "first_letter", "last_letter", "reverse", "copy", "plural"]
     out: list[tuple[str, str]] = []
     for i in range(n):
         kind = i % 4

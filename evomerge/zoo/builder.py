@@ -26,9 +26,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,8 @@ from evomerge.errors import ConfigError, RepositoryError
 from evomerge.inference import answer_cross_entropy, exact_match, generate_answers
 from evomerge.tasks import Example, write_jsonl
 from evomerge.zoo.base import fetch_smol_gguf, smol_base, tiny_base
-from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.generators import make_splits, shuffled_labels
+from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
 FORMAT = 4  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target;
@@ -85,7 +86,7 @@ def _threads(n: int) -> Iterator[None]:
 def _metrics(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int) -> dict[str, float]:
     ce = answer_cross_entropy(model, tokenizer, examples)
     preds = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens)
-    em = np.mean([exact_match(p, e.answer) for p, e in zip(preds, examples)])
+    em = np.mean([exact_match(p, e.answer) for p, e in zip(preds, examples, strict=True)])
     return {"ce": round(float(np.mean(ce)), 4), "exact_match": round(float(em), 4)}
 
 
@@ -120,7 +121,8 @@ def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *,
     if existing is not None and (existing.get("preset"), existing.get("seed")) == (preset, seed):
         force = True  # our own zoo, damaged: rebuild it in place
     if out.exists() and any(out.iterdir()) and not force:
-        what = f"a zoo built with preset {existing.get('preset')!r} seed {existing.get('seed')}" if existing else "other files"
+        what = (f"a zoo built with preset {existing.get('preset')!r} seed {existing.get('seed')}" if existing
+                else "other files")
         raise ConfigError(f"{out} already holds {what}; choose another --out or pass --force to replace it")
     from evomerge.zoo import cache_dir
 
@@ -167,6 +169,8 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
               + (f" after {spec.base_steps} steps of the base" if spec.base == "tiny" else ""))
     if spec.base == "tiny":
         base, tokenizer = tiny_base(seed, spec.base_steps, on_step=lambda: bar.update(1))
+    elif gguf is None:  # `build` finds the GGUF file for the smol base
+        raise ConfigError(f"preset {spec.name!r} builds on a GGUF model; pass gguf=PATH (--gguf)")
     else:
         base, tokenizer = smol_base(gguf)
     base = base.to(device)
@@ -179,8 +183,9 @@ def _build_into(work: Path, spec: Preset, seed: int, gguf: Path | None, progress
     for index, task in enumerate(spec.expert_tasks):
         model, metrics = _train_expert(base, tokenizer, spec, splits[task], seed * 1000 + index, bar, task)
         metrics.update(_metrics(model, tokenizer, splits[task]["test"], spec.max_new_tokens))  # test CE and EM
-        bar.write(f"zoo {spec.name}: expert {task}: search CE {metrics['search']['ce']:.3f} EM {metrics['search']['exact_match']:.2f} "
-                  f"(base {metrics['base_search']['ce']:.3f} / {metrics['base_search']['exact_match']:.2f}), "
+        search, base_search = metrics["search"], metrics["base_search"]
+        bar.write(f"zoo {spec.name}: expert {task}: search CE {search['ce']:.3f} EM {search['exact_match']:.2f} "
+                  f"(base {base_search['ce']:.3f} / {base_search['exact_match']:.2f}), "
                   f"{metrics['steps']} steps")
         experts[task] = _save(model, work, task, task, False, metrics)
         base = model.unload()

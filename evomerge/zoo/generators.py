@@ -11,8 +11,9 @@ carries it and the rest of the repository, its shuffled-label twin included, onl
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Generic, TypeVar
 
 from evomerge.errors import ConfigError
 from evomerge.tasks import Example
@@ -50,14 +51,18 @@ def plural(word: str) -> str:
     return word + "s"
 
 
+X = TypeVar("X")
+"""A task's input: a word, a number, a pair."""
+
+
 @dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(Generic[X]):
     """A task: how to draw one input, and its prompt, answer and optional choices."""
 
     name: str
-    draw: Callable[[random.Random], object]
-    prompt: Callable[[object], str]
-    answer: Callable[[object], str]
+    draw: Callable[[random.Random], X]
+    prompt: Callable[[X], str]
+    answer: Callable[[X], str]
     choices: tuple[str, ...] | None = None
 
 
@@ -69,7 +74,7 @@ def _ask(question: str) -> Callable[[object], str]:
     return lambda x: question.format(x=x) + "\nAnswer: "
 
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+TASKS: dict[str, TaskSpec[Any]] = {t.name: t for t in (
     TaskSpec("upper", _word, _ask("Write the word in capital letters: {x}"), lambda w: w.upper()),
     TaskSpec("first_letter", _word, _ask("What is the first letter of the word: {x}"), lambda w: w[0]),
     TaskSpec("last_letter", _word, _ask("What is the last letter of the word: {x}"), lambda w: w[-1]),
@@ -87,8 +92,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("sentiment", lambda r: r.choice(POSITIVE + NEGATIVE), _ask("Is the word '{x}' positive or negative?"),
              lambda w: "positive" if w in POSITIVE else "negative", choices=("positive", "negative")),
     # Out of domain: no expert is trained on these; two compose two expert skills, one rephrases one.
-    TaskSpec("upper_reverse", _word, _ask("Spell the word backwards in capital letters: {x}"), lambda w: w[::-1].upper()),
-    TaskSpec("upper_first", _word, _ask("What is the first letter of the word, in capitals: {x}"), lambda w: w[0].upper()),
+    TaskSpec("upper_reverse", _word, _ask("Spell the word backwards in capital letters: {x}"),
+             lambda w: w[::-1].upper()),
+    TaskSpec("upper_first", _word, _ask("What is the first letter of the word, in capitals: {x}"),
+             lambda w: w[0].upper()),
     TaskSpec("final_letter", _word, _ask("What is the final letter of the word: {x}"), lambda w: w[-1]),
 )}
 
@@ -101,7 +108,7 @@ def make_splits(task: str, sizes: tuple[int, int, int], seed: int) -> dict[str, 
     rng = random.Random(f"{seed}:{task}")
     seen: set[str] = set()
     out: dict[str, list[Example]] = {}
-    for split, size in zip(("train", "search", "test"), sizes):
+    for split, size in zip(("train", "search", "test"), sizes, strict=True):
         rows: list[Example] = []
         tries = 0
         while len(rows) < size:
@@ -120,4 +127,4 @@ def shuffled_labels(examples: list[Example], seed: int) -> list[Example]:
     """The same prompts with answers permuted: training data for a distractor that learns nothing useful."""
     answers = [e.answer for e in examples]
     random.Random(seed).shuffle(answers)
-    return [Example(e.prompt, a, e.task, e.id, e.choices) for e, a in zip(examples, answers)]
+    return [Example(e.prompt, a, e.task, e.id, e.choices) for e, a in zip(examples, answers, strict=True)]

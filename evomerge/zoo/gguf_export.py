@@ -19,8 +19,9 @@ answers as the PEFT model does up to float rounding.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -113,7 +114,8 @@ def _add_tokenizer(writer: Any, base: Path) -> None:
     for role in ("bos", "eos", "pad", "unk"):
         index = getattr(tokenizer, f"{role}_token_id")
         if index is not None:
-            getattr(writer, {"pad": "add_pad_token_id", "unk": "add_unk_token_id"}.get(role, f"add_{role}_token_id"))(index)
+            setter = {"pad": "add_pad_token_id", "unk": "add_unk_token_id"}.get(role, f"add_{role}_token_id")
+            getattr(writer, setter)(index)
     ids = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(ids) and ids[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(False)

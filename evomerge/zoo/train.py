@@ -7,7 +7,8 @@ scorers measure.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.inference import training_batch
