@@ -22,14 +22,9 @@ NG_PREFIX = "ng:"
 def make_optimizer(name: str, space: SearchSpace, seed: int, popsize: int | None = None,
                    budget: int | None = None, **options: Any) -> Optimizer:
     """The optimizer `name` over `space`'s box, started at its x0 with its sigma0; `budget` (the
-    evaluations it will get) reaches the optimizers that plan by it (nevergrad's)."""
-    key = name.lower()
-    if key.startswith(NG_PREFIX):
-        factory = nevergrad_factory(name[len(NG_PREFIX):])
-    else:
-        factory = OPTIMIZERS[name]
-    if budget is not None and getattr(factory, "wants_budget", False):
-        options.setdefault("budget", budget)
+    evaluations it will get; a `budget` option overrides it) is for those that plan by it (nevergrad's)."""
+    factory = nevergrad_factory(name[len(NG_PREFIX):]) if name.lower().startswith(NG_PREFIX) else OPTIMIZERS[name]
+    options.setdefault("budget", budget)
     try:
         return factory(space.lower, space.upper, space.x0, space.sigma0, seed, popsize, **options)
     except TypeError as exc:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class Optimizer(ABC):
     name: str = ""
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float,
-                 seed: int, popsize: int | None = None, **options: Any) -> None:
+                 seed: int, popsize: int | None = None, budget: int | None = None) -> None:
         self.lower = np.asarray(lower, dtype=float)
         self.upper = np.asarray(upper, dtype=float)
         self.x0 = np.asarray(x0, dtype=float)
@@ -41,6 +42,8 @@ class Optimizer(ABC):
         self.sigma0 = float(sigma0)
         self.seed = int(seed)
         self.popsize = int(popsize) if popsize else self.default_popsize(self.x0.size)
+        self.budget = budget
+        """The evaluations it will get (None: unknown); only optimizers that plan by it read it."""
         if self.popsize < 2:
             raise ConfigError(f"population size must be at least 2, got {self.popsize}")
         self.n_asked = 0

@@ -40,8 +40,9 @@ class CMAOptimizer(Optimizer):
     name = "cma"
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float, seed: int,
-                 popsize: int | None = None, cma_options: dict[str, Any] | None = None) -> None:
-        super().__init__(lower, upper, x0, sigma0, seed, popsize)
+                 popsize: int | None = None, budget: int | None = None,
+                 cma_options: dict[str, Any] | None = None) -> None:
+        super().__init__(lower, upper, x0, sigma0, seed, popsize, budget)
         cma = require("cma", "the cma optimizer")
         opts = {"bounds": [self.lower.tolist(), self.upper.tolist()], "popsize": self.popsize,
                 "randn": _Normal(self.seed), "seed": float("nan"), "verbose": -9, "verb_log": 0,

@@ -14,8 +14,9 @@ Any nevergrad registry name works as ``ng:<Name>``; the short names below are re
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -57,9 +58,9 @@ class NevergradOptimizer(Optimizer):
     the scheduler keeps in flight (default: the population size); asking beyond it still works."""
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float, seed: int,
-                 popsize: int | None = None, *, algorithm: str, budget: int | None = None,
+                 popsize: int | None = None, budget: int | None = None, *, algorithm: str,
                  num_workers: int | None = None) -> None:
-        super().__init__(lower, upper, x0, sigma0, seed, popsize)
+        super().__init__(lower, upper, x0, sigma0, seed, popsize, budget)
         ng = require("nevergrad", "nevergrad optimizers")
         _guard_metamodel(ng)
         if algorithm not in ng.optimizers.registry:
@@ -116,7 +117,6 @@ def nevergrad_factory(algorithm: str) -> Callable[..., NevergradOptimizer]:
         return NevergradOptimizer(*args, algorithm=algorithm, **options)
 
     build.__doc__ = f"nevergrad's {algorithm}."
-    build.wants_budget = True  # type: ignore[attr-defined]  # NGOpt picks its algorithm by budget
     return build
 
 

@@ -3,7 +3,7 @@ fixed sweep of given points (a stage that tries a handful of values, such as a g
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,8 +18,8 @@ class RandomSearch(Optimizer):
     name = "random"
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float, seed: int,
-                 popsize: int | None = None) -> None:
-        super().__init__(lower, upper, x0, sigma0, seed, popsize)
+                 popsize: int | None = None, budget: int | None = None) -> None:
+        super().__init__(lower, upper, x0, sigma0, seed, popsize, budget)
         self.rng = np.random.default_rng(self.seed)
 
     def _ask(self) -> np.ndarray:
@@ -37,8 +37,9 @@ class GridSweep(Optimizer):
     name = "grid"
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, sigma0: float, seed: int,
-                 popsize: int | None = None, points: Sequence[Sequence[float]] = ()) -> None:
-        super().__init__(lower, upper, x0, sigma0, seed, popsize)
+                 popsize: int | None = None, budget: int | None = None,
+                 points: Sequence[Sequence[float]] = ()) -> None:
+        super().__init__(lower, upper, x0, sigma0, seed, popsize, budget)
         self.points = [np.asarray(p, dtype=float).reshape(-1) for p in points] or [self.x0.copy()]
         if any(p.shape != self.x0.shape for p in self.points):
             raise ConfigError(f"grid points must have the space's dimension {self.dim}")
