@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from tests.faults import api_search, crash
-from tests.faults.fuzz import fuzz
+from tests.helpers import api_search, crash
+from tests.helpers.fuzz import fuzz
 from tests.helpers.bpe import build_tiny_repository
 from tests.helpers.provider import start_server
 
@@ -99,7 +99,7 @@ def ray_campaign(root: Path, budget: int, kills: int) -> dict[str, Any]:
 
     from evomerge.journal import Journal
     from evomerge.scheduler.ray_executor import worker_pythonpath
-    from tests.faults.ray_kills import search_with_kills
+    from tests.helpers.ray_kills import search_with_kills
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with worker_pythonpath(str(crash.ROOT)):

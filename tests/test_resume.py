@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.journal import Journal
-from tests.faults.crash import best_line
+from tests.helpers.crash import best_line
 
 ROOT = Path(__file__).resolve().parents[1]
 FITNESS = f"{ROOT / 'tests' / '_fitness.py'}:slow_demo"

@@ -24,16 +24,15 @@ each request is another merge, and the token counts then equal the server's own 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 from evomerge.errors import BackendError, ConfigError
-from evomerge.recipe import MergeRecipe, effective_weights
+from evomerge.recipe import METHODS, MergeRecipe, effective_weights
 from evomerge.serve.protocol import answer_start, generation_prompt
 
 PROVIDERS = ("auto", "evomerge", "llama.cpp")
-SCALED = ("evo_tv", "task_arithmetic", "linear", "uniform")
-"""Methods whose merge is one scale per adapter, what llama.cpp's ``lora`` field carries."""
 BETA_ONLY = "search β only: space evo_joint with options {schedule: beta} (or a classic linear space)"
 
 
@@ -65,7 +64,7 @@ def adapter_ids(listing: Any) -> dict[str, int]:
 
 def inexpressible(recipe: MergeRecipe) -> str | None:
     """Why llama.cpp cannot carry out `recipe`, or None when a scale per adapter is all it needs."""
-    if recipe.method not in SCALED:
+    if METHODS[recipe.method].lora != "concat":  # a scale per adapter: what llama.cpp's ``lora`` carries
         return f"merge method {recipe.method!r} is not a scale per adapter"
     if recipe.densities is not None and any(d != 1.0 for d in recipe.densities):
         return "keep ratios α < 1 (sparsified adapters) are not expressible"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.faults.api_search import FaultRun, search_through_faults
+from tests.helpers.api_search import FaultRun, search_through_faults
 from tests.helpers.provider import API_KEY
 
 pytestmark = pytest.mark.timeout(300)

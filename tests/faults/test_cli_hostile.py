@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
-from tests.faults.crash import best_line, kill_during, paid, rows
+from tests.helpers.crash import best_line, kill_during, paid, rows
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_TASK = '{"prompt": "2+2=", "answer": "4"}\n{"prompt": "3+3=", "answer": "6"}\n'

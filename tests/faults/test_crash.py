@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.crash import Reference, integrity, kill_during, random_points, reference_run, resume, rows
+from tests.helpers.crash import Reference, integrity, kill_during, random_points, reference_run, resume, rows
 
 SEED = 5
 BUDGET = 160

@@ -15,7 +15,7 @@ from evomerge.journal import Journal
 from evomerge.objectives import Objective
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Splits
-from tests.faults.api_search import EXAMPLES, KEY_ENV, VALIDATION
+from tests.helpers.api_search import EXAMPLES, KEY_ENV, VALIDATION
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.provider import API_KEY
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from evomerge.journal import Journal
-from tests.faults.ray_kills import search_with_kills
+from tests.helpers.ray_kills import search_with_kills
 
 pytestmark = pytest.mark.timeout(240)
 

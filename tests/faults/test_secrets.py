@@ -14,7 +14,7 @@ import evomerge
 from evomerge.backends.remote import ApiEvaluatorFactory
 from evomerge.search_spaces import build_space
 from evomerge.tasks import Splits
-from tests.faults.api_search import EXAMPLES
+from tests.helpers.api_search import EXAMPLES
 from tests.helpers.provider import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from evomerge.serve.protocol import Limits
-from tests.faults.fuzz import fuzz
+from tests.helpers.fuzz import fuzz
 from tests.helpers.provider import API_KEY
 
 pytestmark = pytest.mark.timeout(300)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from evomerge.scheduler.race import Race
-from tests.faults.api_search import search_through_faults
-from tests.faults.paid_kills import Campaign, kill_and_resume
+from tests.helpers.api_search import search_through_faults
+from tests.helpers.paid_kills import Campaign, kill_and_resume
 from tests.helpers.provider import API_KEY
 
 pytestmark = pytest.mark.timeout(300)

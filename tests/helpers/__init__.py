@@ -14,4 +14,8 @@ Three tiny-model sources remain, each for what the others cannot give:
 Servers: `provider` (evomerge's own provider in a thread), `fault_proxy` (faults between the api
 client and a provider), `llamacpp_server` (llama.cpp's server in a child process), `ray_fitness`
 (picklable evaluator factories for Ray workers and the loopback `DelayServer`).
+
+Fault drivers, shared by tests/faults and benchmarks/reliability.py: `crash` and `held_commit`
+(kill -9 inside a journal commit), `paid_kills` and `ray_kills` (kills with paid evaluations or
+Ray actors in flight), `api_search` (a search through `fault_proxy`), `fuzz` (hostile requests).
 """

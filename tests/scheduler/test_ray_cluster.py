@@ -25,7 +25,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from evomerge.journal import Journal
-from tests.faults.api_search import EXAMPLES, VALIDATION, ledger_queries, served
+from tests.helpers.api_search import EXAMPLES, VALIDATION, ledger_queries, served
 from tests.helpers.provider import API_KEY, tiny_repo  # noqa: F401  (pytest fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

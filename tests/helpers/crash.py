@@ -3,7 +3,7 @@
 Kinds of kill point:
 - ``evaluation``: while no write transaction is open (the process is mostly inside the slowed
   fitness function);
-- ``commit``: inside an evaluation commit, held open by `tests.faults.held_commit`.
+- ``commit``: inside an evaluation commit, held open by `tests.helpers.held_commit`.
 (The journal holds no optimizer checkpoints any more: resume replays the evaluations.)
 
 Where the process is gets probed from outside with SQLite's own lock: ``BEGIN IMMEDIATE`` with
@@ -33,7 +33,7 @@ KINDS = ("evaluation", "commit")
 EVAL_DELAY = "0.002"
 """Seconds per evaluation (EVOMERGE_TEST_DELAY of tests/_fitness.py): the run lasts seconds."""
 _HOLD = {"commit": 0.05}
-"""Seconds a kind's run holds each journal commit open (`tests.faults.held_commit`)."""
+"""Seconds a kind's run holds each journal commit open (`tests.helpers.held_commit`)."""
 
 
 def reference_args(journal: Path, budget: int, seed: int) -> list[str]:
@@ -45,9 +45,9 @@ def reference_args(journal: Path, budget: int, seed: int) -> list[str]:
 def search(journal: Path, budget: int, seed: int, resume: bool = False, hold: float | None = None,
            ) -> subprocess.Popen:
     """Start `python -m evomerge search --backend python` on the slowed demo fitness; with `hold`,
-    through `tests.faults.held_commit`, each journal commit held open `hold` seconds."""
+    through `tests.helpers.held_commit`, each journal commit held open `hold` seconds."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), EVOMERGE_TEST_DELAY=EVAL_DELAY)
-    cli = ["evomerge"] if hold is None else ["tests.faults.held_commit", str(hold)]
+    cli = ["evomerge"] if hold is None else ["tests.helpers.held_commit", str(hold)]
     args = [sys.executable, "-m", *cli, *reference_args(journal, budget, seed)]
     return subprocess.Popen(args + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

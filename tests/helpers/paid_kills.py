@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.api import PROBE_STAGE
-from tests.faults.api_search import EXAMPLES, KEY_ENV, VALIDATION, ledger_queries, served, settle
-from tests.faults.crash import ROOT, paid
+from tests.helpers.api_search import EXAMPLES, KEY_ENV, VALIDATION, ledger_queries, served, settle
+from tests.helpers.crash import ROOT, paid
 from tests.helpers.fault_proxy import FAULTS, FaultProxy
 
 

@@ -1,6 +1,6 @@
-"""`python -m tests.faults.held_commit SECONDS ARGS...`: evomerge's CLI with every explicit journal
+"""`python -m tests.helpers.held_commit SECONDS ARGS...`: evomerge's CLI with every explicit journal
 commit held SECONDS inside its open write transaction (rows written, COMMIT not yet sent), so a
-`kill -9` can land there (tests/faults/crash.py's ``commit`` kill point).
+`kill -9` can land there (tests/helpers/crash.py's ``commit`` kill point).
 
 The hook lives here, not in the journal: this process alone connects to SQLite through a
 `sqlite3.Connection` whose `commit` sleeps first; production code reads no test setting.
