@@ -7,10 +7,11 @@ Stages run one after another (a `Plan`); each stage is an ask/tell loop over the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 

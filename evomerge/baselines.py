@@ -8,8 +8,9 @@ split never influences the search or the choice of recipe.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.recipe import MergeRecipe, uniform
 from evomerge.score import Cost, Score
@@ -110,7 +111,7 @@ def run_test_table(config: SearchConfig, prepared: Prepared, result: SearchResul
     from evomerge.scheduler.threads import ThreadExecutor
 
     searcher: Any = prepared.evaluator
-    tester = replace(searcher, objective=Objective({m: 1.0 for m in config.test_metrics}))
+    tester = replace(searcher, objective=Objective(dict.fromkeys(config.test_metrics, 1.0)))
     paid = getattr(tester, "bound", None) is not None
     bound = (lambda split: (tester if split == "test" else searcher).bound(split)) if paid else None
     kept = config.journal is not None

@@ -9,8 +9,9 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
 
@@ -160,9 +161,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evomerge.export import register_on_provider, write_exports, write_model
+    from evomerge.export import register_on_provider, run_repository, write_exports, write_model
     from evomerge.report import load_run
-    from evomerge.export import run_repository
 
     if args.provider is not None and not args.name:
         raise ConfigError("--provider needs --name, the model id to register the merge under")

@@ -11,8 +11,9 @@ The adapter and checkpoint come from `evomerge.merging.save` (torch loads only t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 

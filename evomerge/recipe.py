@@ -31,10 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from numbers import Real
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from evomerge.errors import RecipeError
 from evomerge.registry import Registry
@@ -188,7 +189,7 @@ class MergeRecipe:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MergeRecipe":
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeRecipe:
         if not isinstance(data, Mapping):
             raise RecipeError(f"a recipe must be a JSON object, not {type(data).__name__}")
         unknown = set(data) - {"method", "experts", "weights", "densities", "scale", "blocks", "seed"}

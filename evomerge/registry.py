@@ -7,7 +7,8 @@ another's entry; looking up an unknown name raises the family's one-line error n
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from evomerge.errors import ConfigError, EvomergeError
 

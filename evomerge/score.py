@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, ParamSpec, Sequence
+from typing import Any, ParamSpec
 
 P = ParamSpec("P")
 
@@ -23,14 +24,14 @@ class Cost:
     tokens: int = 0
     seconds: float = 0.0
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.queries + other.queries, self.tokens + other.tokens, self.seconds + other.seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {"queries": self.queries, "tokens": self.tokens, "seconds": self.seconds}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "Cost":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Cost:
         data = data or {}
         return cls(int(data.get("queries", 0)), int(data.get("tokens", 0)), float(data.get("seconds", 0.0)))
 
@@ -57,11 +58,11 @@ class Score:
         return self.status == STATUS_OK and math.isfinite(self.loss)
 
     @classmethod
-    def failed(cls, error: str, cost: Cost | None = None) -> "Score":
+    def failed(cls, error: str, cost: Cost | None = None) -> Score:
         return cls(loss=math.nan, status=STATUS_FAILED, error=error, cost=cost or Cost())
 
     @classmethod
-    def from_exception(cls, exc: BaseException, seconds: float = 0.0) -> "Score":
+    def from_exception(cls, exc: BaseException, seconds: float = 0.0) -> Score:
         """The failed Score an exception becomes: "Type: message" (journals and tests compare this text)."""
         return cls.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=seconds))
 
@@ -72,7 +73,7 @@ class Score:
                 "example_ids": list(self.example_ids)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Score":
+    def from_dict(cls, data: Mapping[str, Any]) -> Score:
         loss = data.get("loss")
         return cls(loss=math.nan if loss is None else float(loss), metrics=dict(data.get("metrics") or {}),
                    cost=Cost.from_dict(data.get("cost")), status=data.get("status", STATUS_OK),

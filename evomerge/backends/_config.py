@@ -4,8 +4,9 @@ generation length a run's config asks for."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.errors import ConfigError
 from evomerge.tasks import Splits
@@ -48,7 +49,7 @@ def generation_budget(config: SearchConfig, splits: Splits, limit: int | None = 
     from evomerge.tasks import generation_length
 
     length = config.task.max_new_tokens or generation_length(splits.fit + splits.validation + splits.test)
-    tested = Objective({m: 1.0 for m in config.test_metrics})
+    tested = Objective(dict.fromkeys(config.test_metrics, 1.0))
     generates = Objective.from_config(config.objective).needs_generation or tested.needs_generation
     if limit is not None and length > limit and generates:
         raise ConfigError(f"generation needs {length} new tokens (task.max_new_tokens, or the longest answer), "

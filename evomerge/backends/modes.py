@@ -13,7 +13,8 @@ pass costs at most (`request_plan`, which the spend ledger reserves).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.backends import llamacpp
@@ -23,8 +24,15 @@ from evomerge.errors import BackendError, ConfigError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.score import Cost
-from evomerge.serve.protocol import (MERGE_FIELD, all_greedy, answer_greedy, answer_nll, chat_messages,
-                                     generation_prompt, mean_nll)
+from evomerge.serve.protocol import (
+    MERGE_FIELD,
+    all_greedy,
+    answer_greedy,
+    answer_nll,
+    chat_messages,
+    generation_prompt,
+    mean_nll,
+)
 from evomerge.tasks import Example
 
 Scored = list[tuple[float, float]]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.backends._base import Backend, Evaluator, Prepared, Weights, register_backend
 from evomerge.errors import ConfigError

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from typing import Any, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.backends import llamacpp

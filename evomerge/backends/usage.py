@@ -15,8 +15,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from evomerge._imports import require
 from evomerge.errors import BudgetExhausted

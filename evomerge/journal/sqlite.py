@@ -16,9 +16,10 @@ import json
 import math
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -75,7 +76,7 @@ class Journal:
         self._batch = 0
 
     @classmethod
-    def create(cls, path: str | Path, fingerprint: dict[str, Any], config: dict[str, Any] | None = None) -> "Journal":
+    def create(cls, path: str | Path, fingerprint: dict[str, Any], config: dict[str, Any] | None = None) -> Journal:
         path = Path(path)
         if path.exists() and path.stat().st_size > 0:
             raise JournalError(f"journal {path} already exists; pass --resume to continue it or choose a new path")
@@ -93,7 +94,7 @@ class Journal:
         return cls(path, conn)
 
     @classmethod
-    def open(cls, path: str | Path, fingerprint: dict[str, Any] | None = None, force: bool = False) -> "Journal":
+    def open(cls, path: str | Path, fingerprint: dict[str, Any] | None = None, force: bool = False) -> Journal:
         """Open an existing journal; with `fingerprint`, refuse one written by a different run."""
         path = Path(path)
         if not path.is_file():
@@ -155,7 +156,7 @@ class Journal:
         if not self._batch:
             self._conn.commit()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:

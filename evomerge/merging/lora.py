@@ -17,8 +17,8 @@ when the stack is built, so pruning at any α is a comparison, not a selection.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

@@ -11,8 +11,8 @@ an export writes base + ΔW to a file.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Callable, Iterator
 
 import torch
 

@@ -12,8 +12,8 @@ the sign election; the disjoint mean divides by the sum of agreeing weights).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

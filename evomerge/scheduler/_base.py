@@ -30,7 +30,7 @@ class Executor(Protocol):
     workers: int
 
     def submit(self, recipe: MergeRecipe, split: str, limit: Cost | None = None,
-               prior: Score | None = None) -> "Future[Score]": ...
+               prior: Score | None = None) -> Future[Score]: ...
 
     def shutdown(self) -> None: ...
 
@@ -41,7 +41,7 @@ class Job:
 
     recipe: MergeRecipe
     split: str
-    future: "Future[Score]"
+    future: Future[Score]
     limit: Cost | None = None
     prior: Score | None = None
 
@@ -77,7 +77,7 @@ class QueueExecutor:
         self._closed = False
 
     def submit(self, recipe: MergeRecipe, split: str, limit: Cost | None = None,
-               prior: Score | None = None) -> "Future[Score]":
+               prior: Score | None = None) -> Future[Score]:
         future: Future[Score] = Future()
         with self._lock:
             if self._closed:

@@ -23,8 +23,8 @@ before any was seen), and gets no limit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from evomerge.journal import Journal
 from evomerge.score import Cost

@@ -24,9 +24,10 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import evomerge
 from evomerge._imports import require
@@ -192,7 +193,7 @@ class RayExecutor(QueueExecutor):
         if self._owns_ray:
             self._ray.shutdown()
 
-    def __enter__(self) -> "RayExecutor":
+    def __enter__(self) -> RayExecutor:
         return self
 
     def __exit__(self, *exc: object) -> None:

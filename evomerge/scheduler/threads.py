@@ -77,7 +77,7 @@ class ThreadExecutor(QueueExecutor):
                 job.future.set_result(score)
         return True
 
-    def _expire(self, *futures: "Future[Score]") -> None:
+    def _expire(self, *futures: Future[Score]) -> None:
         with self._lock:
             running = [r for r in map(self._running.pop, futures, [None] * len(futures)) if r is not None]
             if not running:  # finished just in time

@@ -6,7 +6,8 @@ Every registered builder takes the expert names first and keyword options after 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.search_spaces._base import SPACES, Plan, SearchSpace, SingleStage, as_plan, register_space

@@ -9,7 +9,8 @@ A `Plan` is a sequence of stages whose spaces may depend on the previous stage's
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class SingleStage(Plan):
         return {"plan": "single", "stages": [self._space.describe()]}
 
 
-def as_plan(space: "SearchSpace | Plan") -> Plan:
+def as_plan(space: SearchSpace | Plan) -> Plan:
     return space if isinstance(space, Plan) else SingleStage(space)
 
 

@@ -16,7 +16,8 @@ Bounds and starts (the recipe's fields, see `evomerge.recipe`):
 
 from __future__ import annotations
 
-from typing import Any, Container, Sequence
+from collections.abc import Container, Sequence
+from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import METHODS, MergeMethod, MergeRecipe, methods_in, uniform
