@@ -126,7 +126,8 @@ def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: S
     race, race_split = settings.race, None
     if race is not None:
         if splits is None or not splits.fit:
-            raise ConfigError("racing needs an evaluator with fit examples (the local or api backend), not a fitness callable")
+            raise ConfigError("racing needs an evaluator with fit examples (the local or api backend), "
+                              "not a fitness callable")
         race_split = race.split(len(splits.fit))
     plan = as_plan(space)
     budgets = plan.budgets(settings.budget)
@@ -158,7 +159,7 @@ def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: S
         summaries, all_trials, validated = [], [], {}
         previous: MergeRecipe | None = None
         told: list[float] = []
-        for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets)):
+        for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets, strict=True)):
             if stage_budget == 0:  # a stage the plan leaves out at this budget
                 continue
             stage_space = plan.space(stage, previous)

@@ -47,12 +47,12 @@ def _search(args: argparse.Namespace) -> int:
 SECTION_FLAGS: dict[str, tuple[str, str, str]] = {
     "api.base": ("--api-base", "URL", "api backend: the provider's base URL (default: a built-in local server)"),
     "api.provider": ("--provider", "KIND", "api backend: the server's kind (default: auto, asked from the server)"),
-    "task.files": ("--task-file", "JSONL", 'your task: {"prompt", "answer"} JSONL lines to search on (fit + validation); '
-                                  "repeat for more tasks"),
+    "task.files": ("--task-file", "JSONL", 'your task: {"prompt", "answer"} JSONL lines to search on '
+                                  "(fit + validation); repeat for more tasks"),
     "task.test_files": ("--test-file", "JSONL", "held-out JSONL examples for the test table after the search (never "
                                        "searched on)"),
-    "race.fraction": ("--race", "FRACTION", "score candidates on this fraction of the fit examples first; finish only the "
-                                "promising"),
+    "race.fraction": ("--race", "FRACTION", "score candidates on this fraction of the fit examples first; "
+                                "finish only the promising"),
 }
 """Flags for fields inside the config's sections; every scalar or list field at the top gets its own."""
 
@@ -120,7 +120,7 @@ RECIPE_ROWS = 24  # a repository of hundreds of experts prints its strongest
 def format_recipe(recipe) -> str:
     """The best recipe as a table: each expert's keep ratio α and signed scale β, strongest first."""
     alphas = recipe.densities or (None,) * len(recipe.experts)
-    rows = sorted(zip(recipe.experts, alphas, recipe.weights), key=lambda r: -abs(r[2]))
+    rows = sorted(zip(recipe.experts, alphas, recipe.weights, strict=True), key=lambda r: -abs(r[2]))
     width = max(len("expert"), *(len(name) for name, _, _ in rows[:RECIPE_ROWS]))
     extra = [f"scale {recipe.scale:g}"] if recipe.scale != 1.0 else []
     extra += [f"seed {recipe.seed}"] if recipe.seed is not None else []
@@ -215,12 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("journal", type=Path)
     r.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
     r.set_defaults(func=_report)
-    e = sub.add_parser("export", help="write the best recipe as JSON and mergekit YAML, a PEFT adapter or a merged model")
+    e = sub.add_parser("export",
+                       help="write the best recipe as JSON and mergekit YAML, a PEFT adapter or a merged model")
     e.add_argument("journal", type=Path)
     e.add_argument("--out", type=Path, help="output directory (default: beside the journal)")
-    e.add_argument("--base", default="BASE_MODEL", help="base model name for the mergekit YAML when no repository is known")
+    e.add_argument("--base", default="BASE_MODEL",
+                   help="base model name for the mergekit YAML when no repository is known")
     e.add_argument("--repository", type=Path, help="the repository the run searched (default: the run's config)")
-    e.add_argument("--adapter", type=Path, metavar="DIR", help="write the merge as one PEFT LoRA adapter (low-rank methods)")
+    e.add_argument("--adapter", type=Path, metavar="DIR",
+                   help="write the merge as one PEFT LoRA adapter (low-rank methods)")
     e.add_argument("--model", type=Path, metavar="DIR", help="write the merged Hugging Face checkpoint (any method)")
     e.add_argument("--device", help="merge on this device (default: cpu)")
     e.add_argument("--provider", metavar="URL", help="register the merge as a model on this provider (…/v1)")
@@ -245,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evomerge: interrupted; the journal keeps every finished evaluation (resume with --resume)", file=sys.stderr)
+        print("evomerge: interrupted; the journal keeps every finished evaluation (resume with --resume)",
+              file=sys.stderr)
         return 130
 
 

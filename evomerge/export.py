@@ -81,7 +81,8 @@ def _setting(recipe: MergeRecipe, value: Value, names: Sequence[str]) -> Any:
     want = {n: value(*recipe.coefficients(block_of(n, blocks))) for n in names}
     for grouped in (True, False):
         entries = []
-        for key, members in (_groups(names) if grouped else {n: [n] for n in sorted(names, key=len, reverse=True)}).items():
+        groups = _groups(names) if grouped else {n: [n] for n in sorted(names, key=len, reverse=True)}
+        for key, members in groups.items():
             values = {want[m] for m in members}
             if len(values) == 1 and (v := values.pop()) != default:
                 entries.append({"filter": key, "value": v})

@@ -167,7 +167,8 @@ class MergeRecipe:
             bw = _floats(b.weights, f"blocks[{b.name}].weights")
             if len(bw) != len(experts):
                 raise RecipeError(f"block {b.name!r} has {len(bw)} weights for {len(experts)} experts")
-            checked.append(BlockOverride(b.name, bw, _densities(b.densities, len(experts), f"blocks[{b.name}].densities")))
+            bd = _densities(b.densities, len(experts), f"blocks[{b.name}].densities")
+            checked.append(BlockOverride(b.name, bw, bd))
         object.__setattr__(self, "experts", experts)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "densities", _densities(self.densities, len(experts), "densities"))

@@ -153,7 +153,7 @@ class Backend(ABC):
     def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], **options: Any) -> Score:
         """Score `recipe` on `examples`; may raise, `evaluate` records the failure."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by default: only a backend that holds something overrides it
         """Release what the backend holds (models, connections)."""
 
 

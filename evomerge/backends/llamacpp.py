@@ -82,7 +82,7 @@ def lora_field(recipe: MergeRecipe, ids: Mapping[str, int]) -> list[dict[str, fl
     if missing:
         raise BackendError(f"llama.cpp serves no adapter named {missing[0]!r}; it serves {', '.join(sorted(ids)[:10])}")
     weights = effective_weights(recipe.method, recipe.weights)
-    return [{"id": ids[e], "scale": w * recipe.scale} for e, w in zip(recipe.experts, weights)]
+    return [{"id": ids[e], "scale": w * recipe.scale} for e, w in zip(recipe.experts, weights, strict=True)]
 
 
 def space_error(name: str, options: Mapping[str, Any]) -> str | None:
@@ -90,7 +90,8 @@ def space_error(name: str, options: Mapping[str, Any]) -> str | None:
     if name in ("linear", "task_arithmetic", "uniform"):
         return None
     if options.get("refine_groups"):
-        return f"space {name!r} with refine_groups scales each layer block apart, and llama.cpp takes one scale per adapter; {BETA_ONLY}"
+        return (f"space {name!r} with refine_groups scales each layer block apart, "
+                f"and llama.cpp takes one scale per adapter; {BETA_ONLY}")
     if name in ("evo", "evo_joint"):
         method = options.get("method", "evo_tv" if name == "evo_joint" else "evo")
         if options.get("schedule", "joint" if name == "evo_joint" else "two_stage") == "beta" and method == "evo_tv":

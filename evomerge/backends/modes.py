@@ -143,7 +143,7 @@ class Requests:
             out = [(answer_nll(lp["tokens"], lp["token_logprobs"], lp["text_offset"], p),
                     answer_greedy(lp["tokens"], lp["token_logprobs"], lp.get("top_logprobs"), lp["text_offset"], p)
                     if top else math.nan)
-                   for lp, (p, _) in zip(lps, chunk)]
+                   for lp, (p, _) in zip(lps, chunk, strict=True)]
             return out, answer_tokens(resp, sum(len(lp["tokens"]) for lp in lps))  # echo: every prompt token
 
         return await self._post("/completions", body, parse, token_bound(texts), tally)
@@ -202,7 +202,7 @@ class Requests:
                     raise ValueError("the provider's answer lacks a choice")
                 raw = [str(c["message"]["content"] if self.chat else c["text"]) for c in choices]
                 generated = tuple((self.sent(t, generated=True), str(c.get("finish_reason")))
-                                  for t, c in zip(raw, choices))
+                                  for t, c in zip(raw, choices, strict=True))
                 return ([t.split("\n", 1)[0].strip() for t in raw],
                         answer_tokens(resp, Uncounted(sent, generated, length)))
 
@@ -221,7 +221,7 @@ class Requests:
                 self._sessions[fingerprint] = await self._open_session(recipe, examples, tally)
             session_id, tokens = self._sessions[fingerprint]
 
-            def parse(resp: Any) -> tuple[list[float], int | Uncounted]:
+            def parse(resp: Any, tokens: int = tokens) -> tuple[list[float], int | Uncounted]:
                 per = resp.get("per_example")
                 if not isinstance(per, list) or len(per) != len(examples):
                     raise ValueError("the provider's session answer lacks per_example losses")

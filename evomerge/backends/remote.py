@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Awaitable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ class ApiBackend(Backend):
             by_id = {e.id: e for e in examples}
             if all(i in by_id for i in prior.example_ids):
                 self.memo.remember(key, [by_id[i] for i in prior.example_ids],
-                                   {k: v for k, v in prior.per_example.items()})
+                                   dict(prior.per_example))
         def score(missing: list[Example]) -> dict[str, Any]:
             return self._transport.run(self._metrics(recipe, missing, tally, length))
 
@@ -183,7 +183,7 @@ class ApiBackend(Backend):
         jobs += [requests.answers(recipe, prompts, tally, length)] if prompts else []
         results = await settled_all(jobs)
         out: dict[str, Any] = {}
-        for name, values in zip(pairs, results):
+        for name, values in zip(pairs, results, strict=False):  # the answers' result, if any, comes last
             scored = np.asarray(values, dtype=float).reshape(-1, 2)  # (nll, greedy) per pair
             if name != "ce" or "ce" in wanted:
                 out[name] = scored[:, 0]
@@ -306,14 +306,13 @@ class ApiEvaluatorFactory:
             base = stack.enter_context(serving(repo_dir))
         options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
                    ("timeout", config.api.timeout), ("retries", config.api.max_retries), ("chat", config.task.chat),
-                   ("max_new_tokens", length)) + (() if config.batch_size is None else (("batch_size", config.batch_size),))
+                   ("max_new_tokens", length))
+        options += () if config.batch_size is None else (("batch_size", config.batch_size),)
         probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, **dict(options))
         try:
             probe.caps = UsageCap(0, 0) if resume else UsageCap(config.max_queries, config.max_tokens)
-            try:
+            with suppress(BudgetExhausted):  # resumed: the paid part of the probe is skipped
                 probe.check()
-            except BudgetExhausted:  # resumed: the paid part of the probe is skipped
-                pass
             experts = select_experts(config.experts, probe.experts())
             spent = Cost(probe.caps.queries, probe.caps.tokens)
         finally:

@@ -103,7 +103,8 @@ class Journal:
             conn = sqlite3.connect(str(path), check_same_thread=False)  # WAL only once it is ours: a
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())  # foreign file stays as it is
         except sqlite3.DatabaseError as exc:
-            raise JournalError(f"{path} is not a readable evomerge journal ({exc}); point at the .sqlite file a search wrote") from None
+            raise JournalError(f"{path} is not a readable evomerge journal ({exc}); "
+                               "point at the .sqlite file a search wrote") from None
         refusal = None
         if meta.get("magic") != _MAGIC:
             refusal = f"{path} is an SQLite file but not an evomerge journal"
@@ -211,7 +212,7 @@ class Journal:
         cur = self._conn.execute(sql, args)
         names = [d[0] for d in cur.description]
         for row in cur:
-            yield dict(zip(names, row))  # type: ignore[misc]
+            yield dict(zip(names, row, strict=True))  # type: ignore[misc]
 
     def totals(self) -> Cost:
         q, t, s = self._conn.execute(

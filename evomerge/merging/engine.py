@@ -43,7 +43,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class MergeEngine:
     """Holds the base model and applies recipes to it in place."""
 
-    def __init__(self, repository: Repository, device: str | None = None, dtype: str | torch.dtype | None = None) -> None:
+    def __init__(self, repository: Repository, device: str | None = None,
+                 dtype: str | torch.dtype | None = None) -> None:
         transformers = require("transformers", "the local backend")
         self.repository = repository
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,12 +2,13 @@
 
 The box is an `ng.p.Array` started at x0 with mutation σ0, bounded by clipping (as
 `SearchSpace.decode` does; with nevergrad's default "bouncing", its PSO stalls when x0 sits on a
-bound, as Evo-Merging's α = 1 does), seeded through its ``random_state``. Asked candidates are
-kept by value so `tell` hands nevergrad its own candidate back; a never-asked point (journal replay) becomes `parametrization.spawn_child(new_value=z)`,
-which nevergrad accepts as a "tell not asked". Some nevergrad optimizers (its CMA wraps pycma)
-draw from numpy's global generator; every call runs with a private copy of that state swapped in,
-so a run is reproducible from its seed and a pickle resumes exactly, whatever else uses numpy
-(single-threaded: the swap is not thread-safe, and an optimizer is driven by one thread).
+bound, as Evo-Merging's α = 1 does), seeded through its ``random_state``. Asked candidates are kept
+by value so `tell` hands nevergrad its own candidate back; a never-asked point (journal replay)
+becomes `parametrization.spawn_child(new_value=z)`, which nevergrad accepts as a "tell not asked".
+Some nevergrad optimizers (its CMA wraps pycma) draw from numpy's global generator; every call runs
+with a private copy of that state swapped in, so a run is reproducible from its seed and a pickle
+resumes exactly, whatever else uses numpy (single-threaded: the swap is not thread-safe, and an
+optimizer is driven by one thread).
 Any nevergrad registry name works as ``ng:<Name>``; the short names below are registered.
 """
 

@@ -180,7 +180,7 @@ class StageRun:
     def _abandon_waiting(self) -> None:
         """Nothing is in flight and the caps cannot pay for what waits: end those trials (a raced
         one keeps its minibatch score, stopped; a fresh one fails as over the caps)."""
-        for k, split, prior in self.waiting:
+        for k, _split, prior in self.waiting:
             why = "the query/token caps leave too little for this evaluation; raise --max-queries / --max-tokens"
             score = (replace(prior, status=STATUS_STOPPED, cost=Cost(), error=why) if prior is not None
                      else Score.failed(f"BudgetExhausted: {why}"))
@@ -266,7 +266,9 @@ class StageRun:
 def _result(fut: Future) -> Score:
     """A future's Score; an executor that broke its promise still yields a failed candidate."""
     score = attempt(fut.result)
-    return score if isinstance(score, Score) else Score.failed(f"evaluator returned {type(score).__name__}, not a Score")
+    if isinstance(score, Score):
+        return score
+    return Score.failed(f"evaluator returned {type(score).__name__}, not a Score")
 
 
 def evaluate_once(shared: Shared, stage: int, trials: list[tuple[int, MergeRecipe]], split: str) -> dict[int, Trial]:

@@ -210,7 +210,7 @@ class RayExecutor(QueueExecutor):
             batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            for j, score in zip(batch, self._run(index, batch, start_error)):
+            for j, score in zip(batch, self._run(index, batch, start_error), strict=True):
                 j.future.set_result(score)
             start_error = self._start(index) if self._actors[index] is None and not self._closed else None
 
@@ -254,7 +254,8 @@ class RayExecutor(QueueExecutor):
             ref = (actor.evaluate.remote(job.recipe, job.split, job.options) if len(batch) == 1
                    else actor.many.remote([j.recipe for j in batch], job.split))
             try:
-                result = self._ray.get(ref, timeout=None if self.eval_timeout is None else self.eval_timeout * len(batch))
+                timeout = None if self.eval_timeout is None else self.eval_timeout * len(batch)
+                result = self._ray.get(ref, timeout=timeout)
                 return [result] if len(batch) == 1 else result
             except self._ray.exceptions.GetTimeoutError:
                 self._replace(index, "timed out")

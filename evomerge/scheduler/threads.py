@@ -73,7 +73,7 @@ class ThreadExecutor(QueueExecutor):
         with self._lock:
             if any(self._running.pop(job.future, None) is None for job in batch):
                 return False  # timed out: a fresh thread took this one's place
-            for job, score in zip(batch, scores):
+            for job, score in zip(batch, scores, strict=True):
                 job.future.set_result(score)
         return True
 

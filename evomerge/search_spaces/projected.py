@@ -76,7 +76,9 @@ def projected(experts: Sequence[str], inner: str = "evo_joint", k: int = 16, pro
     """Project the registered single-stage space `inner` (built with `inner_options`; evo_joint
     without its starts, stages of their own) down to k."""
     builder = SPACES[inner]
-    options = {"scale_grid": None, "singles": False, **(inner_options or {})} if inner == "evo_joint" else dict(inner_options or {})
+    options = dict(inner_options or {})
+    if inner == "evo_joint":  # without its starts (stages of their own)
+        options = {"scale_grid": None, "singles": False, **options}
     built = builder(experts, **options)
     if isinstance(built, Plan):
         if len(built.names) != 1:
