@@ -18,34 +18,34 @@ when the stack is built, so pruning at any α is a comparison, not a selection.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from evomerge.errors import RecipeError
 from evomerge.merging.sparsify import keep_count, magnitude_ranks
 
+Adapter = tuple[str, torch.Tensor, torch.Tensor, float]
+"""One LoRA adapter on one module: (expert, A, B, scaling)."""
+
 
 @dataclass
 class Stack:
     """Factors of every adapter of one rank on one module, resident on the merge device (float32)."""
 
-    rows: dict[str, int] = field(default_factory=dict)
-    a: list[torch.Tensor] | torch.Tensor = field(default_factory=list)
-    b: list[torch.Tensor] | torch.Tensor = field(default_factory=list)
-    scaling: list[float] | torch.Tensor = field(default_factory=list)
-    ranks: torch.Tensor | None = None  # per adapter, each A entry's magnitude rank (see `prune_rows`)
+    rows: dict[str, int]   # expert -> its index along the first axis
+    a: torch.Tensor        # (n, r, in)
+    b: torch.Tensor        # (n, out, r)
+    scaling: torch.Tensor  # (n,)
+    ranks: torch.Tensor    # per adapter, each A entry's magnitude rank (see `prune_rows`)
 
-    def add(self, expert: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        self.rows[expert] = len(self.rows)
-        self.a.append(a)
-        self.b.append(b)
-        self.scaling.append(scaling)
-
-    def freeze(self) -> None:
-        self.a, self.b = torch.stack(self.a), torch.stack(self.b)
-        self.scaling = torch.tensor(self.scaling, dtype=self.a.dtype, device=self.a.device)
-        self.ranks = magnitude_ranks(self.a.reshape(self.a.shape[0], -1))
+    @classmethod
+    def of(cls, adapters: Sequence[Adapter]) -> Stack:
+        a = torch.stack([x[1] for x in adapters])
+        b = torch.stack([x[2] for x in adapters])
+        scaling = torch.tensor([x[3] for x in adapters], dtype=a.dtype, device=a.device)
+        rows = {x[0]: i for i, x in enumerate(adapters)}
+        return cls(rows, a, b, scaling, magnitude_ranks(a.reshape(a.shape[0], -1)))
 
     def materialise(self, expert: str) -> torch.Tensor:
         """One adapter's full update s·B·A, as a task vector for the classic methods."""

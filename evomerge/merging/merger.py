@@ -12,7 +12,7 @@ an export writes base + ΔW to a file.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -37,15 +37,15 @@ class Merger:
         self._reader = TensorReader()
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
         self._room = resident_bytes
-        self._stacks: dict[str, dict[int, lora.Stack]] = {}   # target -> rank -> adapters
         self._costs: dict[str, float] = {}                     # recipe key -> low_rank_cost
+        adapters: dict[str, dict[int, list[lora.Adapter]]] = {}
         for expert in repository.experts.values():
             for target, m in expert.modules.items():
-                stack = self._stacks.setdefault(target, {}).setdefault(m.rank, lora.Stack())
-                stack.add(expert.name, self._load(expert, m.a_key), self._load(expert, m.b_key), m.scaling)
-        for by_rank in self._stacks.values():
-            for stack in by_rank.values():
-                stack.freeze()
+                adapters.setdefault(target, {}).setdefault(m.rank, []).append(
+                    (expert.name, self._load(expert, m.a_key), self._load(expert, m.b_key), m.scaling))
+        # target -> rank -> adapters; each list is popped as it is stacked, so one copy is held at a time
+        self._stacks = {target: {rank: lora.Stack.of(by_rank.pop(rank)) for rank in list(by_rank)}
+                        for target, by_rank in adapters.items()}
 
     def _load(self, expert: Expert, key: str) -> torch.Tensor:
         return self._reader.get(expert.files, key).to(self.device, torch.float32)
@@ -66,25 +66,20 @@ class Merger:
         kernel = KERNELS[method.kernel]
         for name in self.targets(recipe):
             weights, densities = self._coefficients(recipe, name)
-            base_t: torch.Tensor | None = None
-
-            def base_f32() -> torch.Tensor:
-                nonlocal base_t
-                if base_t is None:
-                    base_t = base(name).to(self.device, torch.float32)
-                return base_t
-
+            # the base tensor in float32, read once and only if a full expert needs it
+            base_f32 = cache(lambda name=name: base(name).to(self.device, torch.float32))
             contribs: list[Contribution] = []
             for i, e in enumerate(experts):
                 density = None if densities is None else densities[i]
                 if e.kind == "full":
-                    contribs.append(Contribution(e.name, weights[i], density, partial(self._task_vector, e, name, base_f32)))
+                    task_vector = partial(self._task_vector, e, name, base_f32)
+                    contribs.append(Contribution(e.name, weights[i], density, task_vector))
                 elif name in e.modules and factor_method is None:  # an adapter off this tensor has τ_i = 0 here
                     materialise = self._stacks[name][e.modules[name].rank].materialise
                     contribs.append(Contribution(e.name, weights[i], density, partial(materialise, e.name)))
-            terms = self._terms(recipe, name, experts, weights, densities) if factor_method is not None else []
             delta = None
-            if terms:
+            terms = self._terms(recipe, name, experts, weights, densities) if factor_method is not None else []
+            if terms and factor_method is not None:
                 b, a = factor_method(terms, name)
                 delta = b @ a
             if contribs:
@@ -114,7 +109,8 @@ class Merger:
         here (an unknown expert, linear weights summing to zero): it fails alone, on the
         one-at-a-time path, with its own error."""
         try:
-            return self.low_rank_refusal(recipe) is None and (max_cost is None or self.low_rank_cost(recipe) <= max_cost)
+            return (self.low_rank_refusal(recipe) is None
+                    and (max_cost is None or self.low_rank_cost(recipe) <= max_cost))
         except Exception:
             return False
 
@@ -151,7 +147,8 @@ class Merger:
         added = base = 0
         for name in self.targets(recipe):
             weights, _ = self._coefficients(recipe, name)
-            ranks = [e.modules[name].rank for e, w in zip(experts, weights) if w != 0.0 and name in e.modules]
+            ranks = [e.modules[name].rank for e, w in zip(experts, weights, strict=True)
+                     if w != 0.0 and name in e.modules]
             if ranks:
                 stack = next(iter(self._stacks[name].values()))
                 n_in, n_out = stack.a.shape[2], stack.b.shape[1]
