@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class SearchSpace(ABC):
     for every recipe the space can produce, and `decode` accepts any finite z of size `dim`
     (points outside the box are clipped into it: optimizers may overshoot by rounding)."""
 
-    name: ClassVar[str]
+    name: str  # a class default; a labelled instance (coefficients.py) names itself
     lower: np.ndarray
     upper: np.ndarray
     x0: np.ndarray

@@ -136,8 +136,8 @@ class PointsSpace(SearchSpace):
 
     name = "evo_points"
 
-    def __init__(self, experts: Sequence[str], points: Sequence[Sequence[float]], *, method: str = "evo_tv",
-                 label: str = "points") -> None:
+    def __init__(self, experts: Sequence[str], points: Sequence[Sequence[float] | np.ndarray], *,
+                 method: str = "evo_tv", label: str = "points") -> None:
         self.experts = tuple(str(e) for e in experts)
         n = len(self.experts)
         self.method, self.label = method, label
@@ -193,7 +193,7 @@ class BlockScaleSpace(SearchSpace):
         if np.all(z == 1.0):
             return p  # the start is the previous stage's best itself, served from the cache
         blocks = tuple(BlockOverride(name, tuple((m * self._beta).tolist()), p.densities)
-                       for name, m in zip(self.blocks, z.tolist()))
+                       for name, m in zip(self.blocks, z.tolist(), strict=True))
         return MergeRecipe(p.method, p.experts, p.weights, p.densities, p.scale, blocks, p.seed)
 
     def encode(self, recipe: MergeRecipe) -> np.ndarray:
@@ -201,12 +201,12 @@ class BlockScaleSpace(SearchSpace):
             return self.x0.copy()
         j = int(np.argmax(np.abs(self._beta)))
         if tuple(b.name for b in recipe.blocks) == self.blocks and self._beta[j] != 0.0:
-            z = []
+            steps = []
             for b in recipe.blocks:
                 m = b.weights[j] / self._beta[j]  # the division may round by one ulp either way
-                z.append(next((g for g in (m, np.nextafter(m, np.inf), np.nextafter(m, -np.inf))
-                               if tuple((g * self._beta).tolist()) == b.weights), np.nan))
-            z = np.array(z)
+                steps.append(next((g for g in (m, np.nextafter(m, np.inf), np.nextafter(m, -np.inf))
+                                   if tuple((g * self._beta).tolist()) == b.weights), np.nan))
+            z = np.array(steps)
             if np.all((self.lower <= z) & (z <= self.upper)) and self._decode(z) == recipe:
                 return z
         raise SearchSpaceError(f"the {self.name} space holds the stage's start with its β scaled per block "
@@ -249,7 +249,7 @@ class EvoPlan(Plan):
         self.scale_grid = None if scale_grid is None else tuple(float(g) for g in scale_grid)
         self.searches = ("alpha", "beta") if schedule == "two_stage" else (schedule,)
         # Starts before the search proper: the strength sweep, each expert alone, the pairs with the best.
-        head = ("scale",) if self.scale_grid else ()
+        head: tuple[str, ...] = ("scale",) if self.scale_grid else ()
         head += (("singles", "pairs") if len(self.experts) > 1 else ("singles",)) if singles else ()
         self.head = head
         self.blocks, self.block_fraction = tuple(blocks), block_fraction
@@ -276,7 +276,7 @@ class EvoPlan(Plan):
         n = len(self.experts)
         sizes = {"scale": len(self.sweep.betas) if self.sweep else 0, "singles": n, "pairs": n - 1}
         allowance = total // 2 if "singles" in self.head else total - len(self.searches) - bool(self.blocks)
-        head = []
+        head: list[int] = []
         for i, name in enumerate(self.head):
             later = len(self.head) - i - 1  # each later start keeps at least one evaluation
             head.append(max(1, min(sizes[name], allowance - sum(head) - later)))
@@ -296,6 +296,7 @@ class EvoPlan(Plan):
             raise ConfigError(f"the evo plan has {len(self.names)} stage(s); stage {index} does not exist")
         name = self.names[index]
         if name == "scale":
+            assert self.sweep is not None  # a "scale" stage exists only with a scale_grid
             return self.sweep
         if name == "singles":
             return singles(self.experts, previous, self.method)
