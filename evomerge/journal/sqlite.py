@@ -192,11 +192,12 @@ class Journal:
                  score.cost.queries, score.cost.tokens, score.cost.seconds, int(cached), created))
             if reservation is not None:
                 self._conn.execute("DELETE FROM spend WHERE id = ?", (reservation,))
-        return Trial(int(cur.lastrowid), stage, trial, split, tuple(zl), recipe, score, objective, cached, created)
+        return Trial(_inserted(cur), stage, trial, split, tuple(zl), recipe, score, objective, cached, created)
 
     def trials(self, stage: int | None = None, split: str | None = None) -> list[Trial]:
         """Journaled evaluations in commit order, optionally of one stage and split."""
-        sql, args = "SELECT * FROM evaluations", []
+        sql = "SELECT * FROM evaluations"
+        args: list[Any] = []
         where = []
         if stage is not None:
             where.append("stage = ?")
@@ -208,11 +209,11 @@ class Journal:
             sql += " WHERE " + " AND ".join(where)
         return [_trial(row) for row in self._rows(sql + " ORDER BY seq", args)]
 
-    def _rows(self, sql: str, args: list[Any]) -> Iterator[sqlite3.Row]:
+    def _rows(self, sql: str, args: list[Any]) -> Iterator[dict[str, Any]]:
         cur = self._conn.execute(sql, args)
         names = [d[0] for d in cur.description]
         for row in cur:
-            yield dict(zip(names, row, strict=True))  # type: ignore[misc]
+            yield dict(zip(names, row, strict=True))
 
     def totals(self) -> Cost:
         q, t, s = self._conn.execute(
@@ -229,7 +230,7 @@ class Journal:
                                  " VALUES (?, ?, ?, ?, ?, ?)",
                                  (stage, trial, split, cost.queries, cost.tokens, time.time()))
         self._conn.commit()
-        return int(cur.lastrowid)
+        return _inserted(cur)
 
     def outstanding(self) -> Cost:
         """Reservations never closed by a recorded evaluation (a run killed while they were in
@@ -244,6 +245,12 @@ class Journal:
 
 def _finite(metrics: Any) -> dict[str, Any]:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in dict(metrics).items()}
+
+
+def _inserted(cur: sqlite3.Cursor) -> int:
+    """The id of the row `cur` just inserted (sqlite3 types `lastrowid` None for a cursor that inserted none)."""
+    assert cur.lastrowid is not None
+    return cur.lastrowid
 
 
 def _trial(row: dict[str, Any]) -> Trial:
