@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from evomerge.recipe import MergeRecipe
 from evomerge.registry import Registry
@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 
 Evaluator = Callable[[MergeRecipe, str], Score]
 """What the scheduler calls: (recipe, split name) -> Score."""
+
+
+class PopulationEvaluator(Protocol):
+    """An evaluator that also scores several candidates of one split at once (a population forward)."""
+
+    def __call__(self, recipe: MergeRecipe, split: str, /) -> Score: ...
+
+    def many(self, recipes: Sequence[MergeRecipe], split: str, /) -> list[Score]: ...
+
+
+def scores_many(evaluator: Evaluator) -> TypeGuard[PopulationEvaluator]:
+    """Whether an executor may hand `evaluator` several candidates at once (it has a callable `many`)."""
+    return callable(getattr(evaluator, "many", None))
 
 
 @dataclass(frozen=True)

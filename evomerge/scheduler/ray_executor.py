@@ -31,7 +31,7 @@ from typing import Any
 
 import evomerge
 from evomerge._imports import require
-from evomerge.backends._base import Evaluator, EvaluatorFactory
+from evomerge.backends._base import Evaluator, EvaluatorFactory, scores_many
 from evomerge.errors import ConfigError
 from evomerge.recipe import MergeRecipe
 from evomerge.scheduler._base import Job, QueueExecutor
@@ -54,13 +54,15 @@ class _EvalActor:
 
     def batches(self) -> bool:
         """Whether the evaluator scores several candidates at once (`many`: a population forward)."""
-        return callable(getattr(self._evaluate, "many", None))
+        return scores_many(self._evaluate)
 
     def evaluate(self, recipe: MergeRecipe, split: str, options: dict[str, Any]) -> Score:
         return attempt(self._evaluate, recipe, split, **options)
 
     def many(self, recipes: list[MergeRecipe], split: str) -> list[Score]:
-        return attempt_batch(lambda: self._evaluate.many(recipes, split), len(recipes))
+        evaluator = self._evaluate
+        assert scores_many(evaluator)  # the executor batches only where `batches` said so
+        return attempt_batch(lambda: evaluator.many(recipes, split), len(recipes))
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
-from evomerge.backends._base import Evaluator, EvaluatorFactory
+from evomerge.backends._base import Evaluator, EvaluatorFactory, scores_many
 from evomerge.scheduler._base import Job, QueueExecutor
 from evomerge.score import Score, attempt, attempt_batch
 
@@ -48,7 +48,7 @@ class ThreadExecutor(QueueExecutor):
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_result(Score.from_exception(exc))
                 continue
-            batch, carry = self._batch(job, callable(getattr(evaluator, "many", None)))
+            batch, carry = self._batch(job, scores_many(evaluator))
             batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if batch and not self._run(evaluator, batch):
                 return
@@ -64,10 +64,10 @@ class ThreadExecutor(QueueExecutor):
             timer = threading.Timer(self.eval_timeout * len(batch), self._expire, [j.future for j in batch])
             timer.daemon = True
             timer.start()
-        if len(batch) == 1:
-            scores = [attempt(evaluator, batch[0].recipe, batch[0].split, **batch[0].options)]
-        else:
+        if len(batch) > 1 and scores_many(evaluator):  # a batch forms only for such an evaluator
             scores = attempt_batch(lambda: evaluator.many([j.recipe for j in batch], batch[0].split), len(batch))
+        else:
+            scores = [attempt(evaluator, batch[0].recipe, batch[0].split, **batch[0].options)]
         if timer is not None:
             timer.cancel()
         with self._lock:
