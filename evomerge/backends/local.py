@@ -274,7 +274,7 @@ class LocalEvaluatorFactory:
 
             inference.model_prompt(require("transformers", "task.chat").AutoTokenizer.from_pretrained(str(repo.base)),
                                    "", chat=True)
-        batch = {} if config.batch_size is None else {"batch_size": config.batch_size}
+        batch: dict[str, Any] = {} if config.batch_size is None else {"batch_size": config.batch_size}
         factory = cls(str(root), splits, Objective.from_config(config.objective), device=config.device,
                       dtype=config.dtype, max_new_tokens=generation_budget(config, splits), chat=config.task.chat,
                       population=config.population, **batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -30,8 +30,9 @@ class ExampleMemo:
         """Examples scored through the memo (reused ones excluded): what the candidates paid."""
         self._values: OrderedDict[tuple[str, tuple[str, ...]], dict[Example, dict[str, float]]] = OrderedDict()
 
-    def remember(self, key: tuple[str, tuple[str, ...]], examples: Sequence[Example], values: PerExample) -> None:
-        """Take per-example values scored elsewhere (racing's minibatch, on another worker)."""
+    def remember(self, key: tuple[str, tuple[str, ...]], examples: Sequence[Example],
+                 values: Mapping[str, Sequence[float]]) -> None:
+        """Take per-example values scored elsewhere (racing's minibatch, on another worker: a Score's `per_example`)."""
         with self._lock:
             known = self._values.setdefault(key, {})
             for i, e in enumerate(examples):

@@ -156,7 +156,7 @@ class Requests:
         body = self._body(recipe, **fields)
 
         def parse(resp: Any) -> tuple[Scored, int | Uncounted]:
-            content = (resp["choices"][0].get("logprobs") or {}).get("content")
+            content: Any = (resp["choices"][0].get("logprobs") or {}).get("content")  # a list: forced_scores checks
             scores = llamacpp.forced_scores(content, llamacpp.continuation(prompt, answer))
             return [scores], answer_tokens(resp, Uncounted((self.sent(fields["prompt"]),), known=len(content)))
 

@@ -103,9 +103,9 @@ class ApiBackend(Backend):
     # -- scoring -------------------------------------------------------------------------------------------
 
     def _evaluate(self, recipe: MergeRecipe, examples: Sequence[Example], limit: Cost | None = None,
-                  prior: Score | None = None) -> Score:
+                  prior: Score | None = None, **options: Any) -> Score:
         """`limit`: the most this evaluation may spend (its own cap); `prior`: its minibatch's score
-        (racing), whose examples it need not pay for again."""
+        (racing), whose examples it need not pay for again. The scheduler sends no other `options`."""
         tally = Tally((self.caps,) if limit is None else (self.caps, UsageCap(limit.queries, limit.tokens)))
         examples = list(examples)
         tasks = [e.task for e in examples]
@@ -114,8 +114,8 @@ class ApiBackend(Backend):
         if prior is not None and prior.per_example:
             by_id = {e.id: e for e in examples}
             if all(i in by_id for i in prior.example_ids):
-                self.memo.remember(key, [by_id[i] for i in prior.example_ids],
-                                   dict(prior.per_example))
+                self.memo.remember(key, [by_id[i] for i in prior.example_ids], prior.per_example)
+
         def score(missing: list[Example]) -> dict[str, Any]:
             return self._transport.run(self._metrics(recipe, missing, tally, length))
 
@@ -176,6 +176,7 @@ class ApiBackend(Backend):
             raise BudgetExhausted(f"the caps leave too little for a {plan.queries}-query evaluation; "
                                   "raise --max-queries / --max-tokens to go on")
         if self.mode == "session":
+            assert recipe is not None  # the base model's references: the session mode refuses an objective needing them
             return {"ce": np.asarray(await requests.session(recipe, examples, tally))}
         greedy = "greedy_match" in wanted
         jobs: list[Awaitable[Any]] = [requests.ce(recipe, v, tally, top=greedy and name == "ce")
@@ -194,8 +195,9 @@ class ApiBackend(Backend):
         if "accuracy" in out:
             ce, acc, at = out["accuracy"], [], 0
             for e in examples:
-                n = len(e.choices or ())
-                acc.append(float(e.choices[int(np.argmin(ce[at:at + n]))] == e.answer))
+                choices = e.choices or ()  # every example has them: checked before any request
+                n = len(choices)
+                acc.append(float(choices[int(np.argmin(ce[at:at + n]))] == e.answer))
                 at += n
             out["accuracy"] = np.asarray(acc)
         if prompts:
@@ -304,9 +306,9 @@ class ApiEvaluatorFactory:
 
             print(f"starting the reference provider over {repo_dir} on loopback", flush=True)
             base = stack.enter_context(serving(repo_dir))
-        options = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
-                   ("timeout", config.api.timeout), ("retries", config.api.max_retries), ("chat", config.task.chat),
-                   ("max_new_tokens", length))
+        options: tuple[tuple[str, Any], ...] = (("mode", config.api.mode), ("concurrency", config.api.concurrency),
+                                                ("timeout", config.api.timeout), ("retries", config.api.max_retries),
+                                                ("chat", config.task.chat), ("max_new_tokens", length))
         options += () if config.batch_size is None else (("batch_size", config.batch_size),)
         probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, **dict(options))
         try:
