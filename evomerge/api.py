@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +103,7 @@ def search(fitness: Fitness | None = None, space: SearchSpace | Plan | None = No
         validated = SearchSettings(**settings)
     except ValidationError as exc:
         raise ConfigError(describe_error(exc, "search")) from None
-    factory = as_factory(evaluator) if evaluator is not None else PythonEvaluatorFactory(fitness)
+    factory = PythonEvaluatorFactory(fitness) if fitness is not None else as_factory(evaluator)
     return optimize(space, factory, validated, executor=None if isinstance(executor, str) else executor,
                     journal=journal, resume=resume, force=force, progress=progress, on_trial=on_trial,
                     config=config, spent=spent)
@@ -136,8 +137,8 @@ def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: S
     # its population size sets the default lookahead.
     probe = make_optimizer(settings.optimizer, _probe_space(plan), seed=settings.seed, popsize=settings.popsize,
                            **options)
-    settings = settings.model_copy(update={"lookahead": settings.lookahead
-                                           or max(probe.popsize, 2 * settings.workers)})
+    window = settings.lookahead or max(probe.popsize, 2 * settings.workers)
+    settings = settings.model_copy(update={"lookahead": window})
     fingerprint = {"version": FINGERPRINT_VERSION, "plan": plan.describe(), "evaluator": evaluator.fingerprint(),
                    **settings.fingerprint()}
     store = _open_journal(journal, fingerprint, config, resume, force)
@@ -147,14 +148,20 @@ def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: S
     bound = getattr(evaluator, "bound", None)
     ledger = Ledger(store, settings.max_queries, settings.max_tokens, bound)
     bar = _progress(settings.budget, store.count("fit") if resume else 0, progress)
-    shared = Shared(pool, store, ledger, resumed=store.trials() if resume else [],
-                    on_result=lambda t: (bar(t), on_trial and on_trial(t)), paid=bound is not None)
+
+    def on_result(trial: Trial) -> None:
+        bar(trial)
+        if on_trial is not None:
+            on_trial(trial)
+
+    shared = Shared(pool, store, ledger, resumed=store.trials() if resume else [], on_result=on_result,
+                    paid=bound is not None)
     for t in shared.resumed:
         shared.by_key.setdefault((t.recipe.key(), t.split), t)
         if not t.cached:
             ledger.observe(t.score.cost)
     has_validation = evaluator.has_validation
-    seed, window = settings.seed, settings.lookahead
+    seed = settings.seed
     try:
         summaries, all_trials, validated = [], [], {}
         previous: MergeRecipe | None = None
@@ -163,10 +170,10 @@ def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: S
             if stage_budget == 0:  # a stage the plan leaves out at this budget
                 continue
             stage_space = plan.space(stage, previous)
-            run = StageRun(stage, stage_space, stage_budget,
-                           lambda sp, s=stage, b=stage_budget: _stage_optimizer(
-                               sp, settings.optimizer, options, seed + 1000 * s, settings.popsize, b),
-                           shared, window, race, race_split, settings.start, told)
+            make = partial(_stage_optimizer, name=settings.optimizer, options=options, seed=seed + 1000 * stage,
+                           popsize=settings.popsize, budget=stage_budget)
+            run = StageRun(stage, stage_space, stage_budget, make, shared, window, race, race_split, settings.start,
+                           told)
             trials = run.run()
             told = run.full_told
             all_trials.extend(trials)

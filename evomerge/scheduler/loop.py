@@ -123,13 +123,20 @@ class StageRun:
         self._submit_waiting()
         while self.k_ask - self.k_tell < self.lookahead and self.paid < self.budget and self.stalled < STALL_LIMIT:
             threshold = self.race.threshold(self.full_told, self.opt.popsize) if self.race is not None else None
-            split = self.race_split if threshold is not None else "fit"
+            split = self._split(threshold)
             replayed = self.k_ask in self.journaled or self.k_ask in self.minibatches
             if not replayed and self.shared.ledger.idle and not self.shared.ledger.affords(split):
                 return
             z = self.space.x0.copy() if self.start and self.k_ask == 0 else self.opt.ask()
             self._dispatch(self.k_ask, z, threshold)
             self.k_ask += 1
+
+    def _split(self, threshold: float | None) -> str:
+        """Where a trial is scored first: racing's minibatch split where racing set it a bar, else fit."""
+        if threshold is None:
+            return "fit"
+        assert self.race_split is not None  # a bar comes from racing, which always has its split
+        return self.race_split
 
     def _dispatch(self, k: int, z: np.ndarray, threshold: float | None) -> None:
         """Route trial k and update the counters: a paid trial resets the stall count, one served
@@ -148,10 +155,11 @@ class StageRun:
         if old is not None and old.recipe.key() != key[0]:
             raise JournalError(f"journal trial {k} of stage {self.stage} holds a different candidate than this run "
                                "asks; it was written by another version or configuration (start a new journal)")
-        if k in self.journaled:
-            self.results[k] = old
-            self.shared.by_key.setdefault(key, old)
-            return not old.cached
+        done = self.journaled.get(k)
+        if done is not None:
+            self.results[k] = done
+            self.shared.by_key.setdefault(key, done)
+            return not done.cached
         hit = self.shared.by_key.get(key)
         if hit is not None:
             self._complete(k, hit.score, cached=True)
@@ -163,7 +171,7 @@ class StageRun:
         if old is not None:  # a minibatch journaled before a crash: decide on it again
             self._finish_or_stop(k, old)
         else:
-            self.waiting.append((k, self.race_split if threshold is not None else "fit", None))
+            self.waiting.append((k, self._split(threshold), None))
             self._submit_waiting()
         return True
 
@@ -224,7 +232,9 @@ class StageRun:
         p = self.pending[k]
         if not mini.ok:
             self._resolve(k, replace(mini.score, cost=Cost()))
-        elif mini.loss + self.space.penalty(p.z) > p.threshold:
+            return
+        assert p.threshold is not None  # a minibatch is scored only for a trial racing set a bar
+        if mini.loss + self.space.penalty(p.z) > p.threshold:
             self._resolve(k, replace(mini.score, status=STATUS_STOPPED, cost=Cost()))
         else:
             self.waiting.append((k, "fit", mini.score))
