@@ -74,16 +74,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> list[str]:
             dests.append(name)
     for dest, (flag, metavar, help_text) in SECTION_FLAGS.items():
         section, name = dest.split(".")
-        model = SearchConfig.model_fields[section].annotation
+        model: Any = SearchConfig.model_fields[section].annotation  # a section's model class
         if dataclasses.is_dataclass(model) or dataclasses.is_dataclass(_optional(model)):  # race: a dataclass
-            kind = {f.name: f.type for f in dataclasses.fields(_optional(model))}[name]
+            kind: Any = {f.name: f.type for f in dataclasses.fields(_optional(model))}[name]
             annotation, metadata = {"float": float}.get(kind, kind), []
         else:
             info = model.model_fields[name]
             annotation, metadata = info.annotation, info.metadata
         kwargs = _flag_kwargs(annotation, metadata, None) or {}
-        parser.add_argument(flag, dest=dest, help=help_text, **kwargs, **({} if "choices" in kwargs else
-                                                                          {"metavar": metavar}))
+        if "choices" not in kwargs:
+            kwargs["metavar"] = metavar
+        parser.add_argument(flag, dest=dest, help=help_text, **kwargs)
         dests.append(dest)
     return dests
 
@@ -171,6 +172,7 @@ def _export(args: argparse.Namespace) -> int:
     repo = run_repository(run.config, args.repository, need=weights)
     paths = write_exports(run.best.recipe, args.out or Path(args.journal).with_suffix(""), repo, args.base)
     if weights:
+        assert repo is not None  # run_repository(need=True) raises a ConfigError rather than give None
         paths.update(write_model(run.best.recipe, repo, args.adapter, args.model, device=args.device))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
