@@ -41,7 +41,7 @@ def select_experts(wanted: Sequence[str] | None, available: Sequence[str]) -> tu
     return experts
 
 
-def generation_budget(config: SearchConfig, splits: Splits, limit: int | None = None) -> int:
+def generation_tokens(config: SearchConfig, splits: Splits, limit: int | None = None) -> int:
     """New tokens generation may take, alike on every split: task.max_new_tokens, else the longest
     answer's `generation_length` over fit, validation and test. Past a provider's `limit`, a run
     that generates is refused here in one line, not by every request."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from evomerge import inference
 from evomerge.backends._base import Backend, Evaluator, Prepared, Weights, register_backend
-from evomerge.backends._config import generation_budget, repository_dir, select_experts, splits_digest
+from evomerge.backends._config import generation_tokens, repository_dir, select_experts, splits_digest
 from evomerge.backends.memo import ExampleMemo
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
@@ -276,7 +276,7 @@ class LocalEvaluatorFactory:
                                    "", chat=True)
         batch: dict[str, Any] = {} if config.batch_size is None else {"batch_size": config.batch_size}
         factory = cls(str(root), splits, Objective.from_config(config.objective), device=config.device,
-                      dtype=config.dtype, max_new_tokens=generation_budget(config, splits), chat=config.task.chat,
+                      dtype=config.dtype, max_new_tokens=generation_tokens(config, splits), chat=config.task.chat,
                       population=config.population, **batch)
         return Prepared(experts, factory)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge._imports import require
 from evomerge.backends import llamacpp
 from evomerge.backends._base import Backend, Evaluator, Prepared, Weights, register_backend
-from evomerge.backends._config import generation_budget, repository_dir, select_experts, splits_digest
+from evomerge.backends._config import generation_tokens, repository_dir, select_experts, splits_digest
 from evomerge.backends.memo import ExampleMemo
 from evomerge.backends.modes import Requests, refuse_profile, request_plan
 from evomerge.backends.transport import RETRIES, Transport, message
@@ -299,7 +299,7 @@ class ApiEvaluatorFactory:
         local = config.api.base is None or config.repository is not None
         repo_dir = repository_dir(config) if local else None
         splits = load_splits(config.task, Repository.open(repo_dir) if repo_dir is not None else None)
-        length = generation_budget(config, splits, Limits().max_tokens)
+        length = generation_tokens(config, splits, Limits().max_tokens)
         base = config.api.base
         if base is None:
             from evomerge.serve.embedded import serving
