@@ -22,6 +22,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.inference import TEXT_METRICS
+from evomerge.score import Cost, Score
+from evomerge.tasks import Example
 
 METRICS = ("ce", "greedy_match", "exact_match", "exact_match_ci", "f1", "accuracy")
 TEXT = tuple(TEXT_METRICS)  # read off generated answers
@@ -125,6 +127,22 @@ class Objective:
         """Mean blended loss per task (before any normalising)."""
         return {t: sum(w * per[m] for m, w in self.weights.items())
                 for t, per in self.metric_losses(per_example, tasks).items()}
+
+    def score(self, per_example: Mapping[str, np.ndarray], examples: Sequence[Example], ids: tuple[str, ...],
+              cost: Cost) -> Score:
+        """The Score of per-example metric values, alike in every backend: the loss, each metric's
+        mean overall and per task, and each task's loss."""
+        tasks = [e.task for e in examples]
+        labels = np.asarray(tasks)
+        metrics: dict[str, float] = {}
+        for name, values in per_example.items():
+            metrics[name] = float(np.mean(values))
+            for task in sorted(set(tasks)):
+                metrics[f"{name}/{task}"] = float(np.mean(values[labels == task]))
+        for task, loss in self.task_losses(per_example, tasks).items():
+            metrics[f"loss/{task}"] = loss
+        return Score(loss=self.loss(per_example, tasks), metrics=metrics, cost=cost,
+                     per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()}, example_ids=ids)
 
     def loss(self, per_example: Mapping[str, np.ndarray], tasks: Sequence[str]) -> float:
         """The scalar a search minimises."""

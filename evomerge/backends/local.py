@@ -170,7 +170,7 @@ class LocalBackend(Backend):
                 for i, v in zip(batched, values, strict=True):
                     per_example = self.memo.scores((recipes[i].key(), self.objective.metrics), examples,
                                                    partial(_rows, v, at))
-                    scores[i] = self._score(per_example, examples, ids, objective, seconds)
+                    scores[i] = objective.score(per_example, examples, ids, Cost(seconds=seconds))
         return [scores[i] if i in scores else self.evaluate(r, examples) for i, r in enumerate(recipes)]
 
     def _low_rank(self, recipe: MergeRecipe) -> bool:
@@ -196,24 +196,7 @@ class LocalBackend(Backend):
         objective = self._objective_for(examples, ids, length)
         per_example = self.memo.scores((recipe.key(), self.objective.metrics), examples,
                                        lambda missing: self.scores(recipe, missing, length))
-        return self._score(per_example, examples, ids, objective, time.perf_counter() - start)
-
-    @staticmethod
-    def _score(per_example: dict[str, np.ndarray], examples: Sequence[Example], ids: tuple[str, ...],
-               objective: Objective, seconds: float) -> Score:
-        """The Score of per-example metric values: their means overall and per task, and the loss."""
-        tasks = [e.task for e in examples]
-        metrics: dict[str, float] = {}
-        labels = np.asarray(tasks)
-        for name, values in per_example.items():
-            metrics[name] = float(np.mean(values))
-            for task in sorted(set(tasks)):
-                metrics[f"{name}/{task}"] = float(np.mean(values[labels == task]))
-        for task, loss in objective.task_losses(per_example, tasks).items():
-            metrics[f"loss/{task}"] = loss
-        return Score(loss=objective.loss(per_example, tasks), metrics=metrics, cost=Cost(seconds=seconds),
-                     per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
-                     example_ids=ids)
+        return objective.score(per_example, examples, ids, Cost(seconds=time.perf_counter() - start))
 
     def close(self) -> None:
         self.engine.close()

@@ -108,7 +108,6 @@ class ApiBackend(Backend):
         (racing), whose examples it need not pay for again. The scheduler sends no other `options`."""
         tally = Tally((self.caps,) if limit is None else (self.caps, UsageCap(limit.queries, limit.tokens)))
         examples = list(examples)
-        tasks = [e.task for e in examples]
         length = self.max_new_tokens or generation_length(examples)  # all given, not the memo's missing few
         key = (recipe.key(), self.objective.metrics)
         if prior is not None and prior.per_example:
@@ -124,21 +123,10 @@ class ApiBackend(Backend):
             objective = self._objective_for(examples, tally, length)
         except (BackendError, BudgetExhausted) as exc:
             return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())
-        loss = objective.loss(per_example, tasks)
-        if not math.isfinite(loss):
+        result = objective.score(per_example, examples, tuple(e.id for e in examples), tally.cost())
+        if not math.isfinite(result.loss):
             return Score.failed("the loss is not finite (an answer with no tokens?)", tally.cost())
-        np = require("numpy", "the api backend")
-        labels = np.asarray(tasks)
-        metrics: dict[str, float] = {}
-        for name, values in per_example.items():
-            metrics[name] = float(values.mean())
-            for task in sorted(set(tasks)):
-                metrics[f"{name}/{task}"] = float(values[labels == task].mean())
-        for task, value in objective.task_losses(per_example, tasks).items():
-            metrics[f"loss/{task}"] = value
-        return Score(loss=loss, metrics=metrics, cost=tally.cost(),
-                     per_example={k: tuple(float(x) for x in v) for k, v in per_example.items()},
-                     example_ids=tuple(e.id for e in examples))
+        return result
 
     def _objective_for(self, examples: list[Example], tally: Tally, length: int) -> Objective:
         """The objective, with the base model's per-task losses as references for ``normalized``
