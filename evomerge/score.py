@@ -62,9 +62,10 @@ class Score:
         return cls(loss=math.nan, status=STATUS_FAILED, error=error, cost=cost or Cost())
 
     @classmethod
-    def from_exception(cls, exc: BaseException, seconds: float = 0.0) -> Score:
-        """The failed Score an exception becomes: "Type: message" (journals and tests compare this text)."""
-        return cls.failed(f"{type(exc).__name__}: {exc}", Cost(seconds=seconds))
+    def from_exception(cls, exc: BaseException, cost: Cost | None = None) -> Score:
+        """The failed Score an exception becomes: "Type: message" (journals and tests compare this
+        text), with what the attempt cost."""
+        return cls.failed(f"{type(exc).__name__}: {exc}", cost or Cost())
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss if math.isfinite(self.loss) else None, "metrics": dict(self.metrics),
@@ -90,7 +91,7 @@ def attempt_batch(call: Callable[[], Sequence[Score]], count: int) -> list[Score
     try:
         return list(call())
     except Exception as exc:
-        return [Score.from_exception(exc, time.perf_counter() - start)] * count
+        return [Score.from_exception(exc, Cost(seconds=time.perf_counter() - start))] * count
 
 
 def attempt(call: Callable[P, Score], *args: P.args, **kwargs: P.kwargs) -> Score:

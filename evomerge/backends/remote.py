@@ -122,7 +122,7 @@ class ApiBackend(Backend):
             per_example = self.memo.scores(key, examples, score)
             objective = self._objective_for(examples, tally, length)
         except (BackendError, BudgetExhausted) as exc:
-            return Score.failed(f"{type(exc).__name__}: {exc}", tally.cost())
+            return Score.from_exception(exc, tally.cost())
         result = objective.score(per_example, examples, tuple(e.id for e in examples), tally.cost())
         if not math.isfinite(result.loss):
             return Score.failed("the loss is not finite (an answer with no tokens?)", tally.cost())
