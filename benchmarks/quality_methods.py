@@ -57,6 +57,9 @@ SEARCHES: dict[str, SearchMethod] = {
     "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
     # The default's plan merging with TIES's trim, sign election and disjoint mean (α trims, β scales).
     "evo_ties_joint": SearchMethod("evo_joint", {"method": "evo_ties"}),
+    # ... and with TSV-Merge's decorrelation: each expert's singular directions kept to its top α,
+    # the concatenated singular vectors replaced by their polar factors (β scales).
+    "evo_tsv_joint": SearchMethod("evo_joint", {"method": "evo_tsv"}),
     # The default without its last stage (the found merge refined per block, 2 layer groups × attn, mlp).
     "evo_tv_joint_noblocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 0}),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),

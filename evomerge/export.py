@@ -101,6 +101,10 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
         notes.append(f"Not exact: {method.name} multiplies merged LoRA factors, (Σ β_i·s_i·B_i)(Σ β_i·S_α_i(A_i)), "
                      "which is quadratic in β with cross terms; mergekit has no such method. Below is task arithmetic "
                      "with the scales β as weights.")
+    if method.lora == "tsv":
+        notes.append(f"Not exact: {method.name} replaces the experts' singular vectors by their polar factors "
+                     "(TSV-Merge), which mergekit has no method for. Below is task arithmetic with the scales β as "
+                     "weights.")
     if method.densities and not method.mergekit_density and any(d < 1.0 for d in _all_densities(recipe)):
         notes.append("Not exact: mergekit cannot express the keep ratios α (each expert's LoRA A, or task vector, "
                      "pruned to its largest-magnitude fraction α); this is the merge with every α = 1.")

@@ -57,10 +57,11 @@ class MergeMethod:
     """What multiplies each task vector: its weight, w_i/Σw (linear), or 1/N (uniform)."""
     densities: bool = False
     """Whether densities change the merge (keep ratios α, TIES's trim, DARE's keep probability)."""
-    lora: Literal["factors", "concat", "dense"] = "dense"
+    lora: Literal["factors", "concat", "tsv", "dense"] = "dense"
     """How LoRA experts merge: ``factors``, A and B combined apart at the experts' rank (quadratic in
     β); ``concat``, linear in the updates, as one adapter of rank Σ r_i; ``dense``, each update B·A
-    materialised (the merge has no adapter form)."""
+    materialised (the merge has no adapter form); ``tsv``, the updates' singular vectors
+    decorrelated (`evomerge.merging.lora.tsv`), an adapter of rank Σ r_i too."""
     disjoint_mean: Literal["weights", "count"] | None = None
     """TIES's sign election, then the mean of the agreeing entries over their weights or their count."""
     stochastic: bool = False
@@ -83,6 +84,7 @@ for _method in (
     MergeMethod("evo_tv", kernel="evo", family="evo", densities=True, lora="concat"),  # evo's on a task vector
     MergeMethod("evo_ties", kernel="evo_ties", family="evo", densities=True, disjoint_mean="count",
                 mergekit="ties", mergekit_density=True),
+    MergeMethod("evo_tsv", kernel="evo_tsv", family="evo", densities=True, lora="tsv"),
     MergeMethod("linear", kernel="task_arithmetic", family="classic", weighting="normalised", lora="concat"),
     MergeMethod("task_arithmetic", kernel="task_arithmetic", family="classic", lora="concat"),
     MergeMethod("ties", kernel="ties", family="classic", densities=True, disjoint_mean="weights",

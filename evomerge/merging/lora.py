@@ -117,6 +117,55 @@ def concat(terms: Sequence[Term], module: str) -> Factors:
     return torch.cat(bs, 1), torch.cat(as_, 0)
 
 
-FACTORS = {"factors": sum_factors, "concat": concat}
+def tsv(terms: Sequence[Term], module: str) -> Factors:
+    """Task Singular Vectors (TSV-Merge, Gargiulo et al. 2025) on LoRA factors, in Evo-Merging's
+    coefficients: each adapter's update β_i·s_i·B_i·A_i as its SVD U_i·Σ_i·V_iᵀ (from QRs of B and
+    A, so no out × in matrix is formed), kept to its top round(α_i·r) singular directions; then the
+    concatenated U and V are each replaced by their nearest matrix with orthonormal columns (the
+    polar factor), so directions the experts share are no longer counted twice and the merge's
+    interference goes; ΔW = U⊥·Σ·V⊥ᵀ, an adapter of rank Σ r_i (the dropped directions kept as
+    zero columns). Adapters already in orthogonal subspaces merge as evo_tv; two identical ones as one."""
+    us, ss, vs = [], [], []
+    for t in terms:
+        b = t.stack.b[t.rows] * t.scaled_betas()[:, None, None]                  # (n, out, r)
+        q_b, r_b = torch.linalg.qr(b)
+        q_a, r_a = torch.linalg.qr(t.stack.a[t.rows].transpose(1, 2))            # (n, in, r)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.transpose(1, 2))                    # (n, r, r)
+        rank = s.shape[1]
+        kept = torch.tensor([[j < keep_count(rank, f, "round") for j in range(rank)] for f in t.alphas],
+                            device=s.device)
+        s = s * kept
+        us.append((q_b @ u).transpose(0, 1).reshape(b.shape[1], -1))            # (out, n·r)
+        vs.append((q_a @ vh.transpose(1, 2)).transpose(0, 1).reshape(q_a.shape[1], -1))
+        ss.append(s.reshape(-1))
+    return decorrelate(us, ss, vs)
+
+
+def decorrelate(us: Sequence[torch.Tensor], ss: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]) -> Factors:
+    """TSV's merge of experts' singular triplets (U_i: out × k_i, σ_i: k_i, V_i: in × k_i): the
+    concatenated U and V each replaced by their polar factor P·Qᵀ (of P·Σ·Qᵀ: the nearest matrix
+    with orthonormal columns), then (B, A) = (U⊥·diag σ, V⊥ᵀ). A direction of σ 0 (dropped by α,
+    or a full task vector's rounding noise) is zeroed first, and the polar factor is taken over
+    the nonzero singular values only (numerical rank, as numpy's matrix_rank): where experts
+    share directions the concatenation is rank-deficient, and the rest of a full polar factor
+    is arbitrary."""
+    sigma = torch.cat(list(ss))
+    live = (sigma > sigma.max() * _tolerance(us[0].shape[0] + vs[0].shape[0], sigma)).to(sigma.dtype)
+    u_perp, v_perp = (_polar(torch.cat(list(m), 1) * live) for m in (us, vs))
+    return u_perp * sigma, v_perp.T.contiguous()
+
+
+def _polar(m: torch.Tensor) -> torch.Tensor:
+    p, s, qh = torch.linalg.svd(m, full_matrices=False)
+    rank = int((s > s.max() * _tolerance(max(m.shape), s)).sum()) if s.numel() else 0
+    return p[:, :rank] @ qh[:rank]
+
+
+def _tolerance(size: int, s: torch.Tensor) -> float:
+    """Singular values below this share of the largest are rounding noise (numpy's matrix_rank)."""
+    return size * torch.finfo(s.dtype).eps
+
+
+FACTORS = {"factors": sum_factors, "concat": concat, "tsv": tsv}
 """How a low-rank method builds its factors, by its `MergeMethod.lora` form; a method that reads
 densities prunes each A to its keep ratio α, the others leave A whole."""

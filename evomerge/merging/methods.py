@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.errors import RecipeError
+from evomerge.merging.lora import decorrelate
 from evomerge.merging.sparsify import dare, keep_count, mask_from, prune, select
 from evomerge.registry import Registry
 
@@ -92,6 +93,29 @@ def evo_ties(contribs: Sequence[Contribution], tensor: str, seed: int | None) ->
     Dividing by the count, not by the weights, keeps β's size the merge's strength (every β = λ is
     TIES at scale λ), so a search can move strength and interference resolution together."""
     return _disjoint(contribs, by_count=True)
+
+
+@KERNELS.register("evo_tsv")
+def evo_tsv(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> torch.Tensor:
+    """TSV-Merge of full task vectors (the LoRA form is `lora.tsv`): each matrix β_i·τ_i kept to its
+    top round(α_i·min(out, in)) singular directions, the concatenated singular vectors replaced by
+    their polar factors, ΔW = U⊥·Σ·V⊥ᵀ. A vector (a norm, a bias) has no spectrum: Σ β_i·τ_i."""
+    first = contribs[0].delta()
+    if first.ndim != 2:
+        return task_arithmetic(contribs, tensor, seed)
+    us, ss, vs = [], [], []
+    for c in contribs:
+        if c.weight == 0.0:
+            continue
+        u, s, vh = torch.linalg.svd(c.delta().mul_(c.weight), full_matrices=False)
+        k = keep_count(s.numel(), _density(c), "round")
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].T)
+    if not ss:
+        return torch.zeros_like(first)
+    b, a = decorrelate(us, ss, vs)
+    return b @ a
 
 
 def _disjoint(contribs: Sequence[Contribution], by_count: bool) -> torch.Tensor:

@@ -49,7 +49,7 @@ of 24 from the joint search cost 0.15 test exact match on smol-mini (budget 40, 
 it added 0.05 on tiny and was level on smol-mini (budget 100)."""
 EVO_METHODS = methods_in("evo")
 """What an evo space merges with (evo: the factor form, evo_tv: the task-vector form, evo_ties: TIES's
-sign election on it)."""
+sign election on it, evo_tsv: TSV-Merge's decorrelated singular vectors)."""
 
 
 def _beta_start(beta_init: str | float, n: int) -> float:

@@ -22,6 +22,7 @@ RECIPES = (
     MergeRecipe("task_arithmetic", EXPERTS, (1.5, 0.0, 0.7)),
     MergeRecipe("uniform", EXPERTS, (1.0, 1.0, 1.0)),
     MergeRecipe("evo_tv", EXPERTS, (0.0, 1.4, 0.0), (1.0, 0.4, 1.0)),  # one expert: a lower rank, zero-padded
+    MergeRecipe("evo_tsv", EXPERTS, (0.8, 1.1, -0.5), (1.0, 0.5, 1.0)),  # decorrelated over both ranks
 )
 
 

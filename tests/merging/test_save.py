@@ -19,6 +19,7 @@ ADAPTER_RECIPES = {
     "task_arithmetic_blocks": MergeRecipe("task_arithmetic", ("lora0", "lora_r2", "lora2"), (0.5, 1.1, 0.0),
                                           scale=0.7, blocks=(BlockOverride("layers.1-2.attn", (-0.4, 0.2, 0.9)),)),
     "uniform": MergeRecipe("uniform", ("lora0", "lora1"), (0.5, 0.5)),
+    "evo_tsv_mixed_ranks": MergeRecipe("evo_tsv", ("lora0", "lora1", "lora_r2"), (0.8, -0.6, 1.3), (0.5, 1.0, 0.5)),
 }
 
 
