@@ -214,7 +214,8 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
     with ExitStack() as stack:
         prepared = prepare(config, stack, resume)
         factory = prepared.evaluator
-        space = space_from_config(config.space, prepared.experts, factory.weights.num_layers)
+        weights = factory.weights  # opens the repository: once per run
+        space = space_from_config(config.space, prepared.experts, weights.num_layers)
         if factory.splits is not None:
             s = factory.splits
             print(f"searching for {', '.join(s.tasks)}: {len(s.fit)} fit, {len(s.validation)} validation, "
@@ -222,7 +223,7 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
         result = optimize(space, factory, config, journal=config.journal, resume=resume, force=force,
                           progress=progress, config=config.model_dump(mode="json"), spent=prepared.spent)
         report = run_test_table(config, prepared, result)
-        write_outputs(config, result, report, factory.weights)
+        write_outputs(config, result, report, weights)
         return result, report
 
 

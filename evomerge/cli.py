@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -74,13 +73,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> list[str]:
             dests.append(name)
     for dest, (flag, metavar, help_text) in SECTION_FLAGS.items():
         section, name = dest.split(".")
-        model: Any = SearchConfig.model_fields[section].annotation  # a section's model class
-        if dataclasses.is_dataclass(model) or dataclasses.is_dataclass(_optional(model)):  # race: a dataclass
-            kind: Any = {f.name: f.type for f in dataclasses.fields(_optional(model))}[name]
-            annotation, metadata = {"float": float}.get(kind, kind), []
-        else:
+        model: Any = _optional(SearchConfig.model_fields[section].annotation)  # a section's model class
+        if hasattr(model, "model_fields"):
             info = model.model_fields[name]
             annotation, metadata = info.annotation, info.metadata
+        else:  # race: a dataclass, which checks its own values
+            annotation, metadata = typing.get_type_hints(model)[name], []
         kwargs = _flag_kwargs(annotation, metadata, None) or {}
         if "choices" not in kwargs:
             kwargs["metavar"] = metavar

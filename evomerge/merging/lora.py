@@ -132,9 +132,8 @@ def tsv(terms: Sequence[Term], module: str) -> Factors:
         q_a, r_a = torch.linalg.qr(t.stack.a[t.rows].transpose(1, 2))            # (n, in, r)
         u, s, vh = torch.linalg.svd(r_b @ r_a.transpose(1, 2))                    # (n, r, r)
         rank = s.shape[1]
-        kept = torch.tensor([[j < keep_count(rank, f, "round") for j in range(rank)] for f in t.alphas],
-                            device=s.device)
-        s = s * kept
+        keep = on_device([keep_count(rank, f, "round") for f in t.alphas], s.device)
+        s = s * (torch.arange(rank, device=s.device) < keep[:, None])
         us.append((q_b @ u).transpose(0, 1).reshape(b.shape[1], -1))            # (out, n·r)
         vs.append((q_a @ vh.transpose(1, 2)).transpose(0, 1).reshape(q_a.shape[1], -1))
         ss.append(s.reshape(-1))

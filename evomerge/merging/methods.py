@@ -100,20 +100,24 @@ def evo_tsv(contribs: Sequence[Contribution], tensor: str, seed: int | None) -> 
     """TSV-Merge of full task vectors (the LoRA form is `lora.tsv`): each matrix β_i·τ_i kept to its
     top round(α_i·min(out, in)) singular directions, the concatenated singular vectors replaced by
     their polar factors, ΔW = U⊥·Σ·V⊥ᵀ. A vector (a norm, a bias) has no spectrum: Σ β_i·τ_i."""
-    first = contribs[0].delta()
-    if first.ndim != 2:
-        return task_arithmetic(contribs, tensor, seed)
     us, ss, vs = [], [], []
+    vectors: torch.Tensor | None = None
     for c in contribs:
         if c.weight == 0.0:
             continue
-        u, s, vh = torch.linalg.svd(c.delta().mul_(c.weight), full_matrices=False)
+        d = c.delta().mul_(c.weight)
+        if d.ndim != 2:
+            vectors = d if vectors is None else vectors.add_(d)
+            continue
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
         k = keep_count(s.numel(), _density(c), "round")
         us.append(u[:, :k])
         ss.append(s[:k])
         vs.append(vh[:k].T)
-    if not ss:
-        return torch.zeros_like(first)
+    if vectors is not None:
+        return vectors
+    if not ss:  # every weight 0
+        return torch.zeros_like(contribs[0].delta())
     b, a = decorrelate(us, ss, vs)
     return b @ a
 
