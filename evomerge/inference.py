@@ -12,7 +12,8 @@ The prompt/answer format (one format for training and scoring; the rule lives in
 * with ``chat`` the prompt is first wrapped in the tokenizer's chat template (a user turn, the
   generation prompt added) and the text is tokenized without adding special tokens again;
 * for training an EOS id follows the answer (the model learns to stop); scoring measures the
-  answer tokens only;
+  answer tokens only, or (``ce_stop``) the answer and then its end, one token generation ends an
+  answer at (`end_ids`);
 * generation is greedy from the prompt without those trailing spaces and stops at EOS or at the
   first newline; the text is stripped.
 
@@ -26,7 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -124,13 +125,25 @@ def _takes_logits_to_keep(forward: Any) -> bool:
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
+class Forced(NamedTuple):
+    """Per-pair scores of one teacher-forced pass."""
+
+    ce: np.ndarray
+    """mean cross-entropy of the answer tokens (nats per token)"""
+    greedy: np.ndarray
+    """1.0 where every answer token is the argmax given its prefix (lm-eval's ``is_greedy``)"""
+    ce_stop: np.ndarray | None
+    """the same mean with the answer's end as one more token (`end_ids`), when asked for"""
+
+
 def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],
-                    batch_size: int, chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair: mean answer cross-entropy and whether every answer token is the argmax given its
-    prefix (lm-eval's ``is_greedy``), both from one forward pass."""
+                    batch_size: int, chat: bool = False, stop: bool = False) -> Forced:
+    """`Forced` scores of each pair from one forward pass; `ce_stop` only with `stop` (it needs the
+    logits one position past the answer)."""
     torch = _torch()
     ce = np.empty(len(pairs), dtype=np.float64)
     greedy = np.empty(len(pairs), dtype=np.float64)
+    ce_stop = np.empty(len(pairs), dtype=np.float64) if stop else None
     device = _device(model)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -138,51 +151,80 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((len(encoded), width), _pad_id(tokenizer), dtype=torch.long)
         attention = torch.zeros_like(input_ids)
-        for row, (ids, _) in enumerate(encoded):
+        # Token t is predicted by the logits at position t-1; only answer positions (and, for the
+        # stop, the last one) get a softmax, and where the model allows, only the span holding them
+        # gets logits at all (the output layer is a fifth of a small model's compute, and its
+        # logits most of the memory).
+        where = torch.zeros_like(input_ids, dtype=torch.bool)
+        last = torch.zeros_like(where)
+        for row, (ids, n_prompt) in enumerate(encoded):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[row, : len(ids)] = 1
-        # Token t is predicted by the logits at position t-1; only answer positions get a softmax,
-        # and where the model allows, only the span holding them gets logits at all (the output
-        # layer is a fifth of a small model's compute, and its logits most of the memory).
-        where = torch.zeros_like(input_ids, dtype=torch.bool)
-        for row, (ids, n_prompt) in enumerate(encoded):
             where[row, n_prompt - 1 : len(ids) - 1] = True
+            last[row, len(ids) - 1] = True
         target = input_ids.roll(-1, dims=1)[where].to(device)
-        lo = min(n_prompt for _, n_prompt in encoded) - 1
-        span = {"logits_to_keep": torch.arange(lo, width - 1, device=device)} if _keeps_logits(model) else {}
+        lo, hi = min(n_prompt for _, n_prompt in encoded) - 1, width if stop else width - 1
+        span = {"logits_to_keep": torch.arange(lo, hi, device=device)} if _keeps_logits(model) else {}
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **span).logits
-        picked = (logits[where[:, lo : width - 1].to(device)] if span else logits[where.to(device)]).float()
+        window = slice(lo, hi) if span else slice(None)  # the columns of the logits kept
+        picked = logits[where[:, window].to(device)].float()
         token_lp = torch.log_softmax(picked, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
         token_greedy = (picked.argmax(-1) == target).cpu().numpy()
+        if ce_stop is not None:
+            ends = torch.tensor(end_ids(tokenizer), dtype=torch.long, device=device)
+            after = torch.log_softmax(logits[last[:, window].to(device)].float(), dim=-1)
+            end_lp = after[:, ends].logsumexp(-1).cpu().numpy()
         bounds = np.cumsum([len(ids) - n_prompt for ids, n_prompt in encoded])[:-1]
         for row, (lp, hit) in enumerate(zip(np.split(token_lp, bounds), np.split(token_greedy, bounds), strict=True)):
             ce[start + row] = -float(lp.mean())
             greedy[start + row] = float(hit.all())
-    return ce, greedy
+            if ce_stop is not None:
+                ce_stop[start + row] = -float((lp.sum() + end_lp[row]) / (len(lp) + 1))
+    return Forced(ce, greedy, ce_stop)
 
 
 def answer_cross_entropy(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64,
                          chat: bool = False) -> np.ndarray:
     """Per-example mean cross-entropy (nats per token) of the answer given the prompt."""
-    return answer_scores(model, tokenizer, examples, batch_size, chat)[0]
+    return answer_scores(model, tokenizer, examples, batch_size, chat).ce
 
 
 def answer_scores(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 64,
-                  chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  chat: bool = False, stop: bool = False) -> Forced:
     """Per-example answer cross-entropy and greedy match (1.0 when greedy decoding would produce
-    the answer's tokens), from one teacher-forced pass: the match costs no generation."""
+    the answer's tokens), and with `stop` the cross-entropy of the answer and its end, from one
+    teacher-forced pass: the match costs no generation."""
     torch = _torch()
     with torch.no_grad(), _evaluating(model):
-        return _teacher_forced(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size, chat)
+        return _teacher_forced(model, tokenizer, [(e.prompt, e.answer) for e in examples], batch_size, chat, stop)
+
+
+@lru_cache(maxsize=8)
+def _token_texts(tokenizer: Any) -> tuple[str, ...]:
+    return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
 @lru_cache(maxsize=8)
 def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
     """EOS and every token whose text holds a newline: an answer ends at the first of them, so
     generation stops there instead of running to ``max_new_tokens`` on every row."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    newline = [i for i, text in enumerate(texts) if "\n" in text]
-    return tuple(([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]) + newline)
+    return tuple(_eos(tokenizer) + [i for i, text in enumerate(_token_texts(tokenizer)) if "\n" in text])
+
+
+@lru_cache(maxsize=8)
+def end_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens that end an answer as generated: EOS, and the newline tokens with nothing but
+    whitespace before their newline (``"x\n"`` would append an x to the stripped answer)."""
+    ends = tuple(_eos(tokenizer) + [i for i, text in enumerate(_token_texts(tokenizer))
+                                    if "\n" in text and not text.split("\n", 1)[0].strip()])
+    if not ends:
+        raise TaskError("the tokenizer has no EOS or newline token, so an answer's end cannot be scored; "
+                        "use objective metric 'ce' instead of 'ce_stop'")
+    return ends
 
 
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int | None = None,
@@ -267,7 +309,7 @@ def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], bat
             raise TaskError(f"example {e.id or e.prompt[:30]!r}: answer {e.answer!r} is not among its choices")
         pairs.extend((e.prompt, c) for c in e.choices)
     with torch.no_grad(), _evaluating(model):
-        ce = _teacher_forced(model, tokenizer, pairs, batch_size, chat)[0]
+        ce = _teacher_forced(model, tokenizer, pairs, batch_size, chat).ce
     out = np.empty(len(examples), dtype=np.float64)
     at = 0
     for i, e in enumerate(examples):

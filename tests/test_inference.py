@@ -55,6 +55,31 @@ def test_cross_entropy_matches_hand_computed_log_softmax(model, tokenizer):
     assert got[0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_end_ids_are_the_tokens_that_end_a_generated_answer(tokenizer):
+    texts = {i: tokenizer.decode([i]) for i in inference.end_ids(tokenizer)}
+    assert tokenizer.eos_token_id in texts
+    assert tokenizer.convert_tokens_to_ids("\n") in texts or any(t == "\n" for t in texts.values())
+    newline = [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+    kept = [i for i in newline if not tokenizer.decode([i]).split("\n", 1)[0].strip()]
+    assert set(texts) - {tokenizer.eos_token_id} == set(kept)
+
+
+def test_the_stop_cross_entropy_adds_the_end_as_one_more_token(model, tokenizer):
+    """By hand, from the full logits of `prompt + answer`: the answer tokens' log-probabilities and,
+    after the last of them, the log of the probability mass on every token that ends an answer."""
+    scores = inference.answer_scores(model, tokenizer, EXAMPLES, batch_size=3, stop=True)
+    ends = list(inference.end_ids(tokenizer))
+    for e, ce, ce_stop in zip(EXAMPLES, scores.ce, scores.ce_stop, strict=True):
+        ((ids, n_prompt),) = inference.encode(tokenizer, [(e.prompt, e.answer)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        answer = [logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))]
+        end = torch.logsumexp(logp[len(ids) - 1, ends], dim=0).item()
+        assert ce == pytest.approx(-np.mean(answer), rel=1e-5)
+        assert ce_stop == pytest.approx(-(sum(answer) + end) / (len(answer) + 1), rel=1e-5)
+    assert inference.answer_scores(model, tokenizer, EXAMPLES).ce_stop is None  # not asked: not computed
+
+
 def test_padding_and_batching_do_not_change_cross_entropy(model, tokenizer):
     alone = np.array([inference.answer_cross_entropy(model, tokenizer, [e])[0] for e in EXAMPLES])
     batched = inference.answer_cross_entropy(model, tokenizer, EXAMPLES, batch_size=64)
@@ -163,7 +188,7 @@ def test_greedy_match_is_whether_greedy_decoding_yields_the_answer(model, tokeni
             examples.append(Example(prompt, text))  # the model's own greedy continuation
         if len(examples) == len(EXAMPLES) + 3:
             break
-    ce, greedy = inference.answer_scores(model, tokenizer, examples, batch_size=3)
+    ce, greedy, _ = inference.answer_scores(model, tokenizer, examples, batch_size=3)
     for e, got in zip(examples, greedy):
         ((ids, n_prompt),) = inference.encode(tokenizer, [(e.prompt, e.answer)])
         with torch.no_grad():
@@ -192,3 +217,14 @@ def test_whether_a_model_takes_logits_to_keep_is_asked_once_per_class(model, tok
     assert not inference._keeps_logits(plain) and inference._keeps_logits(model)
     np.testing.assert_allclose(inference.answer_cross_entropy(plain, tokenizer, EXAMPLES),
                                inference.answer_cross_entropy(model, tokenizer, EXAMPLES), atol=1e-5)
+    np.testing.assert_allclose(inference.answer_scores(plain, tokenizer, EXAMPLES, stop=True).ce_stop,
+                               inference.answer_scores(model, tokenizer, EXAMPLES, stop=True).ce_stop, atol=1e-5)
+
+
+def test_a_tokenizer_with_no_token_to_end_an_answer_is_refused_in_one_line():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    words = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "b": 1}, "a")))
+    with pytest.raises(TaskError, match="no EOS or newline token.*use objective metric 'ce'"):
+        inference.end_ids(words)

@@ -55,3 +55,11 @@ def test_normalized_divides_each_metric_by_its_own_reference():
     assert perfect == {"t": {"ce": pytest.approx(0.1), "exact_match": 0.5}}  # 1 − EM floored at one example's worth
     with pytest.raises(ConfigError, match="exact_match"):
         Objective({"ce": 1.0, "exact_match": 1.0}, "normalized", {"t": {"ce": 1.0, "exact_match": 0.0}})
+
+
+def test_the_stop_cross_entropy_is_a_loss_as_it_is():
+    """`ce_stop` is nats like `ce` (not a rate to subtract from 1), floored like it as a reference."""
+    per = {"ce_stop": np.array([0.5, 1.5, 0.0, 0.0])}
+    assert Objective("ce_stop").loss(per, ["a", "a", "b", "b"]) == pytest.approx((1.0 + 0.0) / 2)
+    assert Objective("ce_stop", "normalized").reference_losses(per, ["a", "a", "b", "b"]) == \
+        {"a": {"ce_stop": 1.0}, "b": {"ce_stop": 1e-3}}

@@ -63,6 +63,8 @@ class LocalBackend(Backend):
             math.inf if self.engine.device.type == "cuda" else CPU_POPULATION_COST)
         if chat:  # refused here, in one line, rather than by every evaluation
             inference.model_prompt(self.engine.tokenizer, "", chat=True)
+        if "ce_stop" in self.objective.metrics:  # likewise a tokenizer with no token to end an answer
+            inference.end_ids(self.engine.tokenizer)
         self._references: dict[tuple[str, ...], Objective] = {}
         self.memo = ExampleMemo()
 
@@ -83,9 +85,10 @@ class LocalBackend(Backend):
         out: dict[str, np.ndarray] = {}
         tok, chat = self.engine.tokenizer, self.chat
         metrics = self.objective.metrics
-        if "ce" in metrics or "greedy_match" in metrics:
-            ce, greedy = inference.answer_scores(model, tok, examples, batch_size, chat)
-            out.update({k: v for k, v in (("ce", ce), ("greedy_match", greedy)) if k in metrics})
+        forced = {"ce", "ce_stop", "greedy_match"}.intersection(metrics)
+        if forced:
+            scores = inference.answer_scores(model, tok, examples, batch_size, chat, stop="ce_stop" in forced)
+            out.update({k: getattr(scores, "greedy" if k == "greedy_match" else k) for k in forced})
         if "accuracy" in metrics:
             out["accuracy"] = inference.choice_accuracy(model, tok, examples, batch_size, chat)
         return out
@@ -252,13 +255,17 @@ class LocalEvaluatorFactory:
         repo = Repository.open(root)
         splits = load_splits(config.task, repo)
         experts = select_experts(config.experts, list(repo.experts))
-        if config.task.chat:  # refused now in one line, not by every candidate's evaluator
+        objective = Objective.from_config(config.objective)
+        if config.task.chat or "ce_stop" in objective.metrics:  # refused now in one line, not by every evaluator
             from evomerge._imports import require
 
-            inference.model_prompt(require("transformers", "task.chat").AutoTokenizer.from_pretrained(str(repo.base)),
-                                   "", chat=True)
+            tokenizer = require("transformers", "the local backend").AutoTokenizer.from_pretrained(str(repo.base))
+            if config.task.chat:
+                inference.model_prompt(tokenizer, "", chat=True)
+            if "ce_stop" in objective.metrics:
+                inference.end_ids(tokenizer)
         batch: dict[str, Any] = {} if config.batch_size is None else {"batch_size": config.batch_size}
-        factory = cls(str(root), splits, Objective.from_config(config.objective), device=config.device,
+        factory = cls(str(root), splits, objective, device=config.device,
                       dtype=config.dtype, max_new_tokens=generation_tokens(config, splits), chat=config.task.chat,
                       population=config.population, **batch)
         return Prepared(experts, factory)

@@ -65,6 +65,9 @@ class ApiBackend(Backend):
         self.caps = caps if caps is not None else UsageCap()
         self.objective = objective or Objective()
         self.max_new_tokens, self.chat = max_new_tokens, chat
+        if "ce_stop" in self.objective.metrics:
+            raise ConfigError("the api backend cannot score 'ce_stop' (a provider's logprobs give no probability "
+                              "of the answer's end); use objective metric 'ce'")
         if mode == "session" and (self.objective.metrics != ("ce",) or self.objective.needs_references):
             raise ConfigError("the session mode scores cross-entropy only; use objective metric 'ce' with the "
                               "mean or worst aggregate, or the logprobs mode")
@@ -298,7 +301,9 @@ class ApiEvaluatorFactory:
                                                 ("timeout", config.api.timeout), ("retries", config.api.max_retries),
                                                 ("chat", config.task.chat), ("max_new_tokens", length))
         options += () if config.batch_size is None else (("batch_size", config.batch_size),)
-        probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, **dict(options))
+        objective = Objective.from_config(config.objective)
+        probe = ApiBackend(base, api_key_env=config.api.key_env, provider=config.api.provider, objective=objective,
+                           **dict(options))
         try:
             probe.caps = UsageCap(0, 0) if resume else UsageCap(config.max_queries, config.max_tokens)
             with suppress(BudgetExhausted):  # resumed: the paid part of the probe is skipped
@@ -312,7 +317,7 @@ class ApiEvaluatorFactory:
             refused = llamacpp.space_error(config.space.name, config.space.options)
             if refused is not None:
                 raise ConfigError(f"{base} is llama.cpp's server: {refused}")
-        factory = cls(base, config.api.key_env, splits, Objective.from_config(config.objective), options,
+        factory = cls(base, config.api.key_env, splits, objective, options,
                       None if repo_dir is None else str(repo_dir))
         return Prepared(experts, factory, spent)
 

@@ -12,7 +12,7 @@ import pytest
 
 from evomerge.backends.memo import ExampleMemo
 from evomerge.backends.remote import ApiBackend, ApiEvaluatorFactory
-from evomerge.errors import BackendError
+from evomerge.errors import BackendError, ConfigError
 from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.serve.embedded import ServerThread
@@ -302,3 +302,10 @@ def test_greedy_match_comes_from_the_same_echoed_pass(server, host) -> None:
                 for s, e in zip(scored, examples)]
     assert list(score.per_example["greedy_match"]) == expected
     assert expected[4:] and all(x == 1.0 for x in expected[4:])  # the model's own continuations are greedy
+
+
+def test_the_stop_cross_entropy_is_refused_in_one_line(server) -> None:
+    """A provider's echoed logprobs hold no probability of the answer's end: refused before any
+    request, naming the metric that works."""
+    with pytest.raises(ConfigError, match="cannot score 'ce_stop'.*use objective metric 'ce'"):
+        ApiBackend(server.base_url, objective=Objective({"ce_stop": 1.0, "exact_match": 1.0}))

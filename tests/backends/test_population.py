@@ -40,7 +40,7 @@ def repo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(repo_dir):
-    b = LocalBackend(Repository.open(repo_dir), Objective({"ce": 1.0, "exact_match": 1.0}, "normalized"),
+    b = LocalBackend(Repository.open(repo_dir), Objective({"ce": 1.0, "ce_stop": 1.0, "exact_match": 1.0}, "normalized"),
                      device="cpu", dtype="float32", batch_size=4, population_cost=math.inf)
     yield b
     b.close()
@@ -51,7 +51,8 @@ def test_population_scores_equal_each_candidate_scored_alone(backend, examples):
     alone = [backend.evaluate(r, examples) for r in RECIPES]
     assert all(s.ok for s in many + alone)
     for m, a in zip(many, alone):
-        np.testing.assert_allclose(m.per_example["ce"], a.per_example["ce"], atol=1e-4, rtol=0)
+        for ce in ("ce", "ce_stop"):
+            np.testing.assert_allclose(m.per_example[ce], a.per_example[ce], atol=1e-4, rtol=0)
         assert m.per_example["exact_match"] == a.per_example["exact_match"]
         assert m.loss == pytest.approx(a.loss, abs=1e-4)
     assert len({tuple(np.round(s.per_example["ce"], 3)) for s in alone}) == len(RECIPES)  # the candidates differ
@@ -86,7 +87,8 @@ def test_the_batch_splits_by_rows_and_mixed_methods_keep_their_own_path(repo_dir
         small.close()
     assert not many[-1].ok and "nobody" in many[-1].error
     for m, a in zip(many[:-1], alone[:-1]):
-        np.testing.assert_allclose(m.per_example["ce"], a.per_example["ce"], atol=1e-4, rtol=0)
+        for ce in ("ce", "ce_stop"):
+            np.testing.assert_allclose(m.per_example[ce], a.per_example[ce], atol=1e-4, rtol=0)
         assert m.per_example["exact_match"] == a.per_example["exact_match"]
 
 
