@@ -26,7 +26,7 @@ from benchmarks.quality_setup import BenchFactory, Setting, search_loss
 
 CE = Objective("ce")
 ALIGNED = Objective.from_config(ObjectiveConfig())
-"""evomerge's default objective (CE plus 1 − exact match, each task normalised by the base model's)."""
+"""evomerge's default objective (¼ CE plus 1 − exact match, each task normalised by the base model's)."""
 LORAHUB_STEPS = 40
 
 
@@ -62,6 +62,23 @@ SEARCHES: dict[str, SearchMethod] = {
     "evo_tsv_joint": SearchMethod("evo_joint", {"method": "evo_tsv"}),
     # The default without its last stage (the found merge refined per block, 2 layer groups × attn, mlp).
     "evo_tv_joint_noblocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 0}),
+    # The default's plan under other blends: CE and 1 − exact match at equal weights (the default
+    # before 2026-12-01 session 5), CE at a quarter (the default's weights, spelled out) or a tenth;
+    # `ce_stop` (the answer's end scored too) instead of CE, at equal weights or a quarter, or beside it.
+    "evo_tv_joint_ce_equal": SearchMethod("evo_joint", {"method": "evo_tv"},
+                                          objective=Objective({"ce": 1.0, "exact_match": 1.0}, "normalized")),
+    "evo_tv_joint_ce_quarter": SearchMethod("evo_joint", {"method": "evo_tv"},
+                                            objective=Objective({"ce": 0.25, "exact_match": 1.0}, "normalized")),
+    "evo_tv_joint_ce_tenth": SearchMethod("evo_joint", {"method": "evo_tv"},
+                                          objective=Objective({"ce": 0.1, "exact_match": 1.0}, "normalized")),
+    "evo_tv_joint_ce_stop": SearchMethod("evo_joint", {"method": "evo_tv"},
+                                         objective=Objective({"ce_stop": 1.0, "exact_match": 1.0}, "normalized")),
+    "evo_tv_joint_ce_stop_quarter": SearchMethod("evo_joint", {"method": "evo_tv"},
+                                                 objective=Objective({"ce_stop": 0.25, "exact_match": 1.0},
+                                                                     "normalized")),
+    "evo_tv_joint_both_ce": SearchMethod("evo_joint", {"method": "evo_tv"},
+                                         objective=Objective({"ce": 1.0, "ce_stop": 1.0, "exact_match": 1.0},
+                                                             "normalized")),
     "evo_two_stage": SearchMethod("evo", {"schedule": "two_stage"}),
     "evo_two_stage_b1": SearchMethod("evo", {"schedule": "two_stage", "beta_init": "1"}),
     # CMA's first step: sigma0 = 0.05 of the box barely leaves the start within a few dozen evaluations.

@@ -48,13 +48,18 @@ class TaskConfig(_Frozen):
 
 
 class ObjectiveConfig(_Frozen):
-    """Default: cross-entropy plus (1 − exact match), each divided per task by the base model's loss on it.
-    CE alone falls while the metric users read gets worse (issue 8), and normalising makes several
-    tasks weigh alike. ``greedy_match`` is the cheap alternative (no generation), but it is exact at
-    the token level where exact match forgives case and spacing; measured on smol ``upper_first``,
-    a search on it lowered CE and lost exact match (benchmarks/QUALITY.md)."""
+    """Default: a quarter of the cross-entropy plus (1 − exact match), each divided per task by the
+    base model's loss on it. CE alone falls while the metric users read gets worse (issue 8), and
+    normalising makes several tasks weigh alike. Exact match leads: CMA-ES ranks candidates, so
+    where exact match is flat CE orders them whatever its weight, and the weight only sets how much
+    CE a task's answers turning right may cost (at equal weights, the tiny zoo's in-domain searches
+    kept a base-like 0.18 nats on ``first_letter`` over its answers: 0.013 test exact match against
+    0.170 at a quarter; benchmarks/RESULTS.md). ``greedy_match`` is the cheap alternative (no
+    generation), but it is exact at the token level where exact match forgives case and spacing;
+    measured on smol ``upper_first``, a search on it lowered CE and lost exact match
+    (benchmarks/QUALITY.md). ``ce_stop`` (local backend) scores the answer's end too."""
 
-    metric: str | dict[str, float] = Field(default_factory=lambda: {"ce": 1.0, "exact_match": 1.0})
+    metric: str | dict[str, float] = Field(default_factory=lambda: {"ce": 0.25, "exact_match": 1.0})
     aggregate: Literal["mean", "normalized", "worst"] = "normalized"
 
 
