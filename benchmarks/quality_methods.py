@@ -64,7 +64,7 @@ SEARCHES: dict[str, SearchMethod] = {
     "evo_tv_joint_noblocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 0}),
     # The default's plan under other blends: CE and 1 − exact match at equal weights (the default
     # before 2026-12-01 session 5), CE at a quarter (the default's weights, spelled out) or a tenth;
-    # `ce_stop` (the answer's end scored too) instead of CE, at equal weights or a quarter, or beside it.
+    # `ce_stop` (the answer's end scored too) instead of CE or beside it.
     "evo_tv_joint_ce_equal": SearchMethod("evo_joint", {"method": "evo_tv"},
                                           objective=Objective({"ce": 1.0, "exact_match": 1.0}, "normalized")),
     "evo_tv_joint_ce_quarter": SearchMethod("evo_joint", {"method": "evo_tv"},
@@ -73,9 +73,6 @@ SEARCHES: dict[str, SearchMethod] = {
                                           objective=Objective({"ce": 0.1, "exact_match": 1.0}, "normalized")),
     "evo_tv_joint_ce_stop": SearchMethod("evo_joint", {"method": "evo_tv"},
                                          objective=Objective({"ce_stop": 1.0, "exact_match": 1.0}, "normalized")),
-    "evo_tv_joint_ce_stop_quarter": SearchMethod("evo_joint", {"method": "evo_tv"},
-                                                 objective=Objective({"ce_stop": 0.25, "exact_match": 1.0},
-                                                                     "normalized")),
     "evo_tv_joint_both_ce": SearchMethod("evo_joint", {"method": "evo_tv"},
                                          objective=Objective({"ce": 1.0, "ce_stop": 1.0, "exact_match": 1.0},
                                                              "normalized")),
