@@ -46,6 +46,15 @@ def model_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> str:
     return chat_prompt(tokenizer, chat_messages(prompt)) if chat else prompt
 
 
+def refuse_unscorable(tokenizer: Any, chat: bool, metrics: Sequence[str]) -> None:
+    """Raise one `TaskError` line where `tokenizer` cannot score as asked: `chat` with no chat
+    template, ``ce_stop`` with no token to end an answer (`end_ids`)."""
+    if chat:
+        model_prompt(tokenizer, "", chat=True)
+    if "ce_stop" in metrics:
+        end_ids(tokenizer)
+
+
 def encode(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos: bool = False,
            chat: bool = False) -> list[tuple[list[int], int]]:
     """Per (prompt, answer): the token ids of the scored text (EOS appended when `eos`) and the
@@ -130,7 +139,7 @@ class Forced(NamedTuple):
 
     ce: np.ndarray
     """mean cross-entropy of the answer tokens (nats per token)"""
-    greedy: np.ndarray
+    greedy_match: np.ndarray
     """1.0 where every answer token is the argmax given its prefix (lm-eval's ``is_greedy``)"""
     ce_stop: np.ndarray | None
     """the same mean with the answer's end as one more token (`end_ids`), when asked for"""
@@ -145,6 +154,7 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
     greedy = np.empty(len(pairs), dtype=np.float64)
     ce_stop = np.empty(len(pairs), dtype=np.float64) if stop else None
     device = _device(model)
+    ends = torch.tensor(end_ids(tokenizer), dtype=torch.long, device=device) if stop else None
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         encoded = encode(tokenizer, chunk, chat=chat)
@@ -170,8 +180,7 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
         picked = logits[where[:, window].to(device)].float()
         token_lp = torch.log_softmax(picked, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
         token_greedy = (picked.argmax(-1) == target).cpu().numpy()
-        if ce_stop is not None:
-            ends = torch.tensor(end_ids(tokenizer), dtype=torch.long, device=device)
+        if ends is not None:
             after = torch.log_softmax(logits[last[:, window].to(device)].float(), dim=-1)
             end_lp = after[:, ends].logsumexp(-1).cpu().numpy()
         bounds = np.cumsum([len(ids) - n_prompt for ids, n_prompt in encoded])[:-1]

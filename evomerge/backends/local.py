@@ -61,10 +61,7 @@ class LocalBackend(Backend):
         self.population_rows = population_rows  # rows of one population forward (None: by memory)
         self.population_cost = population_cost if population_cost is not None else (
             math.inf if self.engine.device.type == "cuda" else CPU_POPULATION_COST)
-        if chat:  # refused here, in one line, rather than by every evaluation
-            inference.model_prompt(self.engine.tokenizer, "", chat=True)
-        if "ce_stop" in self.objective.metrics:  # likewise a tokenizer with no token to end an answer
-            inference.end_ids(self.engine.tokenizer)
+        inference.refuse_unscorable(self.engine.tokenizer, chat, self.objective.metrics)  # here, not per evaluation
         self._references: dict[tuple[str, ...], Objective] = {}
         self.memo = ExampleMemo()
 
@@ -88,7 +85,7 @@ class LocalBackend(Backend):
         forced = {"ce", "ce_stop", "greedy_match"}.intersection(metrics)
         if forced:
             scores = inference.answer_scores(model, tok, examples, batch_size, chat, stop="ce_stop" in forced)
-            out.update({k: getattr(scores, "greedy" if k == "greedy_match" else k) for k in forced})
+            out.update({k: getattr(scores, k) for k in forced})
         if "accuracy" in metrics:
             out["accuracy"] = inference.choice_accuracy(model, tok, examples, batch_size, chat)
         return out
@@ -260,10 +257,7 @@ class LocalEvaluatorFactory:
             from evomerge._imports import require
 
             tokenizer = require("transformers", "the local backend").AutoTokenizer.from_pretrained(str(repo.base))
-            if config.task.chat:
-                inference.model_prompt(tokenizer, "", chat=True)
-            if "ce_stop" in objective.metrics:
-                inference.end_ids(tokenizer)
+            inference.refuse_unscorable(tokenizer, config.task.chat, objective.metrics)
         batch: dict[str, Any] = {} if config.batch_size is None else {"batch_size": config.batch_size}
         factory = cls(str(root), splits, objective, device=config.device,
                       dtype=config.dtype, max_new_tokens=generation_tokens(config, splits), chat=config.task.chat,
