@@ -169,7 +169,7 @@ def optimize(space: SearchSpace | Plan, evaluator: EvaluatorFactory, settings: S
         for stage, (name, stage_budget) in enumerate(zip(plan.names, budgets, strict=True)):
             if stage_budget == 0:  # a stage the plan leaves out at this budget
                 continue
-            stage_space = plan.space(stage, previous)
+            stage_space = plan.space(stage, previous, stage_budget)
             make = partial(_stage_optimizer, name=settings.optimizer, options=options, seed=seed + 1000 * stage,
                            popsize=settings.popsize, budget=stage_budget)
             run = StageRun(stage, stage_space, stage_budget, make, shared, window, race, race_split, settings.start,

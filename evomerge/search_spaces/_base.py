@@ -68,8 +68,8 @@ class SearchSpace(ABC):
 
 
 class Plan(ABC):
-    """A sequence of stages. Stage i searches `space(i, best recipe of stage i-1)` with
-    `budgets(total)[i]` evaluations; the budgets sum to the total exactly."""
+    """A sequence of stages. Stage i searches `space(i, best recipe of stage i-1, budgets(total)[i])`
+    with `budgets(total)[i]` evaluations; the budgets sum to the total exactly."""
 
     names: tuple[str, ...]
 
@@ -78,8 +78,9 @@ class Plan(ABC):
         """Split `total` evaluations among the stages."""
 
     @abstractmethod
-    def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
-        """The space of stage `index`, built from the previous stage's best recipe."""
+    def space(self, index: int, previous: MergeRecipe | None, budget: int | None = None) -> SearchSpace:
+        """The space of stage `index`, built from the previous stage's best recipe; `budget`, the
+        stage's evaluations, may size it (None: not known yet)."""
 
     def describe(self) -> dict[str, Any]:
         return {"plan": type(self).__name__, "stages": list(self.names)}
@@ -96,7 +97,7 @@ class SingleStage(Plan):
     def budgets(self, total: int) -> list[int]:
         return [total]
 
-    def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
+    def space(self, index: int, previous: MergeRecipe | None, budget: int | None = None) -> SearchSpace:
         return self._space
 
     def describe(self) -> dict[str, Any]:

@@ -12,9 +12,10 @@ Registered names:
   m in ``scale_grid``, one evaluation each; `ScaleSpace`), each expert alone and the pairs with the
   best (`PointsSpace`), then one stage over z = [α; β] from α = 1 and the best β so far, merged in
   the task-vector form ``evo_tv`` unless ``method`` says otherwise, and where ``num_layers`` is
-  given a last stage refining the found merge per block (`BlockScaleSpace`). Why: with a large repository,
-  stage 1 at β = 1/N barely moves the loss (every expert's update is scaled by 1/N, and the
-  LoRA-factor merge is quadratic in β, so each expert's own term is scaled by 1/N²), so α is
+  given a last stage refining the found merge per block (`BlockScaleSpace`; with ``block_experts``
+  the experts that carry it get multipliers of their own where the stage's budget affords them).
+  Why: with a large repository, stage 1 at β = 1/N barely moves the loss (every expert's update
+  is scaled by 1/N, and the LoRA-factor merge is quadratic in β, so each expert's own term is scaled by 1/N²), so α is
   chosen almost blind; searching α and β together, linear in β, lets α matter as soon as an
   expert's β grows. The sweep starts at the uniform merge (a sane model for any N, where β = 1 for
   every expert would add N full updates at once) and tries a few stronger and weaker ones.
@@ -47,6 +48,10 @@ BLOCKS_AFTER = 64
 """The block stage runs only when the starts leave at least this many evaluations: taking a quarter
 of 24 from the joint search cost 0.15 test exact match on smol-mini (budget 40, 3 seeds); of 78–84
 it added 0.05 on tiny and was level on smol-mini (budget 100)."""
+EVALS_PER_DIM = 5
+"""Evaluations per coordinate a block stage needs before experts get multipliers of their own
+(`carried_for`): CMA-ES's population is 4 + 3·ln(dim), so this leaves it ~10 generations at the
+dimensions block stages reach (24 coordinates, 120 evaluations)."""
 EVO_METHODS = methods_in("evo")
 """What an evo space merges with (evo: the factor form, evo_tv: the task-vector form, evo_ties: TIES's
 sign election on it, evo_tsv: TSV-Merge's decorrelated singular vectors)."""
@@ -165,17 +170,20 @@ class PointsSpace(SearchSpace):
 
 
 class BlockScaleSpace(SearchSpace):
-    """Coarse-to-fine: one multiplier m_b ∈ [0, 2] per block (layer group × module kind) on the
-    previous stage's β, α kept, so block b merges with β·m_b. Why: layer-wise strength is what
-    AdaMerging-style merging adds over one weight per expert, but per-expert-per-block coefficients
-    cost experts × blocks dimensions; refining the found merge along blocks costs only the blocks
-    (a projected block space), so it fits in the tail of a user's budget. Tensors outside every
-    block keep the previous β; m_b stops where some β·m_b would leave β's bounds."""
+    """Coarse-to-fine: multipliers m ∈ [0, 2] per block (layer group × module kind) on the
+    previous stage's β, α kept, so in block b expert i merges with β_i·m. The `carried` experts of
+    largest |β| get a multiplier of their own per block (AdaMerging's per-task, per-layer
+    coefficients); the others share one per block. Why: layer-wise strength is what AdaMerging-style
+    merging adds over one weight per expert, but per-expert-per-block coefficients cost experts ×
+    blocks dimensions; refining the found merge along blocks costs only the blocks (a projected
+    block space), and the experts that carry the merge get their own only where the stage's budget
+    affords them (`carried_for`). Tensors outside every block keep the previous β; each multiplier
+    stops where a β·m it scales would leave β's bounds."""
 
     name = "evo_blocks"
     sigma0 = 0.2
 
-    def __init__(self, previous: MergeRecipe, blocks: Sequence[str]) -> None:
+    def __init__(self, previous: MergeRecipe, blocks: Sequence[str], carried: int = 0) -> None:
         if not blocks:
             raise ConfigError("a block refinement needs at least one block")
         if previous.blocks:
@@ -183,38 +191,71 @@ class BlockScaleSpace(SearchSpace):
         self.previous, self.blocks = previous, tuple(blocks)
         self.experts, self.method = previous.experts, previous.method
         self._beta = np.array(previous.weights, dtype=float)
-        peak = float(np.abs(self._beta).max())
-        top = 2.0 if peak == 0.0 else min(2.0, BETA_BOUNDS[1] / peak)
-        self.lower, self.upper = np.zeros(len(self.blocks)), np.full(len(self.blocks), top)
-        self.x0 = np.ones(len(self.blocks))
+        n = len(self._beta)
+        if not 0 <= carried <= n:
+            raise ConfigError(f"a block refinement carries 0 to {n} experts on their own, got {carried}")
+        order = np.argsort(-np.abs(self._beta), kind="stable")
+        carried = min(carried, int(np.count_nonzero(self._beta)))  # a multiplier of β = 0 would do nothing
+        # Per block: one group of experts per multiplier, the shared one (if any) first.
+        own = [[int(i)] for i in sorted(order[:carried])]
+        rest = sorted(int(i) for i in order[carried:])
+        shared = rest and (np.any(self._beta[rest] != 0.0) or not own)  # β = 0 alone: nothing to scale
+        self._groups = ([rest] if shared else []) + own
+        tops = []
+        for group in self._groups:
+            peak = float(np.abs(self._beta[group]).max())
+            tops.append(2.0 if peak == 0.0 else min(2.0, BETA_BOUNDS[1] / peak))
+        self.carried = carried
+        self.lower = np.zeros(len(self.blocks) * len(self._groups))
+        self.upper = np.tile(tops, len(self.blocks))
+        self.x0 = np.ones(self.lower.size)
 
     def _decode(self, z: np.ndarray) -> MergeRecipe:
         p = self.previous
         if np.all(z == 1.0):
             return p  # the start is the previous stage's best itself, served from the cache
-        blocks = tuple(BlockOverride(name, tuple((m * self._beta).tolist()), p.densities)
-                       for name, m in zip(self.blocks, z.tolist(), strict=True))
+        blocks = tuple(BlockOverride(name, self._scaled(row), p.densities)
+                       for name, row in zip(self.blocks, z.reshape(len(self.blocks), -1), strict=True))
         return MergeRecipe(p.method, p.experts, p.weights, p.densities, p.scale, blocks, p.seed)
+
+    def _scaled(self, multipliers: np.ndarray) -> tuple[float, ...]:
+        m = np.ones_like(self._beta)
+        for group, g in zip(self._groups, multipliers.tolist(), strict=True):
+            m[group] = g
+        return tuple((m * self._beta).tolist())
 
     def encode(self, recipe: MergeRecipe) -> np.ndarray:
         if recipe == self.previous:
             return self.x0.copy()
-        j = int(np.argmax(np.abs(self._beta)))
-        if tuple(b.name for b in recipe.blocks) == self.blocks and self._beta[j] != 0.0:
-            steps = []
-            for b in recipe.blocks:
-                m = b.weights[j] / self._beta[j]  # the division may round by one ulp either way
-                steps.append(next((g for g in (m, np.nextafter(m, np.inf), np.nextafter(m, -np.inf))
-                                   if tuple((g * self._beta).tolist()) == b.weights), np.nan))
-            z = np.array(steps)
+        if tuple(b.name for b in recipe.blocks) == self.blocks:
+            z = np.array([self._multiplier(b.weights, group) for b in recipe.blocks for group in self._groups])
             if np.all((self.lower <= z) & (z <= self.upper)) and self._decode(z) == recipe:
                 return z
         raise SearchSpaceError(f"the {self.name} space holds the stage's start with its β scaled per block "
                                f"{list(self.blocks)}; this recipe is not one")
 
+    def _multiplier(self, weights: tuple[float, ...], group: list[int]) -> float:
+        """The m that scales `group`'s β to `weights` (read off its largest |β|; 1 where that is 0)."""
+        j = max(group, key=lambda i: abs(self._beta[i]))
+        if self._beta[j] == 0.0:
+            return 1.0
+        m = weights[j] / self._beta[j]  # the division may round by one ulp either way
+        return next((g for g in (m, np.nextafter(m, np.inf), np.nextafter(m, -np.inf))
+                     if all(g * self._beta[i] == weights[i] for i in group)), np.nan)
+
     def describe(self) -> dict[str, Any]:
         return {"space": self.name, "dim": self.dim, "method": self.method, "experts": list(self.experts),
-                "blocks": list(self.blocks)}
+                "blocks": list(self.blocks), "carried": self.carried}
+
+
+def carried_for(experts: int, blocks: int, budget: int) -> int:
+    """How many experts a block stage of `budget` evaluations gives multipliers of their own: the
+    most that keep its dimension (blocks × multipliers per block) within `EVALS_PER_DIM` per
+    coordinate; 0 (one shared multiplier per block) where even that is over."""
+    for k in range(experts, 0, -1):
+        if blocks * (k + (k < experts)) * EVALS_PER_DIM <= budget:
+            return k
+    return 0
 
 
 def singles(experts: Sequence[str], previous: MergeRecipe | None, method: str) -> PointsSpace:
@@ -237,7 +278,8 @@ class EvoPlan(Plan):
     def __init__(self, experts: Sequence[str], schedule: str = "two_stage", *, method: str = "evo",
                  beta_init: str | float = "1/N", alpha_init: float = 1.0, alpha_fraction: float = 1 / 3,
                  penalty: float = 0.05, sigma0: float = 0.05, scale_grid: Sequence[float] | None = None,
-                 singles: bool = False, blocks: Sequence[str] = (), block_fraction: float = 0.25) -> None:
+                 singles: bool = False, blocks: Sequence[str] = (), block_fraction: float = 0.25,
+                 block_experts: bool = False) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"evo schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not 0 < alpha_fraction < 1:
@@ -252,7 +294,7 @@ class EvoPlan(Plan):
         head: tuple[str, ...] = ("scale",) if self.scale_grid else ()
         head += (("singles", "pairs") if len(self.experts) > 1 else ("singles",)) if singles else ()
         self.head = head
-        self.blocks, self.block_fraction = tuple(blocks), block_fraction
+        self.blocks, self.block_fraction, self.carry = tuple(blocks), block_fraction, block_experts
         self.names = (*head, *self.searches, *(("blocks",) if self.blocks else ()))
         self.method = method
         self.alpha_fraction = alpha_fraction
@@ -291,7 +333,7 @@ class EvoPlan(Plan):
         first = min(rest - 1, max(1, round(rest * self.alpha_fraction)))
         return [*head, first, rest - first, *tail]
 
-    def space(self, index: int, previous: MergeRecipe | None) -> SearchSpace:
+    def space(self, index: int, previous: MergeRecipe | None, budget: int | None = None) -> SearchSpace:
         if not 0 <= index < len(self.names):
             raise ConfigError(f"the evo plan has {len(self.names)} stage(s); stage {index} does not exist")
         name = self.names[index]
@@ -307,7 +349,8 @@ class EvoPlan(Plan):
         if name == "blocks":
             if previous is None:
                 raise ConfigError(f"stage 'blocks' needs stage {self.names[index - 1]!r}'s best recipe")
-            return BlockScaleSpace(previous, self.blocks)
+            carried = carried_for(len(self.experts), len(self.blocks), budget) if budget and self.carry else 0
+            return BlockScaleSpace(previous, self.blocks, carried)
         if index == 0:
             return EvoSpace(self.experts, name, alpha=self.alpha0, beta=self.beta0, **self._common)
         if previous is None or previous.experts != self.experts:
@@ -325,7 +368,9 @@ class EvoPlan(Plan):
                 "beta_init": str(self.beta_init), "alpha_init": self.alpha0,
                 "alpha_fraction": self.alpha_fraction, "scale_grid": self.scale_grid,
                 "singles": "singles" in self.head, **self._common,
-                **({"blocks": list(self.blocks), "block_fraction": self.block_fraction} if self.blocks else {})}
+                **({"blocks": list(self.blocks), "block_fraction": self.block_fraction} if self.blocks else {}),
+                # only where set, so the default's journals from before the option still resume
+                **({"block_experts": True} if self.blocks and self.carry else {})}
 
 
 def _block_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from evomerge.errors import ConfigError, SearchSpaceError
 from evomerge.blocks import blocks_for
 from evomerge.recipe import MergeRecipe
 from evomerge.search_spaces import EvoPlan, build_space
+from evomerge.search_spaces.evo import carried_for
 
 EXPERTS = ("a", "b", "c", "d")
 
@@ -185,6 +186,21 @@ def test_the_block_stage_refines_the_found_merge_per_layer_group_and_kind():
     assert build_space("evo", EXPERTS, num_layers=30).names == ("alpha", "beta")  # the paper's plan as written
 
 
+def test_the_block_stage_gives_the_experts_that_carry_the_merge_their_own_multipliers_where_its_budget_affords_them():
+    assert [carried_for(4, 4, b) for b in (19, 20, 39, 40, 59, 60, 79, 80, 500)] == [0, 0, 0, 1, 1, 2, 2, 4, 4]
+    plan = build_space("evo_joint", EXPERTS, refine_groups=2, num_layers=4, block_experts=True)
+    found = MergeRecipe("evo_tv", tuple(EXPERTS), (1.0, 0.0, -0.5, 0.75), (1.0, 0.5, 1.0, 1.0))
+    assert plan.space(4, found, 22).dim == 4  # one shared multiplier per block, as without a budget
+    two = plan.space(4, found, 60)  # the two largest |β| on their own, the others sharing one
+    assert two.dim == 12 and two.describe()["carried"] == 2 and two.decode(two.x0) == found
+    assert two.upper.tolist() == [2.0, 1.5, 2.0] * 4  # each multiplier stops where its largest β would leave the bounds
+    refined = two.decode([0.5, 1.0, 1.5] + [1.0] * 9)
+    assert refined.blocks[0].weights == (1.0, 0.0, -0.25, 1.125) and refined.blocks[1].weights == found.weights
+    every = plan.space(4, found, 500)
+    assert every.dim == 12 and every.describe()["carried"] == 3  # β = 0 gets no multiplier: it would scale nothing
+    assert build_space("evo_joint", EXPERTS, refine_groups=2, num_layers=4).space(4, found, 500).dim == 4  # the default
+
+
 def test_a_search_with_the_block_stage_finds_a_per_block_strength_a_global_one_cannot():
     import evomerge
 
@@ -200,6 +216,29 @@ def test_a_search_with_the_block_stage_finds_a_per_block_strength_a_global_one_c
     fine = evomerge.search(loss, build_space("evo_joint", names, refine_groups=2, num_layers=2), budget=80, seed=0)
     floor = 0.8  # one weight for every block: at best w = 0.8, Σ (w - v)² = 0.8
     assert flat.best_loss >= floor - 1e-9 > fine.best_loss
+
+
+def test_a_block_stage_with_experts_of_their_own_finds_per_expert_strengths_a_shared_one_cannot():
+    import evomerge
+
+    names = [f"e{i}" for i in range(4)]
+    want = {"layers.0-1.attn": (1.0, 0.2), "layers.0-1.mlp": (0.2, 1.0), "layers.1-2.attn": (0.6, 1.4),
+            "layers.1-2.mlp": (1.4, 0.6)}
+
+    def loss(recipe):
+        got = {b.name: b.weights[1:3] for b in recipe.blocks} or dict.fromkeys(want, recipe.weights[1:3])
+        others = abs(recipe.weights[0]) + abs(recipe.weights[3])
+        return sum((g - v) ** 2 for k, pair in want.items() for g, v in zip(got[k], pair)) + others
+
+    def search(**options):
+        plan = build_space("evo_joint", names, refine_groups=2, num_layers=2, **options)
+        return evomerge.search(loss, plan, budget=300, seed=0)
+
+    shared, own = search(), search(block_experts=True)
+    # one multiplier per block scales (β1, β2) along a line: at best the smallest eigenvalue of Σ t·tᵀ
+    floor = 1.28
+    assert shared.best_loss >= floor - 1e-9 > own.best_loss
+    assert own.stages[-1].evaluations == 72 and own.best.stage == 4
 
 
 def test_a_budget_too_small_for_the_block_stage_runs_without_it():
