@@ -63,7 +63,7 @@ SEARCHES: dict[str, SearchMethod] = {
     # The default without its last stage (the found merge refined per block, 2 layer groups × attn, mlp).
     "evo_tv_joint_noblocks": SearchMethod("evo_joint", {"method": "evo_tv", "refine_groups": 0}),
     # ... and with the experts that carry the merge given block multipliers of their own where the
-    # block stage's budget affords them (from ~300 evaluations in all; the default shares one per block).
+    # block stage's budget affords them (from ~200 evaluations in all; the default shares one per block).
     "evo_tv_joint_block_experts": SearchMethod("evo_joint", {"method": "evo_tv", "block_experts": True}),
     # The default's plan under other blends: CE and 1 − exact match at equal weights (the default
     # before 2026-12-01 session 5), CE at a quarter (the default's weights, spelled out) or a tenth;
