@@ -82,7 +82,7 @@ def targets(result: dict[str, Any]) -> list[str]:
             ref = float(np.mean(list(own.values())))
             lines.append(f"- {DEFAULT} {mine:.3f} ≥ {share} × experts on their own tasks ({ref:.3f} → "
                          f"{share * ref:.3f}): {verdict(mine >= share * ref)}")
-        grids = [b for b in ("task_arithmetic_grid", "ties_grid", "dare_grid") if b in g]
+        grids = [b for b in BASELINES if b.endswith("_grid") and b in g]
         if grids and result["setting"] == "indomain_distractors":
             cmp(max(grids, key=lambda b: g[b]["test_em"][0]), 0.05)
         beaten = [b for b in BASELINES if b in g and g[b]["test_em"][0] >= mine]

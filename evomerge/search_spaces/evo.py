@@ -15,9 +15,9 @@ Registered names:
   given a last stage refining the found merge per block (`BlockScaleSpace`; with ``block_experts``
   the experts that carry it get multipliers of their own where the stage's budget affords them).
   Why: with a large repository, stage 1 at β = 1/N barely moves the loss (every expert's update
-  is scaled by 1/N, and the LoRA-factor merge is quadratic in β, so each expert's own term is scaled by 1/N²), so α is
-  chosen almost blind; searching α and β together, linear in β, lets α matter as soon as an
-  expert's β grows. The sweep starts at the uniform merge (a sane model for any N, where β = 1 for
+  is scaled by 1/N, and the LoRA-factor merge is quadratic in β, so each expert's own term is
+  scaled by 1/N²), so α is chosen almost blind; searching α and β together, linear in β, lets α
+  matter as soon as an expert's β grows. The sweep starts at the uniform merge (a sane model for any N, where β = 1 for
   every expert would add N full updates at once) and tries a few stronger and weaker ones.
 """
 
@@ -199,7 +199,7 @@ class BlockScaleSpace(SearchSpace):
         # Per block: one group of experts per multiplier, the shared one (if any) first.
         own = [[int(i)] for i in sorted(order[:carried])]
         rest = sorted(int(i) for i in order[carried:])
-        shared = rest and (np.any(self._beta[rest] != 0.0) or not own)  # β = 0 alone: nothing to scale
+        shared = bool(rest) and (bool(np.any(self._beta[rest] != 0.0)) or not own)  # β = 0 alone: nothing to scale
         self._groups = ([rest] if shared else []) + own
         tops = []
         for group in self._groups:
