@@ -76,7 +76,7 @@ def encode(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos: bool = False,
     return out
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else int(pad)
 
@@ -98,12 +98,12 @@ class _evaluating:
         self.model.train(self.was_training)
 
 
-def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict:
+def training_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], chat: bool = False) -> dict:
     """A right-padded batch with labels on the answer (and EOS) tokens only, for causal-LM training."""
     torch = _torch()
-    encoded = encode(tokenizer, pairs, eos=True)
+    encoded = encode(tokenizer, pairs, eos=True, chat=chat)
     width = max(len(ids) for ids, _ in encoded)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
@@ -159,7 +159,7 @@ def _teacher_forced(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]
         chunk = pairs[start : start + batch_size]
         encoded = encode(tokenizer, chunk, chat=chat)
         width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), _pad_id(tokenizer), dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), pad_id(tokenizer), dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         # Token t is predicted by the logits at position t-1; only answer positions (and, for the
         # stop, the last one) get a softmax, and where the model allows, only the span holding them
@@ -245,7 +245,7 @@ def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], ma
     device = _device(model)
     stops = _stop_ids(tokenizer)
     stop_set = set(stops)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     answers: list[str] = []
     with torch.no_grad(), _evaluating(model):
         for start in range(0, len(examples), batch_size):

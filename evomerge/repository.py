@@ -26,6 +26,8 @@ from pathlib import Path
 from evomerge._imports import require
 from evomerge.errors import RepositoryError
 
+ALIGNED_SUFFIX = "@regmean"
+"""An expert's RegMean-aligned copy is named its name plus this (`evomerge.merging.regmean`)."""
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
 
 
