@@ -215,7 +215,8 @@ def run(config: SearchConfig, resume: bool = False, force: bool = False,
         prepared = prepare(config, stack, resume)
         factory = prepared.evaluator
         weights = factory.weights  # opens the repository: once per run
-        space = space_from_config(config.space, prepared.experts, weights.num_layers)
+        space = (space_from_config(config.space, prepared.searched, weights.num_layers, prepared.experts)
+                 if prepared.searched else space_from_config(config.space, prepared.experts, weights.num_layers))
         if factory.splits is not None:
             s = factory.splits
             print(f"searching for {', '.join(s.tasks)}: {len(s.fit)} fit, {len(s.validation)} validation, "

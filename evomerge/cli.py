@@ -167,7 +167,7 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError("--provider needs --name, the model id to register the merge under")
     run = load_run(args.journal)
     weights = args.adapter is not None or args.model is not None
-    repo = run_repository(run.config, args.repository, need=weights)
+    repo = run_repository(run.config, args.repository, need=weights, recipe=run.best.recipe)
     paths = write_exports(run.best.recipe, args.out or Path(args.journal).with_suffix(""), repo, args.base)
     if weights:
         assert repo is not None  # run_repository(need=True) raises a ConfigError rather than give None

@@ -20,7 +20,7 @@ import yaml
 from evomerge.blocks import block_of
 from evomerge.errors import ConfigError, RecipeError
 from evomerge.recipe import METHODS, MergeRecipe, effective_weights
-from evomerge.repository import Repository
+from evomerge.repository import ALIGNED_SUFFIX, Repository
 
 if TYPE_CHECKING:
     from evomerge.api import SearchResult
@@ -118,6 +118,11 @@ def _caveats(recipe: MergeRecipe, repository: Repository | None) -> list[str]:
                      f"{recipe.seed or 0}, the recipe's seed), evomerge seeds each mask by (seed, expert, tensor), "
                      "so the two agree in distribution, not entry by entry. Each weight holds the 1/density rescale "
                      "(rescale: false).")
+    aligned = [e for e in recipe.experts if e.endswith(ALIGNED_SUFFIX)]
+    if aligned:
+        notes.append(f"{aligned[0]}{' and the other @regmean experts' if len(aligned) > 1 else ''} are RegMean-aligned "
+                     "copies of the experts (A factors re-fit to the run's fit examples), written under the evomerge "
+                     "cache; `evomerge export JOURNAL` writes them again where they are gone.")
     if repository is None:
         notes.append("Experts are named, not located, and block overrides are left out: export with --repository "
                      "for paths and per-tensor filters.")
@@ -258,10 +263,12 @@ def write_outputs(config: SearchConfig, result: SearchResult, report: TestReport
 
 
 def run_repository(config: Mapping[str, Any], override: str | Path | None = None,
-                   need: bool = False) -> Repository | None:
+                   need: bool = False, recipe: MergeRecipe | None = None) -> Repository | None:
     """The repository a journaled run searched, for its exports: `override`, else the config's,
     else the tiny demo zoo where the run used it (built only when `need`, i.e. weights are to be
-    written). None when the weights are elsewhere (a remote provider, a python fitness)."""
+    written). None when the weights are elsewhere (a remote provider, a python fitness). Where
+    `recipe` merges aligned copies of the experts, the aligned repository the run searched (found
+    in the evomerge cache, or built again from the run's config)."""
     path = override or config.get("repository")
     if path is None and config.get("backend") in ("local", "api") and not (config.get("api") or {}).get("base"):
         from evomerge.zoo import default_tiny_dir, ensure_tiny
@@ -273,4 +280,15 @@ def run_repository(config: Mapping[str, Any], override: str | Path | None = None
         if need:
             raise ConfigError("writing the merged weights needs the repository the run searched; give --repository DIR")
         return None
-    return Repository.open(path)
+    repo = Repository.open(path)
+    if recipe is not None and any(e not in repo.experts for e in recipe.experts):  # the experts' aligned copies
+        from evomerge.backends._config import select_experts
+        from evomerge.backends.local import searched_repository
+        from evomerge.config import SearchConfig
+        from evomerge.tasks import load_splits
+
+        run = SearchConfig.model_validate({**config, "repository": str(path)})
+        aligned, _ = searched_repository(run, Path(path), repo, select_experts(run.experts, list(repo.experts)),
+                                         load_splits(run.task, repo))
+        repo = Repository.open(aligned)
+    return repo

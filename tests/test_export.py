@@ -11,16 +11,14 @@ import torch
 pytest.importorskip("peft")
 
 import evomerge  # noqa: E402
+from evomerge.api import run  # noqa: E402
 from evomerge.cli import main  # noqa: E402
 from evomerge.config import SearchConfig  # noqa: E402
-from evomerge.recipe import MergeRecipe  # noqa: E402
-from evomerge.repository import Repository  # noqa: E402
-from evomerge.api import run  # noqa: E402
 from evomerge.search_spaces import build_space  # noqa: E402
 from evomerge.tasks import Example, write_jsonl  # noqa: E402
 from tests.helpers.bpe import build_tiny_repository  # noqa: E402
+from tests.helpers.exported import logits_of, merged_logits  # noqa: E402
 
-TEXT = "Question: what colour is the sky? Answer:"
 SEARCH = [Example(f"Question {i}: sky? Answer:", " blue", id=f"s{i}") for i in range(8)]
 
 
@@ -35,25 +33,6 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     result, _ = run(config, progress=False)
     return {"root": root, "repo": repo, "journal": root / "run.sqlite", "out": root / "out",
             "recipe": result.best_recipe}
-
-
-def merged_logits(repo: Path, recipe: MergeRecipe) -> torch.Tensor:
-    from evomerge.merging import MergeEngine
-
-    engine = MergeEngine(Repository.open(repo), device="cpu", dtype="float32")
-    try:
-        with engine.merged(recipe) as model, torch.no_grad():
-            return model(**engine.tokenizer(TEXT, return_tensors="pt")).logits
-    finally:
-        engine.close()
-
-
-def logits_of(model, repo: Path) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(repo / "base"))
-    with torch.no_grad():
-        return model.eval()(**tok(TEXT, return_tensors="pt")).logits
 
 
 def test_search_output_holds_the_adapter_of_the_best_recipe(searched):

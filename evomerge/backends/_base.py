@@ -141,6 +141,9 @@ class Prepared:
     experts: tuple[str, ...]
     evaluator: EvaluatorFactory
     spent: Cost = Cost()
+    searched: tuple[str, ...] | None = None
+    """The RegMean-aligned copies of `experts`, which the search merges beside `experts` themselves
+    (`search_spaces.Portfolio`); the test table's baselines stay `experts`. None: no copies."""
 
 
 class BuildsFromConfig(Protocol):

@@ -243,13 +243,15 @@ class LocalEvaluatorFactory:
     chat: bool = False
     population: bool = True
     population_cost: float | None = None
+    aligned: bool = False
+    """The repository holds RegMean-aligned copies of the experts, which the search merges."""
     uses_gpu = True
 
     @classmethod
     def from_config(cls, config: SearchConfig, stack: ExitStack, resume: bool = False) -> Prepared:
         """The configured repository (default: the tiny demo zoo) merged and scored in this process."""
-        root = repository_dir(config)
-        repo = Repository.open(root)
+        source = repository_dir(config)
+        repo = Repository.open(source)
         splits = load_splits(config.task, repo)
         experts = select_experts(config.experts, list(repo.experts))
         objective = Objective.from_config(config.objective)
@@ -258,11 +260,12 @@ class LocalEvaluatorFactory:
 
             tokenizer = require("transformers", "the local backend").AutoTokenizer.from_pretrained(str(repo.base))
             inference.refuse_unscorable(tokenizer, config.task.chat, objective.metrics)
+        root, searched = searched_repository(config, source, repo, experts, splits)
         batch: dict[str, Any] = {} if config.batch_size is None else {"batch_size": config.batch_size}
         factory = cls(str(root), splits, objective, device=config.device,
                       dtype=config.dtype, max_new_tokens=generation_tokens(config, splits), chat=config.task.chat,
-                      population=config.population, **batch)
-        return Prepared(experts, factory)
+                      population=config.population, aligned=searched is not None, **batch)
+        return Prepared(experts, factory, searched=searched)
 
     @property
     def has_validation(self) -> bool:
@@ -275,7 +278,8 @@ class LocalEvaluatorFactory:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"backend": "local", "objective": repr(self.objective), "examples": splits_digest(self.splits),
-                "max_new_tokens": self.max_new_tokens, "chat": self.chat, "dtype": self.dtype}
+                "max_new_tokens": self.max_new_tokens, "chat": self.chat, "dtype": self.dtype,
+                **({"aligned": "regmean"} if self.aligned else {})}
 
     def _repository(self) -> Repository:
         return (Repository.from_paths(self.repository_path, experts=self.expert_paths)
@@ -286,3 +290,29 @@ class LocalEvaluatorFactory:
                                batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, chat=self.chat,
                                population_cost=self.population_cost)
         return (_PopulationEvaluator if self.population else _SplitEvaluator)(backend, self.splits)
+
+
+def searched_repository(config: SearchConfig, root: Path, repo: Repository, experts: Sequence[str],
+                        splits: Splits) -> tuple[Path, tuple[str, ...] | None]:
+    """The repository a local search merges from and, where `config.align` aligns them, the names
+    of the experts' aligned copies, which it holds beside the experts (built once per experts and
+    fit examples, in the evomerge cache; the same call finds them again on resume and export).
+    `repo` is the one opened at `root`."""
+    from evomerge.errors import ConfigError
+    from evomerge.merging import regmean
+    from evomerge.zoo import cache_dir
+
+    if config.align == "none":
+        return root, None
+    why = regmean.unalignable(repo, experts, splits.fit)
+    if why is not None:
+        if config.align == "regmean":
+            raise ConfigError(f"align: regmean cannot apply: {why}; set align: none")
+        return root, None
+    aligned, serves = regmean.align_repository(repo, experts, splits.fit, cache_dir() / "aligned", config.device,
+                                               config.dtype, config.task.chat, config.batch_size or 32)
+    print(f"RegMean-aligned {len(experts)} experts to {len(serves)} tasks (" +
+          ", ".join(f"{t}: {e}" for t, e in sorted(serves.items())) + f") in {aligned}; searching them beside the "
+          "experts as they are",
+          flush=True)
+    return aligned, tuple(regmean.aligned_name(e) for e in experts)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
-from evomerge.search_spaces._base import SPACES, Plan, SearchSpace, SingleStage, as_plan, register_space
+from evomerge.search_spaces._base import SPACES, Plan, Portfolio, SearchSpace, SingleStage, as_plan, register_space
 from evomerge.search_spaces.blockwise import BlockwiseSpace
 from evomerge.search_spaces.classic import ClassicSpace, baseline, grid, grid_task_arithmetic
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field
@@ -30,9 +30,14 @@ def build_space(name: str, experts: Sequence[str], **options: Any) -> SearchSpac
         raise ConfigError(f"search space {name!r} got invalid options {sorted(options)}: {exc}") from None
 
 
-def space_from_config(config: SpaceConfig, experts: Sequence[str], num_layers: int | None) -> SearchSpace | Plan:
+def space_from_config(config: SpaceConfig, experts: Sequence[str], num_layers: int | None,
+                      alternatives: Sequence[str] | None = None) -> SearchSpace | Plan:
     """The configured space over `experts`, given the backend's layer count where its blocks need
-    one: `evo_joint`'s default block stage, `blockwise`, or any plan's `refine_groups`."""
+    one: `evo_joint`'s default block stage, `blockwise`, or any plan's `refine_groups`. With
+    `alternatives` (the same experts under other names: the sources of aligned copies), a
+    `Portfolio` of that space over each family."""
+    if alternatives is not None:
+        return Portfolio([space_from_config(config, family, num_layers) for family in (experts, alternatives)])
     options = dict(config.options)
     if config.name == "evo_joint" and "num_layers" not in options and num_layers is not None:
         options["num_layers"] = num_layers  # its default block stage
@@ -43,7 +48,7 @@ def space_from_config(config: SpaceConfig, experts: Sequence[str], num_layers: i
     return build_space(config.name, experts, **options)
 
 
-__all__ = ["SPACES", "Plan", "SearchSpace", "SingleStage", "as_plan", "register_space", "build_space",
+__all__ = ["SPACES", "Plan", "Portfolio", "SearchSpace", "SingleStage", "as_plan", "register_space", "build_space",
            "space_from_config",
            "CoefficientSpace", "Field", "EvoSpace", "ScaleSpace", "EvoPlan", "ClassicSpace", "BlockwiseSpace",
            "ProjectedSpace", "baseline", "grid", "grid_task_arithmetic"]

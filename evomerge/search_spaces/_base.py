@@ -9,12 +9,12 @@ A `Plan` is a sequence of stages whose spaces may depend on the previous stage's
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from evomerge.errors import SearchSpaceError
+from evomerge.errors import ConfigError, SearchSpaceError
 from evomerge.recipe import MergeRecipe
 from evomerge.registry import Registry
 
@@ -102,6 +102,40 @@ class SingleStage(Plan):
 
     def describe(self) -> dict[str, Any]:
         return {"plan": "single", "stages": [self._space.describe()]}
+
+
+class Portfolio(Plan):
+    """The same search over each of several families of experts (the RegMean-aligned copies, the
+    experts as they are), half the budget each, one after the other; the run's final choice on
+    validation picks among both families' finalists. Why: alignment lifted smol-mini's in-domain
+    test exact match from 0.41 to 0.56 and took the tiny zoo's from 0.17 to 0.00, and which family
+    wins shows only in a search, not in its first stages. A budget too small for two searches goes
+    to the first family alone."""
+
+    def __init__(self, plans: Sequence[SearchSpace | Plan]) -> None:
+        if len(plans) < 2:
+            raise ConfigError("a portfolio needs two plans or more")
+        self.plans = tuple(as_plan(p) for p in plans)
+        self.names = tuple(name for p in self.plans for name in p.names)
+        self._offsets = [sum(len(p.names) for p in self.plans[:i]) for i in range(len(self.plans))]
+
+    def budgets(self, total: int) -> list[int]:
+        k = len(self.plans)
+        shares = [total // k + (i < total % k) for i in range(k)]
+        try:
+            return [b for p, share in zip(self.plans, shares, strict=True) for b in p.budgets(share)]
+        except ConfigError:
+            return self.plans[0].budgets(total) + [0] * sum(len(p.names) for p in self.plans[1:])
+
+    def space(self, index: int, previous: MergeRecipe | None, budget: int | None = None) -> SearchSpace:
+        if not 0 <= index < len(self.names):
+            raise ConfigError(f"the portfolio has {len(self.names)} stage(s); stage {index} does not exist")
+        which = max(i for i, start in enumerate(self._offsets) if start <= index)
+        local = index - self._offsets[which]
+        return self.plans[which].space(local, previous if local else None, budget)  # a family starts afresh
+
+    def describe(self) -> dict[str, Any]:
+        return {"plan": "portfolio", "plans": [p.describe() for p in self.plans]}
 
 
 def as_plan(space: SearchSpace | Plan) -> Plan:
