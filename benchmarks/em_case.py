@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, list[tuple[float, flo
     (result,) = [r for r in run["settings"] if r["setting"] == args.setting]
     per_task = args.test_per_task or result["test"] // len(result["tasks"])
     setting = report_setting(run, result, per_task)
-    backend = shared_backend(run["repository"], None)
     examples = setting.splits.test
     rows: dict[str, list[tuple[float, float]]] = {}
     own: dict[str, tuple[float, float]] = {}
     for row in result["rows"] + result["references"]:
+        backend = shared_backend(row.get("repository", run["repository"]), None)  # aligned copies live apart
         with backend.engine.merged(MergeRecipe.from_dict(row["recipe"])) as model:
             answers = inference.generate_answers(model, backend.engine.tokenizer, examples, backend.max_new_tokens)
         forgiving = _by_task([inference.exact_match(a, e.answer) for a, e in zip(answers, examples)], examples)

@@ -90,7 +90,8 @@ def _row(scorer: Scorer, out: Outcome, seed: int | None, seconds: float) -> dict
     fit, val, test = (scorer(out.recipe, s) for s in ("fit", "validation", "test"))
     return {"method": out.method, "seed": seed, "fit_em": fit.mean_em, "val_em": val.mean_em, "test_em": test.mean_em,
             "test_ce": test.mean_ce, "test_em_tasks": test.em, "fit_evals": out.fit_evals, "val_evals": out.val_evals,
-            "queries": out.queries, "seconds": round(seconds, 1), "recipe": out.recipe.to_dict(), **out.extra}
+            "queries": out.queries, "seconds": round(seconds, 1), "recipe": out.recipe.to_dict(),
+            **({"repository": out.repository} if out.repository else {}), **out.extra}
 
 
 def _curve(scorer: Scorer, out: Outcome, budget: int) -> list[tuple[int, float]]:
@@ -127,6 +128,13 @@ def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int]
     it finished."""
     repo = str(args.repository)
     scorer = Scorer(repo, setting, args.dtype)
+    scorers = {repo: scorer}
+
+    def scored(out: Outcome) -> Scorer:  # the scorer of the repository holding the recipe's experts
+        where = out.repository or repo
+        if where not in scorers:
+            scorers[where] = Scorer(where, setting, args.dtype)
+        return scorers[where]
     result: dict[str, Any] = {"setting": setting.name, **setting.describe(), "rows": [], "references": [],
                               "curves": {}, "race": [], "experts_on_own_tasks": {}, "best_single_ranking": [],
                               "complete": False}
@@ -136,19 +144,19 @@ def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int]
             start = time.perf_counter()
             out = run_fixed(name, setting, repo, args.dtype, args.quick, tick)
             result["best_single_ranking"] = out.extra.pop("ranking", result["best_single_ranking"])
-            rows.append(_row(scorer, out, None, time.perf_counter() - start))
+            rows.append(_row(scored(out), out, None, time.perf_counter() - start))
             save(result)
             continue
         for seed in args.seeds:
             start = time.perf_counter()
             out = run_search(name, SEARCHES[name], setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
-            rows.append(_row(scorer, out, seed, time.perf_counter() - start))
-            curves.setdefault(name, []).append(_curve(scorer, out, SEARCHES[name].budget or args.budget))
+            rows.append(_row(scored(out), out, seed, time.perf_counter() - start))
+            curves.setdefault(name, []).append(_curve(scored(out), out, SEARCHES[name].budget or args.budget))
             if args.race and name == DEFAULT:
                 start = time.perf_counter()
                 raced = run_search(name + "_race", replace(SEARCHES[name], race=True, budget=_race_budget(args)),
                                    setting, repo, args.dtype, args.budget, seed, args.top_k, tick)
-                rows.append(_row(scorer, raced, seed, time.perf_counter() - start))
+                rows.append(_row(scored(raced), raced, seed, time.perf_counter() - start))
                 races.append({"seed": seed, **_race_efficiency(out, raced, len(setting.splits.fit))})
             save(result)
     references = [_row(scorer, Outcome("base", base_recipe(setting.experts)), None, 0.0)]
@@ -234,12 +242,15 @@ def rescore(run: dict[str, Any], args: argparse.Namespace, command: str, progres
     for r in settings:
         per_task = args.test_per_task[r["setting"] != "ood"]
         setting = report_setting(run, r, per_task)
-        scorer = Scorer(run["repository"], setting, args.dtype)
+        scorers: dict[str, Scorer] = {}
         for row in r["rows"] + r["references"]:
-            test = scorer(MergeRecipe.from_dict(row["recipe"]), "test")
+            where = row.get("repository", run["repository"])
+            if where not in scorers:
+                scorers[where] = Scorer(where, setting, args.dtype)
+            test = scorers[where](MergeRecipe.from_dict(row["recipe"]), "test")
             row.update(test_em=test.mean_em, test_ce=test.mean_ce, test_em_tasks=test.em)
             bar.update(1)
-        r["experts_on_own_tasks"] = _own_tasks(scorer, setting)
+        r["experts_on_own_tasks"] = _own_tasks(Scorer(run["repository"], setting, args.dtype), setting)
         r.update(test=len(setting.splits.test), curves={})
     bar.close()
     run.update(settings=settings, rescored=f"test metrics re-scored on the first {args.test_per_task[1]} test examples "

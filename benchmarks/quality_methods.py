@@ -20,9 +20,11 @@ from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe, uniform
 from evomerge.repository import Repository
 from evomerge.scheduler.race import Race
-from evomerge.search_spaces import build_space, grid
+from evomerge.search_spaces import Portfolio, build_space, grid
 
-from benchmarks.quality_setup import BenchFactory, Setting, search_loss
+from evomerge.merging.regmean import unalignable
+
+from benchmarks.quality_setup import BenchFactory, Setting, aligned, search_loss
 
 CE = Objective("ce")
 ALIGNED = Objective.from_config(ObjectiveConfig())
@@ -45,13 +47,18 @@ class SearchMethod:
     """Score candidates on a quarter of fit first and stop the clearly worse (`evomerge.scheduler.race`)."""
     start: bool = True
     """Score the start point as trial 0 (evomerge's default); the paper and LoraHub do not."""
+    align: str = "none"
+    """"auto": as the CLI's `align: auto`, where it applies search the experts' RegMean-aligned copies
+    and the experts as they are, half the budget each (`Portfolio`)."""
 
 
 SEARCHES: dict[str, SearchMethod] = {
     # Issue 8's stage-1 comparison, all with the default objective and validation selection.
     # The task-vector form (ΔW = Σ β_i·B_i·S(A_i), linear in β): its start α=1, β=1/N is the uniform
     # merge, where the factor form's start scales each expert's own term by 1/N².
-    "evo_tv_joint": SearchMethod("evo_joint", {"method": "evo_tv"}),
+    "evo_tv_joint": SearchMethod("evo_joint", {"method": "evo_tv"}, align="auto"),
+    # The default over the experts as they are (the default before 2026-12-02).
+    "evo_tv_joint_unaligned": SearchMethod("evo_joint", {"method": "evo_tv"}),
     # The default without its first stage (the sweep over the uniform merge's scale): the ablation.
     "evo_tv_joint_nosweep": SearchMethod("evo_joint", {"method": "evo_tv", "scale_grid": None}),
     "evo_joint": SearchMethod("evo_joint", {"method": "evo"}),
@@ -94,7 +101,7 @@ SEARCHES: dict[str, SearchMethod] = {
 }
 DEFAULT = "evo_tv_joint"
 """The proposed default search (QUALITY.md: it beat evo_joint and the paper's plan on smol in-domain)."""
-FIXED = ("uniform", "task_arithmetic_grid", "ties_grid", "dare_grid", "best_single")
+FIXED = ("uniform", "task_arithmetic_grid", "ties_grid", "dare_grid", "best_single", "regmean")
 
 
 @dataclass
@@ -103,6 +110,8 @@ class Outcome:
 
     method: str
     recipe: MergeRecipe
+    repository: str | None = None
+    """Where the recipe's experts live when not the benchmark's zoo (their aligned copies)."""
     fit_evals: int = 0
     val_evals: int = 0
     queries: int = 0
@@ -115,10 +124,14 @@ class Outcome:
 def run_search(name: str, method: SearchMethod, setting: Setting, repository: str, dtype: str | None,
                budget: int, seed: int, top_k: int, tick: Callable[[int], None]) -> Outcome:
     """Run one search and record its paid evaluations and the incumbent after each one."""
+    experts, searched = setting.experts, None
+    if method.align == "auto" and unalignable(Repository.open(repository), experts, setting.splits.fit) is None:
+        searched, experts = aligned(repository, setting, dtype)
+        repository = str(searched)
     factory = BenchFactory(repository, setting.splits, method.objective, dtype)
     if not method.validation:
         factory = factory.without_validation()
-    out = Outcome(name, uniform(setting.experts))
+    out = Outcome(name, uniform(experts), repository=None if searched is None else repository)
     best, fit_curve = [math.inf], []
 
     def seen(trial: Trial) -> None:
@@ -136,7 +149,9 @@ def run_search(name: str, method: SearchMethod, setting: Setting, repository: st
     options = dict(method.options)
     if method.space == "evo_joint" or options.get("refine_groups"):  # as the CLI: the model's layers are known
         options["num_layers"] = Repository.open(repository).block_layers
-    space = build_space(method.space, list(setting.experts), **options)
+    space: Any = build_space(method.space, list(experts), **options)
+    if searched is not None:  # as the CLI: each family searched with half the budget, validation picks
+        space = Portfolio([space, build_space(method.space, list(setting.experts), **options)])
     extra = {"race": Race()} if method.race else {}
     result = evomerge.search(space=space, evaluator=factory, budget=method.budget or budget,
                              optimizer=method.optimizer, seed=seed, top_k=top_k if method.validation else 1,
@@ -163,12 +178,17 @@ def candidates(name: str, experts: Sequence[str], quick: bool) -> list[MergeReci
         return grid("dare", experts, lambdas, densities)
     if name == "best_single":
         return [single(e) for e in experts]
+    if name == "regmean":  # the aligned copies summed at full strength: RegMean itself (experts: the copies)
+        return [MergeRecipe("task_arithmetic", tuple(experts), (1.0,) * len(experts))]
     raise SystemExit(f"unknown fixed method {name!r}")
 
 
 def run_fixed(name: str, setting: Setting, repository: str, dtype: str | None, quick: bool,
               tick: Callable[[int], None]) -> Outcome:
     """Score each candidate on the search set with the default objective and keep the best."""
+    if name == "regmean":
+        root, experts = aligned(repository, setting, dtype)
+        return Outcome(name, candidates(name, experts, quick)[0], repository=str(root))
     options = candidates(name, setting.experts, quick)
     if len(options) == 1:
         return Outcome(name, options[0])

@@ -85,6 +85,17 @@ def report_setting(run: dict[str, Any], result: dict[str, Any], test_per_task: i
                         result["tasks"][0] if result["setting"] == "ood" else None)
 
 
+def aligned(repository: str, setting: Setting, dtype: str | None) -> tuple[Path, tuple[str, ...]]:
+    """The zoo with the setting's experts RegMean-aligned on its fit split (as `align: auto` builds
+    it, in the evomerge cache) and the aligned copies' names."""
+    from evomerge.merging import regmean
+    from evomerge.zoo import cache_dir
+
+    root, _ = regmean.align_repository(Repository.open(repository), setting.experts, setting.splits.fit,
+                                       cache_dir() / "aligned", dtype=dtype)
+    return root, tuple(regmean.aligned_name(e) for e in setting.experts)
+
+
 def _interleave(examples: Sequence[Example]) -> tuple[Example, ...]:
     """Round-robin over tasks, so racing's minibatch (the first K fit examples) spans every task."""
     by_task: dict[str, list[Example]] = {}
