@@ -164,10 +164,10 @@ class SearchConfig(SearchSettings):
     """Local backend: candidates asked ahead together share batched forwards (LoRA recipes that
     stay low-rank; each row block served by its candidate's factors); false scores one at a time."""
     align: Literal["auto", "regmean", "none"] = "auto"
-    """Local backend: search over RegMean-aligned copies of the experts (each LoRA A factor re-fit to
-    the fit inputs of the task it serves, `evomerge.merging.regmean`): ``auto`` where every expert is
-    a LoRA adapter and fit spans two tasks or more, ``regmean`` to insist, ``none`` for the experts
-    as they are."""
+    """Local backend: also search RegMean-aligned copies of the experts (each LoRA A factor re-fit to
+    the fit inputs of the task it serves, `evomerge.merging.regmean`), half the budget each beside
+    the experts as they are: ``auto`` where every expert is a LoRA adapter and fit spans two tasks
+    or more, ``regmean`` to insist, ``none`` for the experts as they are only."""
 
     @field_validator("test_metrics")
     @classmethod
