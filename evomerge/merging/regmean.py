@@ -211,10 +211,12 @@ def write_aligned(repo: Repository, experts: Sequence[str], factors: Mapping[str
                     "aligned": {"method": "regmean", "shrink": shrink, "serves": dict(serves),
                                 "source": str(repo.root.resolve()) if repo.root else None}}
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():  # another process finished the same alignment first: keep its copy
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, out)
+        except OSError:
+            if not (out / "zoo.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same alignment first: keep its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -180,6 +180,14 @@ def test_aligned_repository_holds_both_and_is_built_once(engine, tiny_repo, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([root.name, other.name])  # no temporary left
 
 
+def test_a_second_writer_of_the_same_alignment_keeps_the_first(engine, tiny_repo, tmp_path) -> None:
+    factors = regmean.aligned_factors(engine, EXPERTS, FIT, SERVES)
+    out = regmean.write_aligned(tiny_repo, EXPERTS, factors, SERVES, tmp_path / "key")
+    first = (out / "zoo.json").stat().st_mtime_ns
+    assert regmean.write_aligned(tiny_repo, EXPERTS, factors, SERVES, tmp_path / "key") == out
+    assert (out / "zoo.json").stat().st_mtime_ns == first and [p.name for p in tmp_path.iterdir()] == ["key"]
+
+
 def test_refuses_full_checkpoints_and_a_single_task(tiny_repo, tmp_path) -> None:
     with pytest.raises(RepositoryError, match="full checkpoint"):
         regmean.align_repository(tiny_repo, ("lora0", "full0"), FIT, tmp_path)
