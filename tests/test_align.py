@@ -107,6 +107,17 @@ def test_align_none_merges_the_experts_as_they_are(aligned_run) -> None:
     assert result.best_recipe.experts == EXPERTS
 
 
+def test_one_task_is_searched_as_before(aligned_run) -> None:
+    root = aligned_run["root"]
+    config = aligned_run["config"].model_copy(update={
+        "journal": None, "output": None, "test_table": "none", "budget": 4,
+        "task": aligned_run["config"].task.model_copy(update={"files": [root / "sky.jsonl"], "test_files": []})})
+    keys = set((root / "cache" / "aligned").iterdir())
+    result, _ = run(config, progress=False)
+    assert {t.recipe.experts for t in result.trials} == {EXPERTS}
+    assert set((root / "cache" / "aligned").iterdir()) == keys  # nothing aligned
+
+
 def test_align_regmean_on_one_task_is_one_line_and_exit_2(aligned_run, capsys) -> None:
     root = aligned_run["root"]
     code = main(["search", "--backend", "local", "--repository", str(aligned_run["repo"]), "--budget", "2",
