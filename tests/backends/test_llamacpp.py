@@ -122,13 +122,14 @@ def test_query_cap_through_llamacpp_is_never_passed(tiny_zoo: Path, llama: Llama
     assert 0 < completions == spent <= 150
 
 
-def _fit_rows(journal: Path) -> int:
-    """Fit evaluations the journal holds so far (0 before it exists)."""
+def _fit_rows(journal: Path, status: str | None = None) -> int:
+    """Fit evaluations (of `status`, if given) the journal holds so far (0 before it exists)."""
     if not journal.exists():
         return 0
+    query = "SELECT COUNT(*) FROM evaluations WHERE split = 'fit'" + (" AND status = ?" if status else "")
     try:
         with closing(sqlite3.connect(journal, timeout=1.0)) as db:
-            return int(db.execute("SELECT COUNT(*) FROM evaluations WHERE split = 'fit'").fetchone()[0])
+            return int(db.execute(query, (status,) if status else ()).fetchone()[0])
     except sqlite3.OperationalError:  # the schema is not written yet
         return 0
 
@@ -137,20 +138,24 @@ def test_server_killed_mid_search_fails_candidates_and_the_search_finishes(tiny_
                                                                            tmp_path: Path) -> None:
     server = LlamaServer(tiny_gguf, tmp_path / "server.log").start()
     done: list[evomerge.SearchResult] = []
+    journal = tmp_path / "run.sqlite"
+    # A candidate fails only after a retry 1-2 s on (jitter), so the 27 left cannot all fail while the server
+    # restarts (a few seconds: a Python process and the model load).
     search = threading.Thread(target=lambda: done.append(_search(
-        tiny_zoo, server.url, tmp_path / "run.sqlite", budget=30, retries=1, backoff=0.2, max_backoff=0.4)))
+        tiny_zoo, server.url, journal, budget=30, retries=1, backoff=2.0, max_backoff=2.0)))
     try:
         search.start()
-        while _fit_rows(tmp_path / "run.sqlite") < 3 and search.is_alive():  # a few evaluations in, most to come
+        while _fit_rows(journal) < 3 and search.is_alive():  # a few evaluations in, most to come
             time.sleep(0.02)
         server.kill()
-        time.sleep(1.0)
+        while _fit_rows(journal, "failed") == 0 and search.is_alive():  # a candidate failed against it
+            time.sleep(0.02)
         server.start()
         search.join(timeout=300)
     finally:
         server.kill()
     assert done, "the search did not finish"
-    rows = sqlite3.connect(tmp_path / "run.sqlite").execute(
+    rows = sqlite3.connect(journal).execute(
         "SELECT status, error FROM evaluations WHERE split = 'fit' AND cached = 0 ORDER BY seq").fetchall()
     assert len(rows) == 30
     failed = [i for i, (status, _) in enumerate(rows) if status == "failed"]
