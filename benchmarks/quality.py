@@ -32,7 +32,7 @@ from evomerge.recipe import MergeRecipe
 from benchmarks.quality_methods import (DEFAULT, FIXED, SEARCHES, Outcome, base_recipe, candidates, run_fixed,
                                         run_search)
 from benchmarks.quality_report import curve_png, markdown, race_png
-from benchmarks.quality_setup import SETTINGS, Scorer, Setting, load_setting, report_setting
+from benchmarks.quality_setup import SETTINGS, Scorer, Scorers, Setting, load_setting, report_setting
 
 QUICK = {"budget": 60, "search_per_task": (24, 6), "test_per_task": (24, 8), "references": 3}
 FULL = {"budget": 500, "search_per_task": (48, 12), "test_per_task": (100, 40), "references": None}
@@ -127,14 +127,11 @@ def run_setting(setting: Setting, args: argparse.Namespace, tick: Callable[[int]
     references; `save` gets the result so far after each method, so a run cut short keeps what
     it finished."""
     repo = str(args.repository)
-    scorer = Scorer(repo, setting, args.dtype)
-    scorers = {repo: scorer}
+    scorers = Scorers(setting, args.dtype)
+    scorer = scorers(repo)
 
     def scored(out: Outcome) -> Scorer:  # the scorer of the repository holding the recipe's experts
-        where = out.repository or repo
-        if where not in scorers:
-            scorers[where] = Scorer(where, setting, args.dtype)
-        return scorers[where]
+        return scorers(out.repository or repo)
     result: dict[str, Any] = {"setting": setting.name, **setting.describe(), "rows": [], "references": [],
                               "curves": {}, "race": [], "experts_on_own_tasks": {}, "best_single_ranking": [],
                               "complete": False}
@@ -242,15 +239,12 @@ def rescore(run: dict[str, Any], args: argparse.Namespace, command: str, progres
     for r in settings:
         per_task = args.test_per_task[r["setting"] != "ood"]
         setting = report_setting(run, r, per_task)
-        scorers: dict[str, Scorer] = {}
+        scorers = Scorers(setting, args.dtype)
         for row in r["rows"] + r["references"]:
-            where = row.get("repository", run["repository"])
-            if where not in scorers:
-                scorers[where] = Scorer(where, setting, args.dtype)
-            test = scorers[where](MergeRecipe.from_dict(row["recipe"]), "test")
+            test = scorers(row.get("repository", run["repository"]))(MergeRecipe.from_dict(row["recipe"]), "test")
             row.update(test_em=test.mean_em, test_ce=test.mean_ce, test_em_tasks=test.em)
             bar.update(1)
-        r["experts_on_own_tasks"] = _own_tasks(Scorer(run["repository"], setting, args.dtype), setting)
+        r["experts_on_own_tasks"] = _own_tasks(scorers(run["repository"]), setting)
         r.update(test=len(setting.splits.test), curves={})
     bar.close()
     run.update(settings=settings, rescored=f"test metrics re-scored on the first {args.test_per_task[1]} test examples "

@@ -206,6 +206,19 @@ class Scorer:
                        {t: score.metrics[f"ce/{t}"] for t in self.tasks})
 
 
+class Scorers:
+    """One `Scorer` per repository a setting's recipes live in (the zoo, its experts' aligned copies)."""
+
+    def __init__(self, setting: Setting, dtype: str | None) -> None:
+        self.setting, self.dtype = setting, dtype
+        self._by_repository: dict[str, Scorer] = {}
+
+    def __call__(self, repository: str) -> Scorer:
+        if repository not in self._by_repository:
+            self._by_repository[repository] = Scorer(repository, self.setting, self.dtype)
+        return self._by_repository[repository]
+
+
 def search_loss(evaluate: Any, recipe: MergeRecipe, splits: Splits, parts: Sequence[str] = ("fit", "validation")) -> float:
     """A method's objective on the whole search set (fit and validation, weighted by size):
     how a practitioner picks a grid point or a single expert without touching test."""
