@@ -47,7 +47,8 @@ SECTION_FLAGS: dict[str, tuple[str, str, str]] = {
     "api.base": ("--api-base", "URL", "api backend: the provider's base URL (default: a built-in local server)"),
     "api.provider": ("--provider", "KIND", "api backend: the server's kind (default: auto, asked from the server)"),
     "task.files": ("--task-file", "JSONL", 'your task: {"prompt", "answer"} JSONL lines to search on '
-                                  "(fit + validation); repeat for more tasks"),
+                                  "(fit + validation); repeat for more tasks (a row's task: its task field, else the "
+                                  "file's name less a split word, e.g. tasks/NAME/search.jsonl)"),
     "task.test_files": ("--test-file", "JSONL", "held-out JSONL examples for the test table after the search (never "
                                        "searched on)"),
     "race.fraction": ("--race", "FRACTION", "score candidates on this fraction of the fit examples first; "

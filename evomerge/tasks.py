@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from evomerge.repository import Repository
 
 SPLITS = ("fit", "validation", "test")
+SPLIT_WORDS = frozenset({"search", "fit", "train", "training", "validation", "valid", "val", "dev", "test", "eval",
+                         "evaluation"})
+"""File-name words that name a split, not a task: ``tasks/plural/search.jsonl`` and ``plural_test.jsonl``
+hold task ``plural``."""
 GENERATION_MARGIN = 4
 """Tokens generated beyond the longest answer's bytes (a token that runs past its end, a stop)."""
 
@@ -44,10 +49,22 @@ class Example:
         return out
 
 
+def task_name(path: str | Path) -> str:
+    """The task a file's rows belong to unless they carry ``task``: its stem less a split word
+    (``plural_test`` -> ``plural``), or its folder's name where the stem is only a split word, so
+    ``tasks/NAME/search.jsonl`` and ``tasks/NAME/test.jsonl`` name one task, and files of several
+    tasks laid out that way do not merge into one task called ``search``."""
+    path = Path(path)
+    stem = re.sub(r"[._-](" + "|".join(sorted(SPLIT_WORDS)) + r")$", "", path.stem, flags=re.IGNORECASE)
+    if stem.lower() in SPLIT_WORDS:
+        return path.resolve().parent.name or stem
+    return stem
+
+
 def load_jsonl(path: str | Path, task: str | None = None) -> list[Example]:
     """Read examples; a bad line is reported with its file and line number."""
     path = Path(path)
-    name = task or path.stem
+    name = task or task_name(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
