@@ -22,7 +22,7 @@ from evomerge.repository import Repository
 from evomerge.scheduler.race import Race
 from evomerge.search_spaces import Portfolio, build_space, grid
 
-from evomerge.merging.regmean import unalignable
+from evomerge.merging.regmean import regmean_recipe, unalignable
 
 from benchmarks.quality_setup import BenchFactory, Setting, aligned, search_loss
 
@@ -179,7 +179,7 @@ def candidates(name: str, experts: Sequence[str], quick: bool) -> list[MergeReci
     if name == "best_single":
         return [single(e) for e in experts]
     if name == "regmean":  # the aligned copies summed at full strength: RegMean itself (experts: the copies)
-        return [MergeRecipe("task_arithmetic", tuple(experts), (1.0,) * len(experts))]
+        return [regmean_recipe(experts)]
     raise SystemExit(f"unknown fixed method {name!r}")
 
 
