@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 from evomerge import inference  # noqa: E402
 from evomerge.errors import RepositoryError  # noqa: E402
-from evomerge.merging import regmean  # noqa: E402
+from evomerge.merging import MergeEngine, regmean  # noqa: E402
+from evomerge.recipe import MergeRecipe  # noqa: E402
 from evomerge.repository import Repository  # noqa: E402
 from evomerge.tasks import Example  # noqa: E402
 
@@ -28,8 +29,9 @@ FIT = examples("a", [("ab", "c")]) + examples("b", [("9 =", "x")])
 task's inputs are independent of the other's and exact least squares can reproduce both experts."""
 
 
-def module_inputs(engine, fit: list[Example]) -> dict[tuple[str, str], torch.Tensor]:
-    """(target, task) -> the base model's inputs to that module on the task's examples."""
+def module_inputs(engine, fit: list[Example], source=None) -> dict[tuple[str, str], torch.Tensor]:
+    """(target, task) -> the inputs to that module on the task's examples of the base model, or of
+    the merge `source` names for the task."""
     seen: dict[tuple[str, str], list[torch.Tensor]] = {}
     current = {}
     targets = sorted({t for e in EXPERTS for t in engine.repository.expert(e).modules})
@@ -42,9 +44,9 @@ def module_inputs(engine, fit: list[Example]) -> dict[tuple[str, str], torch.Ten
     handles = [engine.model.get_submodule(t.removesuffix(".weight")).register_forward_pre_hook(hook(t))
                for t in targets]
     try:
-        with torch.no_grad(), engine.merged(None) as model:
-            for ex in fit:
-                current["task"] = ex.task
+        for ex in fit:
+            current["task"] = ex.task
+            with torch.no_grad(), engine.merged((source or {}).get(ex.task)) as model:
                 model(input_ids=inference.training_batch(engine.tokenizer, [(ex.prompt, ex.answer)])["input_ids"])
     finally:
         for h in handles:
@@ -66,14 +68,9 @@ def update(repo: Repository, expert: str, target: str, a: torch.Tensor | None = 
     return module.scaling * tensors[module.b_key].float() @ (tensors[module.a_key].float() if a is None else a)
 
 
-def test_exact_regmean_solves_the_least_squares_merge(engine, tiny_repo) -> None:
-    """λ = 1: per module, the merged update M minimises Σ_t ||X_t·(M − ΔW_t)ᵀ||² over the tasks'
-    inputs X_t (zero gradient); where the tasks' inputs are linearly independent (past layer 0,
-    whose shared EOS input is one row in both), it reproduces each expert on its own inputs, where
-    the plain sum does not."""
-    factors = regmean.aligned_factors(engine, EXPERTS, FIT, SERVES, shrink=1.0)
-    inputs = module_inputs(engine, FIT)
-    independent = 0
+def assert_least_squares(tiny_repo, factors, inputs) -> None:
+    """Per module, the merged update M of `factors` has zero gradient of Σ_t ||X_t·(M − ΔW_t)ᵀ||²
+    over the tasks' `inputs` X_t."""
     for target in sorted({t for e in EXPERTS for t in tiny_repo.expert(e).modules}):
         merged = sum(update(tiny_repo, e, target, factors[e].get(_a_key(tiny_repo, e, target))) for e in EXPERTS)
         own = {t: update(tiny_repo, e, target) for t, e in SERVES.items()}
@@ -81,6 +78,20 @@ def test_exact_regmean_solves_the_least_squares_merge(engine, tiny_repo) -> None
         gradient = sum(grams[t] @ (merged - own[t]).T for t in SERVES)
         scale = float(sum(grams[t] @ own[t].T for t in SERVES).abs().max())
         assert float(gradient.abs().max()) < 1e-4 * scale, target
+
+
+def test_exact_regmean_solves_the_least_squares_merge(engine, tiny_repo) -> None:
+    """λ = 1: per module, the merged update M minimises Σ_t ||X_t·(M − ΔW_t)ᵀ||² over the tasks'
+    inputs X_t (zero gradient); where the tasks' inputs are linearly independent (past layer 0,
+    whose shared EOS input is one row in both), it reproduces each expert on its own inputs, where
+    the plain sum does not."""
+    factors = regmean.aligned_factors(engine, EXPERTS, FIT, SERVES, shrink=1.0)
+    inputs = module_inputs(engine, FIT)
+    assert_least_squares(tiny_repo, factors, inputs)
+    independent = 0
+    for target in sorted({t for e in EXPERTS for t in tiny_repo.expert(e).modules}):
+        merged = sum(update(tiny_repo, e, target, factors[e].get(_a_key(tiny_repo, e, target))) for e in EXPERTS)
+        own = {t: update(tiny_repo, e, target) for t, e in SERVES.items()}
         stacked = torch.cat([inputs[(target, t)] for t in SERVES])
         if torch.linalg.matrix_rank(stacked.double()) < stacked.shape[0]:
             continue
@@ -93,6 +104,17 @@ def test_exact_regmean_solves_the_least_squares_merge(engine, tiny_repo) -> None
             if "q_proj" in target:  # both experts adapt it
                 assert float((plain_sum - x @ own[task].T).abs().max()) > 0.1 * size
     assert independent >= 4  # layer 1's q, v, up, down
+
+
+def test_a_source_merge_supplies_the_inputs_the_factors_are_fit_on(engine, tiny_repo) -> None:
+    """With `source`, the least squares are over the inputs each task's source merge gives its
+    layers (here each task's own expert), not the base model's: the two fits differ."""
+    source = {t: MergeRecipe("task_arithmetic", (e,), (1.0,)) for t, e in SERVES.items()}
+    factors = regmean.aligned_factors(engine, EXPERTS, FIT, SERVES, shrink=1.0, source=source)
+    assert_least_squares(tiny_repo, factors, module_inputs(engine, FIT, source))
+    on_base = regmean.aligned_factors(engine, EXPERTS, FIT, SERVES, shrink=1.0)
+    assert any(not torch.allclose(on_base[e][k], a, rtol=1e-3, atol=1e-6)
+               for e in EXPERTS for k, a in factors[e].items())
 
 
 def test_an_expert_serving_no_task_is_fit_to_the_mean_of_the_tasks(engine, tiny_repo) -> None:
@@ -152,7 +174,7 @@ def test_serving_gives_each_task_to_its_trained_expert(tiny_zoo) -> None:
     assert serves == {"upper": "upper", "last_letter": "last_letter", "plural": "plural"}
 
 
-def test_aligned_repository_holds_both_and_is_built_once(engine, tiny_repo, tmp_path) -> None:
+def test_aligned_repository_holds_both_and_is_built_once(engine, tiny_repo, tmp_path, tmp_path_factory) -> None:
     root, serves = regmean.align_repository(tiny_repo, EXPERTS, FIT, tmp_path, dtype="float32")
     assert serves == regmean.serving(engine, EXPERTS, FIT)
     aligned = Repository.open(root)
@@ -171,6 +193,17 @@ def test_aligned_repository_holds_both_and_is_built_once(engine, tiny_repo, tmp_
         assert not torch.allclose(new[module.a_key], old[module.a_key])
     manifest = json.loads((root / "zoo.json").read_text())
     assert manifest["aligned"]["serves"] == serves
+    # The second fit's factors: fit again on the inputs the first fit's merge (RegMean itself) gives.
+    first = regmean.write_aligned(tiny_repo, EXPERTS, regmean.aligned_factors(engine, EXPERTS, FIT, serves), serves,
+                                  tmp_path_factory.mktemp("first") / "first")
+    first_engine = MergeEngine(Repository.open(first), device="cpu", dtype="float32")
+    try:
+        merge = regmean.regmean_recipe([regmean.aligned_name(e) for e in EXPERTS])
+        want = regmean.aligned_factors(first_engine, EXPERTS, FIT, serves, source=dict.fromkeys(serves, merge))
+    finally:
+        first_engine.close()
+    for key, a in want["lora_r2"].items():
+        torch.testing.assert_close(new[key], a, rtol=1e-5, atol=1e-7)
     stamp = (root / "zoo.json").stat().st_mtime_ns
     again, _ = regmean.align_repository(tiny_repo, EXPERTS, FIT, tmp_path, dtype="float32")
     assert again == root and (root / "zoo.json").stat().st_mtime_ns == stamp
