@@ -103,8 +103,11 @@ def test_evo_joint_sweeps_the_uniform_merges_strength_first():
     assert joint.decode(joint.x0) == best  # the joint search starts at the sweep's best, served from the cache
     with pytest.raises(SearchSpaceError, match="shared"):
         sweep.encode(joint.decode(np.r_[np.full(4, 0.5), np.full(4, 1.0)]))
-    two = build_space("evo", EXPERTS, scale_grid=(0.5, 2.0, 1.0))
-    assert two.names == ("scale", "alpha", "beta") and two.budgets(33) == [3, 10, 20]
+    two = build_space("evo", EXPERTS, scale_grid=(0.5, 2.0, 1.0))  # and every expert at full strength
+    assert two.names == ("scale", "alpha", "beta") and two.budgets(34) == [4, 10, 20]
+    assert two.space(0, None).optimizer[1]["points"] == [[0.125], [0.5], [0.25], [1.0]]
+    six = build_space("evo_joint", [f"e{i}" for i in range(6)], singles=False).space(0, None)
+    assert six.optimizer[1]["points"] == [[0.5 / 6], [1 / 6], [2 / 6], [4 / 6], [8 / 6], [1.0]]
     with pytest.raises(ConfigError, match="scale_grid"):
         build_space("evo_joint", EXPERTS, scale_grid=(2.0, 4.0))
     alone = build_space("evo_joint", ["only"], singles=False)  # β = 2, 4, 8 all cap at 1.5: three distinct points
@@ -119,7 +122,7 @@ def test_evo_joint_sees_each_expert_alone_then_the_pairs_with_the_best():
     with pytest.raises(ConfigError, match="at least 4"):
         plan.budgets(3)
     many = build_space("evo_joint", [f"e{i}" for i in range(128)])
-    assert many.budgets(500) == [5, 128, 117, 250]
+    assert many.budgets(500) == [6, 128, 116, 250]  # the sweep's 5 multiples of 1/128 and β = 1
     uniform = plan.space(0, None).decode([0.5])
     singles = plan.space(1, uniform)
     points = singles.optimizer[1]["points"]
