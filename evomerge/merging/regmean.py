@@ -17,9 +17,9 @@ The user's experts come without their training data, so each task of the fit spl
 the expert with the lowest cross-entropy of its answers and their end (`serving`); an expert that
 serves no task gets the mean of the tasks' Grams (neither protected nor dropped: the search weighs
 it). With one task every Gram is that task's and alignment is a uniform rescale, so it applies from
-two tasks up. Inputs are
-a model's layer inputs on the text the experts were trained on (prompt, answer, EOS; one forward
-pass over fit): first the base model's, then those of the first fit's merge (`align_repository`).
+two tasks up. Inputs are a model's layer inputs on the text the experts were trained on (prompt,
+answer, EOS; one forward pass over fit): first the base model's, then those of the first fit's
+merge (`align_repository`).
 Each expert's own inputs on its tasks, tried instead, did worse (0.62 against 0.72 on smol-mini;
 benchmarks/regmean_inputs.py).
 """
