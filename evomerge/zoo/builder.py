@@ -42,10 +42,15 @@ from evomerge.zoo.generators import make_splits, shuffled_labels
 from evomerge.zoo.presets import Preset, get_preset
 from evomerge.zoo.train import as_pairs, lora_model, train_steps
 
-FORMAT = 4  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target;
-# 4: the final_letter target and shuffled-label twins
+FORMAT = 5  # 2: experts checked on their search split, exact match cased; 3: upper_first the demo target;
+# 4: the final_letter target and shuffled-label twins; 5: an expert with a twin must answer (TWINNED_GAIN)
 MANIFEST = "zoo.json"
 CHECK_EXAMPLES = 16  # search examples checked between training chunks
+TWINNED_GAIN = 0.3
+"""The exact-match gain on its search split an expert with a shuffled-label twin must make: the twin
+answers in the expert's form at about chance (1/26 for a letter), and it is a distractor only where
+the expert answers. On one machine tiny's `last_letter` passed the CE check at 0.12 exact match,
+and its twin (0.05) was no distractor."""
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -95,10 +100,11 @@ def _clearly_beats(expert: dict[str, float], base: dict[str, float]) -> bool:
     return expert["ce"] <= 0.5 * base["ce"] and expert["exact_match"] >= min(0.9, base["exact_match"] + 0.25)
 
 
-def _learned(expert: dict[str, float], base: dict[str, float], em_gain: bool) -> bool:
+def _learned(expert: dict[str, float], base: dict[str, float], em_gain: float | None) -> bool:
     """What every saved task expert reached on its search split: CE below 0.9x the base's, and
-    (where the preset asks) a gain in cased exact match."""
-    return expert["ce"] < 0.9 * base["ce"] and (not em_gain or expert["exact_match"] > base["exact_match"])
+    (where asked) a gain in cased exact match of more than `em_gain`."""
+    gained = em_gain is None or expert["exact_match"] > base["exact_match"] + em_gain
+    return expert["ce"] < 0.9 * base["ce"] and gained
 
 
 def build(preset: str = "tiny", out: str | Path | None = None, seed: int = 0, *, gguf: str | Path | None = None,
@@ -230,6 +236,7 @@ def _train_expert(base: Any, tokenizer: Any, spec: Preset, splits: dict[str, lis
     base_search = _metrics(base, tokenizer, search, spec.max_new_tokens)
     base_check = _metrics(base, tokenizer, check, spec.max_new_tokens)
     pairs = as_pairs(splits["train"])
+    em_gain = TWINNED_GAIN if task in spec.twins else 0.0 if spec.em_gain else None
     for attempt in range(spec.attempts):
         bar.set_description(f"zoo {spec.name}: expert {task}" + (f" (try {attempt + 1})" if attempt else ""))
         run_seed = seed + 7919 * attempt
@@ -246,13 +253,14 @@ def _train_expert(base: Any, tokenizer: Any, spec: Preset, splits: dict[str, lis
                 break
         bar.update(limit - steps)
         reached = _metrics(model, tokenizer, search, spec.max_new_tokens)
-        if _learned(reached, base_search, spec.em_gain):
+        if _learned(reached, base_search, em_gain):
             return model, {"steps": steps, "attempts": attempt + 1, "seed": run_seed, "search": reached,
                            "base_search": base_search}
         base = model.unload()
     what = f"search CE {reached['ce']:.3f} vs base {base_search['ce']:.3f} (needs < 0.9x)"
-    if spec.em_gain:
-        what += f", exact match {reached['exact_match']:.2f} vs base {base_search['exact_match']:.2f} (needs a gain)"
+    if em_gain is not None:
+        what += (f", exact match {reached['exact_match']:.2f} vs base {base_search['exact_match']:.2f} "
+                 f"(needs a gain over {em_gain:.2f})")
     raise RepositoryError(f"zoo {spec.name}: expert {task!r} did not learn its task after {spec.attempts} tries "
                           f"({what}); build with another --seed, or report the machine this happened on")
 

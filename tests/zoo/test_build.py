@@ -18,6 +18,7 @@ from evomerge.errors import ConfigError  # noqa: E402
 from evomerge.tasks import load_jsonl, write_jsonl  # noqa: E402
 from evomerge.zoo import build  # noqa: E402
 from evomerge.zoo.base import SMOL_GGUF, fetch_smol_gguf, tiny_base  # noqa: E402
+from evomerge.zoo.builder import TWINNED_GAIN  # noqa: E402
 from evomerge.zoo.generators import make_splits  # noqa: E402
 
 
@@ -84,6 +85,8 @@ def test_the_twin_answers_like_its_expert_in_form_but_not_in_content(tiny_zoo, b
     m = _manifest(tiny_zoo)
     twin = m["experts"]["twin-last_letter-shuffled"]
     assert twin["distractor"] and twin["task"] is None and "final_letter" in m["ood_tasks"]
+    reached = m["experts"]["last_letter"]["metrics"]
+    assert reached["search"]["exact_match"] > reached["base_search"]["exact_match"] + TWINNED_GAIN  # the builder's check
     search = load_jsonl(tiny_zoo / m["tasks"]["last_letter"]["search"])
     em = {}
     for name in ("last_letter", "twin-last_letter-shuffled"):
