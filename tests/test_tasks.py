@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from evomerge.config import TaskConfig
-from evomerge.tasks import Example, load_jsonl, load_splits, task_name, write_jsonl
+from evomerge.tasks import load_jsonl, load_splits, task_name
 
 
 @pytest.mark.parametrize(("path", "task"), [
@@ -26,10 +27,10 @@ def test_a_file_names_its_task_by_stem_less_a_split_word(path: str, task: str) -
 
 
 def _write(path: Path, pairs: list[tuple[str, str]], task: str | None = None) -> Path:
+    """JSONL rows of `pairs`, with a task field only where `task` is given (as users write them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(path, [Example(p, a, task=task or "ignored") for p, a in pairs])
-    if task is None:  # rows without a task field, as users write them
-        path.write_text("\n".join(f'{{"prompt": "{p}", "answer": "{a}"}}' for p, a in pairs) + "\n")
+    rows = [{"prompt": p, "answer": a, **({"task": task} if task else {})} for p, a in pairs]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
