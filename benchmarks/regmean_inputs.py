@@ -40,31 +40,32 @@ def main() -> None:
     repo, experts, fit = Repository.open(args.repository), setting.experts, setting.splits.fit
     engine = MergeEngine(repo, dtype=args.dtype)
     serves = regmean.serving(engine, experts, fit)
-    merge = regmean.regmean_recipe([regmean.aligned_name(e) for e in experts])
+    merge = regmean.regmean_recipe([regmean.aligned_name(e) for e in experts])  # RegMean: the copies at β = 1
     out = Path(tempfile.mkdtemp(prefix="regmean-inputs-"))
     print(f"{args.repository} {args.setting}: serves {serves}")
 
-    def fit_on(name: str, on: MergeEngine, source: dict[str, MergeRecipe] | None = None,
-               shrink: float = regmean.SHRINK) -> Path:
-        started = time.perf_counter()
-        factors = regmean.aligned_factors(on, experts, fit, serves, shrink=shrink, source=source)
+    def report(name: str, factors: regmean.AlignedA, started: float, shrink: float = regmean.SHRINK) -> None:
         root = regmean.write_aligned(repo, experts, factors, serves, out / name, shrink)
         scorer = Scorer(str(root), setting, args.dtype)
         m = {split: scorer(merge, split) for split in ("fit", "validation", "test")}
         print(f"| {name} | {m['test'].mean_em:.3f} | {m['fit'].mean_em:.3f} / {m['validation'].mean_em:.3f} | "
               f"{m['test'].mean_ce:.3f} | " + ", ".join(f"{t} {v:.2f}" for t, v in m["test"].em.items()) +
               f" | {time.perf_counter() - started:.1f} |", flush=True)
-        return root
 
     print("| inputs | test EM | fit / val EM | test CE | per task | s |\n|---|---|---|---|---|---|")
-    first = fit_on("base", engine)
-    fit_on("own", engine, {t: MergeRecipe("task_arithmetic", (e,), (1.0,)) for t, e in serves.items()})
-    fit_on("shrink 0.5", engine, shrink=0.5)
+    own = {t: MergeRecipe("task_arithmetic", (e,), (1.0,)) for t, e in serves.items()}
+    started = time.perf_counter()
+    previous = regmean.aligned_factors(engine, experts, fit, serves)
+    report("base", previous, started)
+    for name, source, shrink in (("own", own, regmean.SHRINK), ("shrink 0.5", None, 0.5)):
+        started = time.perf_counter()
+        report(name, regmean.aligned_factors(engine, experts, fit, serves, shrink=shrink, source=source), started,
+               shrink)
     engine.close()
     for name in ("refit", "refit twice"):
-        on = MergeEngine(Repository.open(first), dtype=args.dtype)
-        first = fit_on(name, on, dict.fromkeys(serves, merge))
-        on.close()
+        started = time.perf_counter()
+        previous = regmean.refit(repo, experts, fit, serves, previous, out / f"{name} inputs", dtype=args.dtype)
+        report(name, previous, started)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ serves no task gets the mean of the tasks' Grams (neither protected nor dropped:
 it). With one task every Gram is that task's and alignment is a uniform rescale, so it applies from
 two tasks up. Inputs are a model's layer inputs on the text the experts were trained on (prompt,
 answer, EOS; one forward pass over fit): first the base model's, then those of the first fit's
-merge (`align_repository`).
-Each expert's own inputs on its tasks, tried instead, did worse (0.62 against 0.72 on smol-mini;
-benchmarks/regmean_inputs.py).
+merge (`refit`). Each expert's own inputs on its tasks, tried instead, did worse (0.62 against
+0.72 on smol-mini; benchmarks/regmean_inputs.py).
 """
 
 from __future__ import annotations
@@ -251,6 +250,23 @@ def regmean_recipe(experts: Sequence[str]) -> MergeRecipe:
     return MergeRecipe("task_arithmetic", tuple(experts), (1.0,) * len(experts))
 
 
+def refit(repo: Repository, experts: Sequence[str], fit: Sequence[Example], serves: Mapping[str, str],
+          factors: AlignedA, work: Path, device: str | None = None, dtype: str | None = None, chat: bool = False,
+          batch_size: int = 32) -> AlignedA:
+    """`factors` fit again on the layer inputs their own merge (`regmean_recipe`) gives on `fit`; the
+    merge is written under `work` to be loaded, and only one model is held at a time."""
+    from evomerge.merging.engine import MergeEngine
+
+    first = write_aligned(repo, experts, factors, serves, work / "first")
+    engine = MergeEngine(Repository.open(first), device=device, dtype=dtype)
+    merge = regmean_recipe([aligned_name(e) for e in experts])
+    try:
+        return aligned_factors(engine, experts, fit, serves, chat, batch_size=batch_size,
+                               source=dict.fromkeys(serves, merge))
+    finally:
+        engine.close()
+
+
 def align_repository(repo: Repository, experts: Sequence[str], fit: Sequence[Example], cache: Path,
                      device: str | None = None, dtype: str | None = None, chat: bool = False,
                      batch_size: int = 32) -> tuple[Path, dict[str, str]]:
@@ -278,12 +294,5 @@ def align_repository(repo: Repository, experts: Sequence[str], fit: Sequence[Exa
         engine.close()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=out.name + ".first.", dir=cache) as tmp:
-        first = write_aligned(repo, experts, factors, serves, Path(tmp) / "first")
-        engine = MergeEngine(Repository.open(first), device=device, dtype=dtype)
-        merge = regmean_recipe([aligned_name(e) for e in experts])
-        try:
-            factors = aligned_factors(engine, experts, fit, serves, chat, batch_size=batch_size,
-                                      source=dict.fromkeys(serves, merge))
-        finally:
-            engine.close()
+        factors = refit(repo, experts, fit, serves, factors, Path(tmp), device, dtype, chat, batch_size)
     return write_aligned(repo, experts, factors, serves, out), serves
