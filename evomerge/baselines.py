@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from evomerge.objectives import SELECTION
 from evomerge.recipe import MergeRecipe, uniform
 from evomerge.score import Cost, Score
 
@@ -60,7 +61,7 @@ def _row(score: Score | None) -> dict[str, Any]:
         return dict(UNPAID)
     if not score.ok:
         return {"status": score.status, "error": score.error}
-    return {"status": score.status, **{k: v for k, v in score.metrics.items() if "/" not in k}}
+    return {"status": score.status, **{k: v for k, v in score.metrics.items() if "/" not in k and k != SELECTION}}
 
 
 def compare_on_test(score: Scorer, best: MergeRecipe, experts: Sequence[str], selection_split: str,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.objectives import Objective
+from evomerge.objectives import SELECTION, Objective
+from evomerge.score import Cost
+from evomerge.tasks import Example
 
 PER = {"ce": np.array([1.0, 3.0, 2.0, 4.0, 6.0]), "exact_match": np.array([1.0, 0.0, 1.0, 1.0, 0.0]),
        "f1": np.array([1.0, 0.5, 1.0, 1.0, 0.2]), "accuracy": np.array([1, 1, 0, 0, 1.0])}
@@ -63,3 +65,19 @@ def test_the_stop_cross_entropy_is_a_loss_as_it_is():
     assert Objective("ce_stop").loss(per, ["a", "a", "b", "b"]) == pytest.approx((1.0 + 0.0) / 2)
     assert Objective("ce_stop", "normalized").reference_losses(per, ["a", "a", "b", "b"]) == \
         {"a": {"ce_stop": 1.0}, "b": {"ce_stop": 1e-3}}
+
+
+def test_a_blend_scores_its_rates_apart_for_the_choice():
+    """A blend of CE and rates also records its loss on the rates alone (same aggregate and
+    references), so selection can put right answers before fluency; a single metric has no such part."""
+    blend = Objective({"ce": 0.25, "exact_match": 1.0, "f1": 0.5}, "normalized",
+                      {"a": {"ce": 2.0, "exact_match": 1.0, "f1": 0.5}, "b": {"ce": 4.0, "exact_match": 0.5, "f1": 1.0}})
+    assert blend.rates == Objective({"exact_match": 1.0, "f1": 0.5}, "normalized", blend.references)
+    assert Objective("ce").rates is None and Objective("exact_match").rates is None
+    examples = [Example(f"q{i}", "x", t, f"q{i}") for i, t in enumerate(TASKS)]
+    score = blend.score(PER, examples, tuple(e.id for e in examples), Cost())
+    em_a, em_b, f1_a, f1_b = 0.5, 1 / 3, 0.25, (0 + 0 + 0.8) / 3
+    expected = ((em_a / 1.0 + 0.5 * f1_a / 0.5) / 1.5 + (em_b / 0.5 + 0.5 * f1_b / 1.0) / 1.5) / 2
+    assert score.metrics[SELECTION] == pytest.approx(expected)
+    assert score.metrics[SELECTION] != pytest.approx(score.loss)
+    assert SELECTION not in Objective("exact_match").score(PER, examples, tuple(e.id for e in examples), Cost()).metrics

@@ -3,6 +3,9 @@ validation selection, caps and the journal it leaves."""
 
 import math
 import threading
+from dataclasses import replace
+
+import numpy as np
 
 import pytest
 
@@ -10,8 +13,11 @@ import evomerge
 from evomerge.demo import EXPERTS, demo_fitness
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.journal import Journal
+from evomerge.objectives import Objective
+from evomerge.scheduler.selection import choose
 from evomerge.score import Cost, Score
 from evomerge.search_spaces import build_space
+from evomerge.tasks import Example
 
 
 def space(name="evo", **options):
@@ -144,6 +150,43 @@ def test_validation_chooses_among_the_top_candidates(tmp_path):
     assert abs(result.best_recipe.weights[0] - 0.4) < abs(fit_best.recipe.weights[0] - 0.4)
     with Journal.open(tmp_path / "v.sqlite") as j:
         assert len(j.trials(split="validation")) >= 2
+
+
+class FluentOrRight:
+    """Validation scored by a blend of CE and exact match: weight 0.3 gives the lowest CE and no
+    right answer, weights in [0.6, 1] half the answers right at a higher CE and a worse blend."""
+
+    has_validation = True
+
+    def __call__(self):
+        objective = Objective({"ce": 1.0, "exact_match": 1.0})
+        examples = [Example("p", "a", "t", "0"), Example("p", "a", "t", "1")]
+
+        def evaluate(recipe, split):
+            w = recipe.weights[0]
+            ce = 0.1 + 3 * abs(w - 0.3)
+            right = [1.0, 0.0] if 0.6 <= w <= 1.0 else [0.0, 0.0]
+            per = {"ce": np.array([ce, ce]), "exact_match": np.array(right)}
+            return objective.score(per, examples, ("0", "1"), Cost(queries=1))
+        return evaluate
+
+
+def test_validation_puts_right_answers_before_a_lower_blended_loss():
+    """Among the finalists, more right answers on validation win over a merge of lower CE (the tiny
+    zoo's regression: 0.05 exact match returned over 0.20 by CE), then the blended loss decides."""
+    from evomerge.search_spaces import ClassicSpace
+
+    result = evomerge.search(space=ClassicSpace("task_arithmetic", ["a"], weights=(0.3,), sigma0=0.3),
+                             evaluator=FluentOrRight(), budget=30, seed=0, top_k=30, optimizer="random")
+    fit = [t for t in result.trials if t.ok and t.split == "fit"]
+    assert min(fit, key=lambda t: t.loss).recipe.weights == (0.3,)  # the start: the blend ranks it first
+    right = [t.recipe.weights[0] for t in fit if 0.6 <= t.recipe.weights[0] <= 1.0]
+    assert right, "the random search must sample a weight that answers right"
+    assert result.best_recipe.weights[0] == min(right)  # right answers first, then the lower blend
+    assert result.validation.score.metrics["exact_match"] == 0.5
+    by_val = {(t.stage, t.trial): replace(t, score=replace(t.score, metrics={})) for t in fit}
+    old, _ = choose(fit, by_val)  # a journal from before the rates were recorded: the blend alone
+    assert old.recipe.weights == (0.3,)
 
 
 def test_query_cap_is_never_exceeded():

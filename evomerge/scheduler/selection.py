@@ -2,12 +2,14 @@
 
 Minimising the loss on a few fit examples can drive the test metric down (DESIGN.md), so where a
 validation split exists the top candidates by fit loss are re-scored on it and the best there
-wins; ties go to the lower fit loss. Without validation, the lowest fit loss wins.
+wins: first by the objective's rates alone (exact match, where it blends them with CE), then by
+its whole loss, then by the fit loss. Without validation, the lowest fit loss wins.
 """
 
 from __future__ import annotations
 
 from evomerge.journal import Trial
+from evomerge.objectives import SELECTION
 from evomerge.scheduler.loop import Shared, evaluate_once
 
 
@@ -42,5 +44,7 @@ def choose(candidates: list[Trial],
               if (t.stage, t.trial) in validation and validation[(t.stage, t.trial)].ok]
     if not scored:
         return min(candidates, key=lambda t: (t.loss, t.stage, t.trial)), None
-    val, best = min(scored, key=lambda vt: (vt[0].loss, vt[1].loss, vt[1].stage, vt[1].trial))
+    rated = all(SELECTION in v.score.metrics for v, _ in scored)  # a journal from before it lacks it
+    val, best = min(scored, key=lambda vt: (vt[0].score.metrics[SELECTION] if rated else 0.0, vt[0].loss,
+                                            vt[1].loss, vt[1].stage, vt[1].trial))
     return best, val
