@@ -30,6 +30,7 @@ import numpy as np
 
 from evomerge.blocks import blocks_for
 from evomerge.errors import ConfigError, SearchSpaceError
+from evomerge.optimizers._base import Optimizer
 from evomerge.recipe import BlockOverride, MergeRecipe, methods_in
 from evomerge.search_spaces._base import Plan, SearchSpace, register_space
 from evomerge.search_spaces.coefficients import CoefficientSpace, Field, per_expert
@@ -52,6 +53,13 @@ EVALS_PER_DIM = 5
 """Evaluations per coordinate a block stage needs before experts get multipliers of their own
 (`carried_for`): CMA-ES's population is 4 + 3·ln(dim), so this leaves it ~10 generations at the
 dimensions block stages reach (24 coordinates, 120 evaluations)."""
+BLOCK_GENERATIONS = 4
+"""CMA-ES generations (of its default population) a block stage's budget must allow before it is
+searched by the run's optimizer; a smaller stage samples the box uniformly. Why: in two generations
+CMA-ES's samples stay within σ0 of the found merge, where uniform ones reach multipliers near 0 and 2
+(a block's update off, or doubled). The tiny zoo's `upper_first` at budget 100 (19 block
+evaluations, 4 multipliers): 0.175 -> 0.267 test exact match (3 seeds); its `final_letter`, its in-domain
+settings and smol's `upper_first` unchanged (benchmarks/RESULTS.md)."""
 EVO_METHODS = methods_in("evo")
 """What an evo space merges with (evo: the factor form, evo_tv: the task-vector form, evo_ties: TIES's
 sign election on it, evo_tsv: TSV-Merge's decorrelated singular vectors)."""
@@ -180,12 +188,14 @@ class BlockScaleSpace(SearchSpace):
     blocks dimensions; refining the found merge along blocks costs only the blocks (a projected
     block space), and the experts that carry the merge get their own only where the stage's budget
     affords them (`carried_for`). Tensors outside every block keep the previous β; each multiplier
-    stops where a β·m it scales would leave β's bounds."""
+    stops where a β·m it scales would leave β's bounds. A stage of `budget` evaluations too few for
+    `BLOCK_GENERATIONS` of CMA-ES samples the box uniformly instead."""
 
     name = "evo_blocks"
     sigma0 = 0.2
 
-    def __init__(self, previous: MergeRecipe, blocks: Sequence[str], carried: int = 0) -> None:
+    def __init__(self, previous: MergeRecipe, blocks: Sequence[str], carried: int = 0,
+                 budget: int | None = None) -> None:
         if not blocks:
             raise ConfigError("a block refinement needs at least one block")
         if previous.blocks:
@@ -211,6 +221,8 @@ class BlockScaleSpace(SearchSpace):
         self.lower = np.zeros(len(self.blocks) * len(self._groups))
         self.upper = np.tile(tops, len(self.blocks))
         self.x0 = np.ones(self.lower.size)
+        if budget is not None and budget < BLOCK_GENERATIONS * Optimizer.default_popsize(self.dim):
+            self.optimizer = ("random", {})
 
     def _decode(self, z: np.ndarray) -> MergeRecipe:
         p = self.previous
@@ -352,7 +364,7 @@ class EvoPlan(Plan):
             if previous is None:
                 raise ConfigError(f"stage 'blocks' needs stage {self.names[index - 1]!r}'s best recipe")
             carried = carried_for(len(self.experts), len(self.blocks), budget) if budget and self.carry else 0
-            return BlockScaleSpace(previous, self.blocks, carried)
+            return BlockScaleSpace(previous, self.blocks, carried, budget)
         if index == 0:
             return EvoSpace(self.experts, name, alpha=self.alpha0, beta=self.beta0, **self._common)
         if previous is None or previous.experts != self.experts:

@@ -174,6 +174,9 @@ def test_the_block_stage_refines_the_found_merge_per_layer_group_and_kind():
     found = MergeRecipe("evo_tv", tuple(EXPERTS), (1.0, 0.0, -0.5, 0.75), (1.0, 0.5, 1.0, 1.0))
     stage = plan.space(4, found)
     assert stage.dim == 4 and stage.decode(stage.x0) == found  # its start is the found merge, cached
+    # CMA-ES's default population in 4 dimensions is 8: a stage of fewer than 4 generations samples uniformly
+    assert plan.space(4, found, 31).optimizer == ("random", {}) and plan.space(4, found, 32).optimizer is None
+    assert stage.optimizer is None  # (the budget not known: the run's optimizer)
     assert stage.upper.tolist() == [1.5] * 4  # 1.5 · 1.0 reaches β's bound
     refined = stage.decode([0.5, 1.0, 1.5, 0.0])
     by_block = {b.name: b for b in refined.blocks}
@@ -219,6 +222,24 @@ def test_a_search_with_the_block_stage_finds_a_per_block_strength_a_global_one_c
     fine = evomerge.search(loss, build_space("evo_joint", names, refine_groups=2, num_layers=2), budget=80, seed=0)
     floor = 0.8  # one weight for every block: at best w = 0.8, Σ (w - v)² = 0.8
     assert flat.best_loss >= floor - 1e-9 > fine.best_loss
+
+
+def test_a_small_block_stage_samples_the_box_and_reaches_a_block_turned_off():
+    """17 block evaluations are two generations of CMA-ES, whose samples stay within σ0 = 0.2 of the
+    found merge's multiplier 1; sampled uniformly, a multiplier near 0 (a block's update off) is found."""
+    import evomerge
+
+    names = [f"e{i}" for i in range(4)]
+
+    def loss(recipe):
+        weights = {b.name: b.weights[1] for b in recipe.blocks} or {"layers.0-1.attn": recipe.weights[1]}
+        others = sum(abs(w) for i, w in enumerate(recipe.weights) if i != 1)
+        return (1.0 - recipe.weights[1]) ** 2 + others + (weights["layers.0-1.attn"] > 0.25)
+
+    plan = build_space("evo_joint", names, refine_groups=2, num_layers=2)
+    result = evomerge.search(loss, plan, budget=80, seed=0)
+    assert result.stages[-1].name == "blocks" and result.stages[-1].evaluations == 17
+    assert result.best.stage == 4 and result.best_loss < 1.0
 
 
 def test_a_block_stage_with_experts_of_their_own_finds_per_expert_strengths_a_shared_one_cannot():
