@@ -58,8 +58,9 @@ BLOCK_GENERATIONS = 4
 searched by the run's optimizer; a smaller stage samples the box uniformly. Why: in two generations
 CMA-ES's samples stay within σ0 of the found merge, where uniform ones reach multipliers near 0 and 2
 (a block's update off, or doubled). The tiny zoo's `upper_first` at budget 100 (19 block
-evaluations, 4 multipliers): 0.175 -> 0.267 test exact match (3 seeds); its `final_letter`, its in-domain
-settings and smol's `upper_first` unchanged (benchmarks/RESULTS.md)."""
+evaluations, 4 multipliers): 0.175 -> 0.267 test exact match (3 seeds); its `final_letter` unchanged
+(benchmarks/RESULTS.md). At budget 100 no block stage runs in domain (each family's half is too
+small) nor with 33 experts (their starts leave under `BLOCKS_AFTER`)."""
 EVO_METHODS = methods_in("evo")
 """What an evo space merges with (evo: the factor form, evo_tv: the task-vector form, evo_ties: TIES's
 sign election on it, evo_tsv: TSV-Merge's decorrelated singular vectors)."""
