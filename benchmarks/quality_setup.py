@@ -20,7 +20,7 @@ import numpy as np
 
 from evomerge.backends.local import LocalBackend, _SplitEvaluator
 from evomerge.backends.memo import ExampleMemo
-from evomerge.objectives import Objective
+from evomerge.objectives import SELECTION, Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
 from evomerge.score import Score
@@ -219,15 +219,18 @@ class Scorers:
         return self._by_repository[repository]
 
 
-def search_loss(evaluate: Any, recipe: MergeRecipe, splits: Splits, parts: Sequence[str] = ("fit", "validation")) -> float:
-    """A method's objective on the whole search set (fit and validation, weighted by size):
-    how a practitioner picks a grid point or a single expert without touching test."""
-    total, n = 0.0, 0
+def search_loss(evaluate: Any, recipe: MergeRecipe, splits: Splits,
+                parts: Sequence[str] = ("fit", "validation")) -> tuple[float, float]:
+    """A method's objective on the whole search set (fit and validation, weighted by size), as
+    (its rates alone, the whole blend): how a practitioner picks a grid point or a single expert
+    without touching test, by the rule the searches choose by (`evomerge.scheduler.selection`)."""
+    totals, n = np.zeros(2), 0
     for part in parts:
         size = len(splits.get(part))
         if size:
             score = evaluate(recipe, part)
             if not score.ok:
-                return math.inf
-            total, n = total + score.loss * size, n + size
-    return total / n if n else math.inf
+                return math.inf, math.inf
+            totals += size * np.array([score.metrics.get(SELECTION, score.loss), score.loss])
+            n += size
+    return (float(totals[0] / n), float(totals[1] / n)) if n else (math.inf, math.inf)

@@ -7,13 +7,13 @@ split never influences the search or the choice of recipe.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from evomerge.objectives import SELECTION
 from evomerge.recipe import MergeRecipe, uniform
+from evomerge.scheduler.selection import rank_key
 from evomerge.score import Cost, Score
 
 if TYPE_CHECKING:
@@ -68,16 +68,14 @@ def compare_on_test(score: Scorer, best: MergeRecipe, experts: Sequence[str], se
                     table: str = "full") -> TestReport:
     """Score `best`, the uniform merge and (``full``) each expert alone on test with `score`
     (which uses the reported metrics on "test" and the search's loss elsewhere); the best single
-    expert is chosen by the search loss on `selection_split`, and ``summary`` tests only that one.
+    expert is chosen on `selection_split` as a search's result is (`rank_key`), and ``summary``
+    tests only that one.
     Entries are numbered alike in both tables (0 best, 1 uniform, 2 + i expert i), so a resumed
     run finds the entries it journaled."""
     singles = [(2 + i, single(name)) for i, name in enumerate(experts)]
-    selection = score(singles, selection_split)
-    chosen, low = None, math.inf
-    for k, _ in singles:
-        sel = selection.get(k)
-        if sel is not None and sel.ok and sel.loss < low:
-            chosen, low = experts[k - 2], sel.loss
+    selection = {k: s for k, s in score(singles, selection_split).items() if s.ok}
+    key = rank_key(list(selection.values()))
+    chosen = experts[min(selection, key=lambda k: (*key(selection[k]), k)) - 2] if selection else None
     tested = [(0, best), (1, uniform(experts))]
     tested += singles if table == "full" else [(2 + experts.index(chosen), single(chosen))] if chosen else []
     scores = score(tested, "test")

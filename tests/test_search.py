@@ -189,6 +189,31 @@ def test_validation_puts_right_answers_before_a_lower_blended_loss():
     assert old.recipe.weights == (0.3,)
 
 
+def test_the_best_single_expert_is_chosen_by_the_same_rule():
+    """The test table's best single expert is the one with more right answers on validation, not
+    the more fluent one, and the rates' loss is not shown as a test metric."""
+    from evomerge.baselines import compare_on_test
+
+    objective = Objective({"ce": 1.0, "exact_match": 1.0})
+    examples = [Example("p", "a", "t", "0"), Example("p", "a", "t", "1")]
+    per_expert = {"fluent": ([0.1, 0.1], [0.0, 0.0]), "right": ([2.0, 2.0], [1.0, 0.0])}
+
+    def score(items, split):
+        out = {}
+        for k, recipe in items:
+            ce, em = per_expert.get(recipe.experts[0], ([1.0, 1.0], [0.0, 0.0]))
+            per = {"ce": np.array(ce), "exact_match": np.array(em)}
+            out[k] = objective.score(per, examples, ("0", "1"), Cost())
+        return out
+
+    assert score([(0, evomerge.MergeRecipe("task_arithmetic", ("fluent",), (1.0,)))], "validation")[0].loss < \
+        score([(0, evomerge.MergeRecipe("task_arithmetic", ("right",), (1.0,)))], "validation")[0].loss
+    report = compare_on_test(score, evomerge.MergeRecipe("task_arithmetic", ("fluent",), (1.0,)),
+                             ["fluent", "right"], "validation")
+    assert report.best_single == "right" and report.rows["best_single"]["exact_match"] == 0.5
+    assert "loss_rates" not in report.rows["best"] and "exact_match" in report.rows["best"]
+
+
 def test_query_cap_is_never_exceeded():
     from evomerge.search_spaces import ClassicSpace
 

@@ -8,9 +8,19 @@ its whole loss, then by the fit loss. Without validation, the lowest fit loss wi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from evomerge.journal import Trial
 from evomerge.objectives import SELECTION
 from evomerge.scheduler.loop import Shared, evaluate_once
+from evomerge.score import Score
+
+
+def rank_key(scores: Sequence[Score]) -> Callable[[Score], tuple[float, float]]:
+    """How validation orders `scores`: by the objective's rates alone, then by its whole loss; by
+    the loss alone where any of them lacks the rates (a journal from before they were recorded)."""
+    rated = all(SELECTION in s.metrics for s in scores)
+    return lambda s: (s.metrics[SELECTION] if rated else 0.0, s.loss)
 
 
 def shortlist(trials: list[Trial], top_k: int) -> list[Trial]:
@@ -44,7 +54,6 @@ def choose(candidates: list[Trial],
               if (t.stage, t.trial) in validation and validation[(t.stage, t.trial)].ok]
     if not scored:
         return min(candidates, key=lambda t: (t.loss, t.stage, t.trial)), None
-    rated = all(SELECTION in v.score.metrics for v, _ in scored)  # a journal from before it lacks it
-    val, best = min(scored, key=lambda vt: (vt[0].score.metrics[SELECTION] if rated else 0.0, vt[0].loss,
-                                            vt[1].loss, vt[1].stage, vt[1].trial))
+    key = rank_key([v.score for v, _ in scored])
+    val, best = min(scored, key=lambda vt: (*key(vt[0].score), vt[1].loss, vt[1].stage, vt[1].trial))
     return best, val
