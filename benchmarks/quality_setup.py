@@ -20,9 +20,10 @@ import numpy as np
 
 from evomerge.backends.local import LocalBackend, _SplitEvaluator
 from evomerge.backends.memo import ExampleMemo
-from evomerge.objectives import SELECTION, Objective
+from evomerge.objectives import Objective
 from evomerge.recipe import MergeRecipe
 from evomerge.repository import Repository
+from evomerge.scheduler.selection import rank_key
 from evomerge.score import Score
 from evomerge.tasks import Example, Splits, load_jsonl, split_search
 
@@ -231,6 +232,6 @@ def search_loss(evaluate: Any, recipe: MergeRecipe, splits: Splits,
             score = evaluate(recipe, part)
             if not score.ok:
                 return math.inf, math.inf
-            totals += size * np.array([score.metrics.get(SELECTION, score.loss), score.loss])
+            totals += size * np.array(rank_key([score])(score))
             n += size
     return (float(totals[0] / n), float(totals[1] / n)) if n else (math.inf, math.inf)
